@@ -1,0 +1,36 @@
+"""Orthonormal Hadamard rotation of the head dimension.
+
+Rotating keys and values before they are quantized spreads an outlier channel over all channels, so a
+per-(token, head) scale no longer has to cover one huge channel. Because H is orthonormal,
+``q.k = (qH).(kH)`` and ``sum p v = (sum p vH) H^T``: the cache stores ``kH``/``vH``, the query is rotated
+before attention and the output rotated back after it. Nothing else changes.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_fp32(dim: int) -> torch.Tensor:
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {dim}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < dim:  # Sylvester construction
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / dim ** 0.5
+
+
+def hadamard(dim: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """The symmetric orthonormal ``[dim, dim]`` Hadamard matrix (its own inverse)."""
+    return _hadamard_fp32(dim).to(device=device, dtype=dtype)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` over the last dimension, computed in fp32, returned in ``x``'s dtype."""
+    h = hadamard(x.shape[-1], device=x.device)
+    return (x.float() @ h).to(x.dtype)
+
+
+unrotate = rotate  # H is symmetric and orthonormal, so H^-1 = H

