@@ -114,7 +114,8 @@ def read_cache_reference(cache: torch.Tensor, layout: PageLayout, block_ids: tor
                          kv_dtype=torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized K and V (fp32) of the given blocks, as ``[len(block_ids) * N, H, D]``."""
     k_plane, v_plane, p_plane = _run_views(cache[block_ids.long()], layout)
-    params = p_plane.contiguous().view(torch.float16)
+    params = (p_plane.contiguous().view(torch.float16) if layout.param_row_bytes
+              else p_plane.new_empty(*p_plane.shape, dtype=torch.float16))
     nk = 2 * layout.k_groups
     k = _decode_plane(k_plane, params[..., :nk], layout.k_bits, layout.k_group, kv_dtype)
     v = _decode_plane(v_plane, params[..., nk:], layout.v_bits, layout.v_group, kv_dtype)

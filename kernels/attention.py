@@ -1,0 +1,117 @@
+"""Launcher of the unified paged-attention kernel: checks the contract, picks tiles and splits."""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from .attention_kernels import _reduce_splits_kernel, paged_attention_kernel
+from .page_format import PageLayout
+from .planes import plane_views
+
+MAX_SPLITS = 64
+MIN_TILES_PER_SPLIT = 2
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
+                      tile_n: int, device: torch.device) -> int:
+    """Flash-decoding splits: enough programs for ~2 waves on the GPU, each split >= 2 tiles.
+
+    Only pure-decode batches are split; prefill tiles already give the grid enough programs.
+    """
+    if max_query_len > 1 or device.type != "cuda":
+        return 1
+    programs = num_seqs * num_kv_heads
+    wanted = math.ceil(2 * _sm_count(device) / max(programs, 1))
+    most = max(1, math.ceil(max_seq_len / tile_n) // MIN_TILES_PER_SPLIT)
+    splits = max(1, min(wanted, most, MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)  # power of two (the reduce kernel's arange needs one)
+
+
+def _check(query, block_table, seq_lens, query_start_loc, num_kv_heads, layout):
+    if query.dim() != 3 or query.shape[-1] != layout.head_dim:
+        raise ValueError(f"query must be [tokens, heads, {layout.head_dim}], got {tuple(query.shape)}")
+    if query.stride(-1) != 1:
+        raise ValueError("query needs a contiguous last dimension")
+    if query.shape[1] % num_kv_heads:
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {num_kv_heads} KV heads")
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens),
+                    ("query_start_loc", query_start_loc)):
+        if t.dtype not in (torch.int32, torch.int64) or t.device != query.device:
+            raise TypeError(f"{name} must be an int32/int64 tensor on {query.device}")
+    if block_table.dim() != 2 or block_table.stride(1) != 1:
+        raise ValueError("block_table must be [num_seqs, max_blocks] with contiguous rows")
+    if query_start_loc.shape[0] != seq_lens.shape[0] + 1 or block_table.shape[0] < seq_lens.shape[0]:
+        raise ValueError("need len(query_start_loc) == num_seqs + 1 and a block_table row per sequence")
+
+
+def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    *, max_query_len: int, max_seq_len: int, sm_scale: float | None = None,
+                    sliding_window: int | None = None, softcap: float | None = None,
+                    out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Causal attention of ``query`` ``[T, Hq, D]`` over the paged quantized ``cache``.
+
+    Sequence ``s`` owns query rows ``query_start_loc[s]:query_start_loc[s+1]``, the last tokens of its
+    ``seq_lens[s]`` tokens, whose pages are ``block_table[s]``. ``max_query_len``/``max_seq_len`` are
+    host integers (no device sync here). Returns ``out`` ``[T, Hq, D]`` in the query's dtype.
+    """
+    num_tokens, num_q_heads, head_dim = query.shape
+    planes = plane_views(cache, layout, query.dtype)
+    num_kv_heads = planes.k.shape[1]
+    _check(query, block_table, seq_lens, query_start_loc, num_kv_heads, layout)
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    if out is None:
+        out = torch.empty_like(query)
+    elif out.shape != query.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(query.shape)} with a contiguous last dimension")
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+
+    group = num_q_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(1, (16 if max_query_len <= 1 else 64) // group_pad)
+    tile_n = 32 if head_dim > 128 else 64
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, tile_n,
+                                       query.device)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    part_acc = part_max = part_sum = out  # unused placeholders when not split
+    if num_splits > 1:
+        part_max = torch.empty(num_tokens, num_q_heads, num_splits, device=query.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(num_tokens, num_q_heads, num_splits, head_dim, device=query.device)
+
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    paged_attention_kernel[grid](
+        query, out, part_acc, part_max, part_sum,
+        planes.k, planes.v, planes.params,
+        block_table, seq_lens, query_start_loc,
+        num_seqs, num_q_heads, sm_scale if sm_scale is not None else head_dim ** -0.5,
+        float(softcap or 0.0), int(sliding_window or 0),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        *planes.k.stride()[:2], *planes.v.stride()[:2], *planes.params.stride()[:2],
+        HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size, QUERIES_PER_KV=group, GROUP_PAD=group_pad,
+        BLOCK_Q=block_q, BLOCK_M=max(16, block_q * group_pad), TILE_N=tile_n,
+        K_BITS=layout.k_bits, V_BITS=layout.v_bits, K_GROUP=layout.k_group, V_GROUP=layout.v_group,
+        K_ROW=planes.k_row, V_ROW=planes.v_row, P_ROW=planes.p_row, V_PAR_OFFSET=2 * layout.k_groups,
+        NUM_SPLITS=num_splits, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
+        IEEE=query.dtype == torch.float32,
+    )
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_tokens, num_q_heads)](
+            out, part_acc, part_max, part_sum, num_q_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits)
+    return out

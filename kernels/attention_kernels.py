@@ -1,0 +1,195 @@
+"""Unified paged attention over the quantized cache: decode, chunked prefill and multi-token queries.
+
+Grid ``(query tiles, kv heads, splits)``. A program owns BLOCK_Q query tokens of one sequence times the
+G query heads of one KV head (rows of ``tl.dot``), so each KV byte is read once per group. It walks the
+sequence's KV positions in tiles of TILE_N tokens, dequantizes each tile in registers (nothing is written
+back) and runs an online softmax in fp32. With NUM_SPLITS > 1 (flash-decoding) each program covers one
+slice of the context and writes (max, sum, acc) partials that ``_reduce_splits_kernel`` combines.
+
+Channels travel as even/odd halves (the two nibbles of an INT4 byte), so no interleave is ever needed:
+``q.k = q_even.k_even + q_odd.k_odd`` and the output's even/odd channels are accumulated separately.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: exact products (tf32 would round them)
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_dequant(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, P_ROW: tl.constexpr):
+    """Even and odd channels ``[TILE_N, HEAD_DIM // 2]`` (fp32) of a tile of cache rows.
+
+    ``plane_ptrs``/``par_ptrs`` ``[TILE_N]`` point at each token's plane row and its parameter row.
+    """
+    offs_j = tl.arange(0, HEAD_DIM // 2)
+    mask = valid[:, None]
+    rows = plane_ptrs[:, None]
+    if BITS == 4:
+        packed = tl.load(rows + offs_j[None, :], mask=mask, other=0)
+        even = (packed & 0xF).to(tl.float32)
+        odd = (packed >> 4).to(tl.float32)
+    else:
+        even = tl.load(rows + 2 * offs_j[None, :], mask=mask, other=0).to(tl.float32)
+        odd = tl.load(rows + 2 * offs_j[None, :] + 1, mask=mask, other=0).to(tl.float32)
+    if BITS != 16:
+        if GROUP == HEAD_DIM:  # one (scale, zero) per token: load it once and broadcast
+            scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)[:, None]
+            zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32)[:, None]
+        else:  # channels 2j and 2j+1 share group 2j // GROUP
+            group_ptrs = par_ptrs[:, None] + 2 * ((2 * offs_j[None, :]) // GROUP)
+            scale = tl.load(group_ptrs, mask=mask, other=0).to(tl.float32)
+            zero = tl.load(group_ptrs + 1, mask=mask, other=0).to(tl.float32)
+        even = even * scale + zero
+        odd = odd * scale + zero
+    return even, odd
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """Sequence owning query tile ``q_tile``; sequence s owns tiles from start[s] // BLOCK_Q + s on."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= q_tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def paged_attention_kernel(
+    q_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    k_plane_ptr, v_plane_ptr, par_ptr,
+    block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
+    num_seqs, num_q_heads, sm_scale, softcap, sliding_window,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,
+    stride_k_block, stride_k_head, stride_v_block, stride_v_head, stride_p_block, stride_p_head,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
+    GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+    K_ROW: tl.constexpr, V_ROW: tl.constexpr, P_ROW: tl.constexpr, V_PAR_OFFSET: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    q_tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = _find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    first_q = (q_tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # first query token of this tile
+    if first_q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    # Rows: BLOCK_Q query tokens x GROUP_PAD query heads of this kv head (padding rows masked).
+    offs_m = tl.arange(0, BLOCK_M)
+    q_tok = first_q + offs_m // GROUP_PAD
+    q_head = kv_head * QUERIES_PER_KV + offs_m % GROUP_PAD
+    row_valid = (offs_m // GROUP_PAD < BLOCK_Q) & (q_tok < q_len) & (offs_m % GROUP_PAD < QUERIES_PER_KV)
+    q_pos = context_len + q_tok  # absolute position of each row's token
+    offs_j = tl.arange(0, HEAD_DIM // 2)
+    q_rows = q_ptr + (q_start + q_tok).to(tl.int64)[:, None] * stride_q_t + q_head[:, None] * stride_q_h
+    q_even = tl.load(q_rows + 2 * offs_j[None, :], mask=row_valid[:, None], other=0)
+    q_odd = tl.load(q_rows + 2 * offs_j[None, :] + 1, mask=row_valid[:, None], other=0)
+    dot_dtype = q_even.dtype
+
+    # KV positions this tile needs: [kv_lo, kv_hi); this split takes an equal share of the tiles.
+    kv_hi = context_len + tl.minimum(first_q + BLOCK_Q, q_len)
+    kv_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(context_len + first_q - sliding_window + 1, 0)
+    tile_lo = kv_lo // TILE_N
+    tiles_per_split = tl.cdiv(tl.cdiv(kv_hi, TILE_N) - tile_lo, NUM_SPLITS)
+    tile_begin = tile_lo + split * tiles_per_split
+    tile_end = tl.minimum(tile_begin + tiles_per_split, tl.cdiv(kv_hi, TILE_N))
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_even = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
+    acc_odd = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
+    k_head_ptr = k_plane_ptr + kv_head * stride_k_head
+    v_head_ptr = v_plane_ptr + kv_head * stride_v_head
+    p_head_ptr = par_ptr + kv_head * stride_p_head
+    for tile in range(tile_begin, tile_end):
+        offs_n = tile * TILE_N + tl.arange(0, TILE_N)  # logical KV positions
+        n_valid = (offs_n < kv_hi) & (offs_n >= kv_lo)
+        block = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + offs_n // BLOCK_SIZE,
+                        mask=n_valid, other=0).to(tl.int64)
+        slot = offs_n % BLOCK_SIZE
+        par_rows = p_head_ptr + block * stride_p_block + slot * P_ROW
+        k_even, k_odd = _load_dequant(k_head_ptr + block * stride_k_block + slot * K_ROW, par_rows,
+                                      n_valid, K_BITS, K_GROUP, HEAD_DIM, P_ROW)
+        # [BLOCK_M, D/2] @ [D/2, TILE_N] -> [BLOCK_M, TILE_N], twice (even and odd channels)
+        scores = _dot(q_even, tl.trans(k_even.to(dot_dtype)), IEEE)
+        scores += _dot(q_odd, tl.trans(k_odd.to(dot_dtype)), IEEE)
+        scores *= sm_scale
+        if USE_SOFTCAP:  # softcap * tanh(s / softcap), with tanh from exp (no libdevice needed)
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+        visible = row_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible &= offs_n[None, :] > q_pos[:, None] - sliding_window
+        scores = tl.where(visible, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+        p = tl.exp2((scores - m_safe[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_even, v_odd = _load_dequant(v_head_ptr + block * stride_v_block + slot * V_ROW,
+                                      par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP, HEAD_DIM, P_ROW)
+        p = p.to(dot_dtype)
+        # [BLOCK_M, TILE_N] @ [TILE_N, D/2] -> [BLOCK_M, D/2]
+        acc_even = acc_even * alpha[:, None] + _dot(p, v_even.to(dot_dtype), IEEE)
+        acc_odd = acc_odd * alpha[:, None] + _dot(p, v_odd.to(dot_dtype), IEEE)
+        m_i = m_new
+
+    tok = (q_start + q_tok).to(tl.int64)
+    if NUM_SPLITS == 1:
+        inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+        o_rows = out_ptr + tok[:, None] * stride_o_t + q_head[:, None] * stride_o_h
+        out_dtype = out_ptr.dtype.element_ty
+        tl.store(o_rows + 2 * offs_j[None, :], (acc_even * inv[:, None]).to(out_dtype),
+                 mask=row_valid[:, None])
+        tl.store(o_rows + 2 * offs_j[None, :] + 1, (acc_odd * inv[:, None]).to(out_dtype),
+                 mask=row_valid[:, None])
+    else:  # partials [T, Hq, NUM_SPLITS(, D)], contiguous
+        part = (tok * num_q_heads + q_head) * NUM_SPLITS + split
+        tl.store(part_max_ptr + part, m_i, mask=row_valid)
+        tl.store(part_sum_ptr + part, l_i, mask=row_valid)
+        acc_rows = part_acc_ptr + part[:, None] * HEAD_DIM
+        tl.store(acc_rows + 2 * offs_j[None, :], acc_even, mask=row_valid[:, None])
+        tl.store(acc_rows + 2 * offs_j[None, :] + 1, acc_odd, mask=row_valid[:, None])
+
+
+@triton.jit
+def _reduce_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num_q_heads,
+                          stride_o_t, stride_o_h, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Combine the splits of one (token, query head) in a fixed order (deterministic)."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    part = (token * num_q_heads + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    m = tl.load(part_max_ptr + part)
+    l = tl.load(part_sum_ptr + part)
+    m_all = tl.max(m, axis=0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    weight = tl.exp2((m - m_all) * LOG2E)  # empty splits have m = -inf -> weight 0
+    total = tl.sum(weight * l, axis=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :])
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d,
+             out.to(out_ptr.dtype.element_ty))
