@@ -36,7 +36,7 @@ def _encode_row(src_ptr, dst_ptr, par_ptr, BITS: tl.constexpr, GROUP: tl.constex
         g_odd = tl.reshape(x_odd, (NUM_GROUPS, GROUP // 2))
         lo = tl.minimum(tl.min(g_even, axis=1), tl.min(g_odd, axis=1))  # [NUM_GROUPS]
         hi = tl.maximum(tl.max(g_even, axis=1), tl.max(g_odd, axis=1))
-        zero = (lo - tl.abs(lo) * NUDGE_REL - NUDGE_ABS).to(tl.float16)
+        zero = tl.maximum(lo - tl.abs(lo) * NUDGE_REL - NUDGE_ABS, -FP16_MAX).to(tl.float16)
         step = (hi - zero.to(tl.float32)) / LEVELS
         scale = (step + tl.abs(step) * NUDGE_REL + NUDGE_ABS).to(tl.float16)
         z = zero.to(tl.float32)[:, None]

@@ -27,7 +27,8 @@ def quant_params(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, 
     levels = 2 ** bits - 1
     g = x.float().clamp(-FP16_MAX, FP16_MAX).unflatten(-1, (-1, group))
     lo, hi = g.amin(-1), g.amax(-1)
-    zero = (lo - lo.abs() * _NUDGE_REL - _NUDGE_ABS).to(torch.float16)
+    # (-FP16_MAX is exact in fp16 and <= lo, so clamping keeps the zero below every input)
+    zero = (lo - lo.abs() * _NUDGE_REL - _NUDGE_ABS).clamp_min(-FP16_MAX).to(torch.float16)
     step = (hi - zero.float()) / levels
     scale = (step + step.abs() * _NUDGE_REL + _NUDGE_ABS).to(torch.float16)
     return scale, zero
