@@ -9,6 +9,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
+STAMP="$VENV/.int4kv-setup-done"
+if [ -f "$STAMP" ]; then
+  $PIP install -q --no-deps -e . >/dev/null
+  echo "environment ready: $VENV (already set up; delete $STAMP to redo)"
+  exit 0
+fi
 $PIP install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   $PIP install -q "vllm==0.32.0" "triton==3.6.0"
@@ -21,4 +27,5 @@ else
 fi
 $PIP install -q "lm-eval[api]==0.4.13" pytest hypothesis matplotlib gguf accelerate
 $PIP install -q --no-deps -e .
+touch "$STAMP"
 echo "environment ready: $VENV"
