@@ -1,0 +1,480 @@
+"""Plan KV-cache capacity and decode traffic for a model under each KV policy.
+
+For every policy the planner reports, per tensor-parallel rank: bytes per token (all layers, K + V +
+scale/zero parameters, from ``PageLayout``), KV memory per sequence, the longest context and the number of
+sequences that fit in the KV budget, the KV bytes one decode step reads from HBM, the KV positions and bytes
+read while generating G tokens after a cached context C0, and the decode-attention time those bytes take
+at a given bandwidth. It is plain arithmetic (no vLLM, no GPU) so anyone can check it:
+
+    bytes/token        = sum over layers of kv_heads_per_rank * slot_bytes
+    KV per sequence    = sum over layers of kv_heads_per_rank * slot_bytes * round_up(min(C, W_layer), block)
+    read per step      = batch * sum over layers of kv_heads_per_rank * slot_bytes * min(C, W_layer)
+    positions over G   = G*C0 + G*(G-1)/2   (step t reads the C0 + t cached positions; per full layer)
+
+A sliding-window layer (window W) never holds or reads more than W positions. Block rounding follows vLLM:
+each sequence owns whole blocks of ``block_size`` tokens in every layer.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .kernels.page_format import HEAD_DIMS
+from .policy import KVPolicy, parse_policy
+
+GIB = 1 << 30
+DEFAULT_POLICIES = ("k16v16", "k8v4", "k4v4")
+DATASHEET_GBS = 3350.0  # H100 SXM HBM3 peak, NVIDIA datasheet
+DATASHEET_LABEL = "datasheet H100 SXM 3.35 TB/s (no measured copy bandwidth found)"
+_REPO_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+_ELEM_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4}
+# Families whose configs leave the sliding/global interleave implicit: layer i slides unless (i+1) % N == 0.
+_DEFAULT_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "cohere2": 4, "gpt_oss": 2}
+
+
+class UnsupportedModel(ValueError):
+    """The model's attention cannot be served by the int4kv backend (e.g. MLA)."""
+
+
+# -- the model, reduced to what the KV cache sees ---------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelKV:
+    """KV geometry of a decoder. ``windows[i]`` is layer i's sliding window, None for full attention."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    windows: tuple = ()
+    elem_bytes: int = 2
+    weights_bytes: int | None = None
+    name: str = "model"
+
+    def __post_init__(self):
+        if min(self.num_layers, self.num_kv_heads, self.head_dim) < 1:
+            raise ValueError("num_layers, num_kv_heads and head_dim must be positive")
+        windows = tuple(self.windows) or (None,) * self.num_layers
+        if len(windows) != self.num_layers:
+            raise ValueError(f"{len(windows)} layer window entries for {self.num_layers} layers")
+        if any(w is not None and w < 1 for w in windows):
+            raise ValueError("sliding windows must be positive")
+        object.__setattr__(self, "windows", windows)
+
+    @property
+    def num_sliding(self) -> int:
+        return sum(w is not None for w in self.windows)
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        """vLLM's split: heads divide across ranks, or each rank holds one replicated head when tp > heads."""
+        heads = self.num_kv_heads
+        if tp < 1 or (heads % tp if tp <= heads else tp % heads):
+            raise ValueError(f"tensor parallel size {tp} must divide or be a multiple of {heads} KV heads")
+        return max(1, heads // tp)
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """config.json of a local Hugging Face folder (or the file itself); multimodal text_config merged in."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path} (pass a local model folder or config values)")
+    cfg = json.loads(path.read_text())
+    text = cfg.get("text_config") or {}
+    return {**cfg, **text, "model_type": text.get("model_type", cfg.get("model_type"))}
+
+
+def layer_windows(cfg: dict) -> tuple:
+    """Per-layer sliding window (None = global) following the transformers config classes' rules."""
+    n, window = cfg["num_hidden_layers"], cfg.get("sliding_window") or None
+    if cfg.get("layer_types"):
+        return tuple(_window_of(kind, cfg) for kind in cfg["layer_types"])
+    if "use_sliding_window" in cfg:  # Qwen2 family: only layers from max_window_layers on slide
+        if not cfg["use_sliding_window"] or window is None:
+            return (None,) * n
+        first = cfg.get("max_window_layers", n)
+        if cfg.get("model_type") == "qwen2_moe":
+            return tuple(window if i % 2 == 0 and i < first else None for i in range(n))
+        return tuple(window if i >= first else None for i in range(n))
+    if window is None:
+        return (None,) * n
+    pattern = (cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern")
+               or _DEFAULT_PATTERN.get(cfg.get("model_type")))
+    if pattern:  # Gemma-2/3, Cohere2: every pattern-th layer is global
+        return tuple(window if (i + 1) % int(pattern) else None for i in range(n))
+    return (window,) * n  # Mistral, Phi-3: one window for every layer
+
+
+def _window_of(kind: str, cfg: dict) -> int | None:
+    if kind == "full_attention":
+        return None
+    if kind == "sliding_attention":
+        return cfg["sliding_window"]
+    if kind == "chunked_attention":  # Llama-4 local layers never attend past their chunk
+        return cfg["attention_chunk_size"]
+    raise UnsupportedModel(f"layer type {kind!r} has no paged KV cache the int4kv backend can serve")
+
+
+def model_from_config(cfg: dict, name: str = "model", elem_bytes: int | None = None) -> ModelKV:
+    """Reduce a Hugging Face config dict to its KV geometry; refuses MLA models."""
+    if cfg.get("kv_lora_rank"):
+        raise UnsupportedModel(
+            f"{name} uses multi-head latent attention (MLA, kv_lora_rank={cfg['kv_lora_rank']}): it caches "
+            "one compressed latent per token, not per-head K/V, and is not supported by the int4kv backend")
+    missing = [k for k in ("num_hidden_layers", "num_attention_heads") if not cfg.get(k)]
+    if missing:
+        raise ValueError(f"config lacks {', '.join(missing)}; pass them on the command line")
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads  # absent key = plain multi-head attention
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if cfg.get("hidden_size") else None)
+    if not head_dim:
+        raise ValueError("config gives neither head_dim nor hidden_size; pass --head-dim")
+    if elem_bytes is None:
+        elem_bytes = _ELEM_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bf16"), 2)
+    return ModelKV(cfg["num_hidden_layers"], kv_heads, head_dim, layer_windows(cfg), elem_bytes,
+                   weights_from_config(cfg, head_dim, elem_bytes), name)
+
+
+def weights_from_config(cfg: dict, head_dim: int, elem_bytes: int) -> int | None:
+    """Bytes of a dense, unquantized decoder's weights (biases ignored); None if unknowable."""
+    keys = ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers", "num_attention_heads")
+    moe = any(cfg.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    if moe or cfg.get("quantization_config") or not all(cfg.get(k) for k in keys):
+        return None
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, o and k, v projections
+    mlp = 3 * hidden * cfg["intermediate_size"]  # gate, up, down
+    norms = 2 * hidden
+    embeddings = cfg["vocab_size"] * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
+    return (cfg["num_hidden_layers"] * (attention + mlp + norms) + embeddings + hidden) * elem_bytes
+
+
+# -- the arithmetic ----------------------------------------------------------------------------------
+
+def round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def positions_read(c0: int, gen: int, window: int | None = None) -> int:
+    """KV positions one layer reads over ``gen`` decode steps after ``c0`` cached tokens (step t: c0 + t)."""
+    if window is None:
+        return gen * c0 + gen * (gen - 1) // 2
+    growing = min(max(window - c0, 0), gen)  # steps before the window is full
+    return growing * c0 + growing * (growing - 1) // 2 + (gen - growing) * window
+
+
+def _layer_token_bytes(model: ModelKV, policy: KVPolicy, tp: int) -> int:
+    """Bytes one token costs in one layer on one rank."""
+    if model.head_dim not in HEAD_DIMS:
+        raise UnsupportedModel(f"head_dim {model.head_dim} is not supported by the int4kv backend "
+                               f"(supported: {', '.join(map(str, HEAD_DIMS))})")
+    return model.kv_heads_per_rank(tp) * policy.slot_bytes(model.head_dim, model.elem_bytes)
+
+
+def sequence_bytes(model: ModelKV, policy: KVPolicy, context: int, block_size: int = 16,
+                   tp: int = 1) -> int:
+    """KV bytes one sequence of ``context`` tokens holds on one rank, in whole blocks per layer."""
+    per_token = _layer_token_bytes(model, policy, tp)
+    return per_token * sum(round_up(min(context, w or context), block_size) for w in model.windows)
+
+
+def max_context(model: ModelKV, policy: KVPolicy, budget: int, block_size: int = 16,
+                tp: int = 1) -> int | None:
+    """Longest single-sequence context whose blocks fit in ``budget`` bytes; None if every layer slides
+    and even a full window fits (the sequence can then grow without bound)."""
+    def fits(blocks: int) -> bool:
+        return sequence_bytes(model, policy, blocks * block_size, block_size, tp) <= budget
+
+    largest_window = max((w for w in model.windows if w), default=0)
+    if model.num_sliding == model.num_layers and fits(-(-largest_window // block_size)):
+        return None
+    lo, hi = 0, budget // (_layer_token_bytes(model, policy, tp) * block_size) + 1
+    while lo < hi:  # largest block count that fits; memory grows monotonically with context
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo * block_size
+
+
+@dataclass
+class PolicyPlan:
+    """One policy's numbers; every byte count is per tensor-parallel rank."""
+
+    policy: str
+    bytes_per_token: int
+    bytes_per_token_per_layer: int
+    seq_bytes: int
+    max_tokens: int | None
+    max_seqs: int
+    capacity_vs_bf16: float
+    step_read_bytes: int
+    gen_positions: int
+    gen_read_bytes: int
+    step_time_s: float
+    gen_time_s: float
+
+
+@dataclass
+class PlanInputs:
+    context: int = 8192
+    batch: int = 1
+    gen_tokens: int = 1024
+    kv_budget_bytes: int = 40 * GIB
+    bandwidth_gbs: float = DATASHEET_GBS
+    block_size: int = 16
+    tp: int = 1
+
+
+def plan(model: ModelKV, policies, inputs: PlanInputs) -> list[PolicyPlan]:
+    """Numbers for each policy (``KVPolicy`` or string)."""
+    policies = [p if isinstance(p, KVPolicy) else parse_policy(p) for p in policies]
+    return [_plan_one(model, p, inputs) for p in policies]
+
+
+def _plan_one(model: ModelKV, policy: KVPolicy, x: PlanInputs) -> PolicyPlan:
+    per_layer = _layer_token_bytes(model, policy, x.tp)
+    seq = sequence_bytes(model, policy, x.context, x.block_size, x.tp)
+    step = x.batch * per_layer * sum(min(x.context, w or x.context) for w in model.windows)
+    gen = x.batch * per_layer * sum(positions_read(x.context, x.gen_tokens, w) for w in model.windows)
+    bandwidth = x.bandwidth_gbs * 1e9
+    bf16_per_layer = model.kv_heads_per_rank(x.tp) * 2 * model.head_dim * 2
+    return PolicyPlan(
+        policy=policy.name, bytes_per_token=per_layer * model.num_layers, bytes_per_token_per_layer=per_layer,
+        seq_bytes=seq, max_tokens=max_context(model, policy, x.kv_budget_bytes, x.block_size, x.tp),
+        max_seqs=x.kv_budget_bytes // seq, capacity_vs_bf16=bf16_per_layer / per_layer,
+        step_read_bytes=step, gen_positions=positions_read(x.context, x.gen_tokens), gen_read_bytes=gen,
+        step_time_s=step / bandwidth, gen_time_s=gen / bandwidth)
+
+
+def startup_summary(num_layers: int, num_kv_heads: int, head_dim: int, policy,
+                    elem_bytes: int = 2) -> dict:
+    """What the backend's start-up line reports: KV bytes per token (per layer and all layers, for the
+    KV heads given, i.e. per rank) and how many more tokens fit than in a BF16 cache."""
+    policy = policy if isinstance(policy, KVPolicy) else parse_policy(policy)
+    per_layer = num_kv_heads * policy.slot_bytes(head_dim, elem_bytes)
+    bf16_per_layer = num_kv_heads * 2 * head_dim * 2
+    gain = bf16_per_layer / per_layer
+    return {
+        "policy": policy.name,
+        "bytes_per_token_per_layer": per_layer,
+        "bytes_per_token": per_layer * num_layers,
+        "bf16_bytes_per_token": bf16_per_layer * num_layers,
+        "capacity_gain_vs_bf16": gain,
+        "text": (f"KV cache {policy.name}: {per_layer} B/token/layer, {per_layer * num_layers} B/token "
+                 f"over {num_layers} layers ({gain:.2f}x the tokens of BF16)"),
+    }
+
+
+def measured_bandwidth(dirs=None) -> tuple[float, str]:
+    """Copy bandwidth (GB/s) from the newest benchmark results JSON that has a usable
+    ``copy_bandwidth_gbs``, else the H100 SXM datasheet figure; with a label saying which."""
+    dirs = dirs or [Path("benchmarks/results"), _REPO_RESULTS]
+    files = {os.path.realpath(f) for d in dirs for f in glob.glob(os.path.join(d, "*.json"))}
+    for path in sorted(files, key=os.path.getmtime, reverse=True):
+        try:
+            with open(path) as f:
+                value = json.load(f).get("copy_bandwidth_gbs")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
+            return float(value), f"measured copy bandwidth {value:.0f} GB/s ({os.path.relpath(path)})"
+    return DATASHEET_GBS, DATASHEET_LABEL
+
+
+# -- presentation ------------------------------------------------------------------------------------
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def format_table(rows: list[PolicyPlan], x: PlanInputs) -> str:
+    lines = [
+        ("bytes/token, all layers", lambda r: f"{r.bytes_per_token}"),
+        ("bytes/token/layer", lambda r: f"{r.bytes_per_token_per_layer}"),
+        ("capacity vs BF16", lambda r: f"{r.capacity_vs_bf16:.2f}x"),
+        (f"KV per sequence @ {x.context}", lambda r: fmt_bytes(r.seq_bytes)),
+        ("max tokens (1 sequence)", lambda r: "unbounded" if r.max_tokens is None else f"{r.max_tokens}"),
+        (f"max sequences @ {x.context}", lambda r: f"{r.max_seqs}"),
+        (f"HBM read/step, batch {x.batch}", lambda r: fmt_bytes(r.step_read_bytes)),
+        (f"KV positions over G={x.gen_tokens}", lambda r: f"{r.gen_positions}"),
+        (f"HBM read over G, batch {x.batch}", lambda r: fmt_bytes(r.gen_read_bytes)),
+        ("attention time/step", lambda r: fmt_seconds(r.step_time_s)),
+        ("attention time over G", lambda r: fmt_seconds(r.gen_time_s)),
+    ]
+    table = [["metric", *(r.policy for r in rows)]] + [[name, *map(f, rows)] for name, f in lines]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in table]
+    return "\n".join([out[0], "-" * len(out[0]), *out[1:]])
+
+
+def plot(model: ModelKV, policies, x: PlanInputs, path: str, weights_bytes: int | None) -> None:
+    """KV memory of ``batch`` sequences against context, per policy, with the KV budget and weights."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = max(4 * x.context, 32768)
+    contexts = sorted({round_up(int(256 * (top / 256) ** (i / 63)), x.block_size) for i in range(64)})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in policies:
+        gib = [x.batch * sequence_bytes(model, p, c, x.block_size, x.tp) / GIB for c in contexts]
+        ax.plot(contexts, gib, label=p.name)
+    budget_gib = x.kv_budget_bytes / GIB
+    ax.axhline(budget_gib, color="k", ls="--", label=f"KV budget {budget_gib:.1f} GiB")
+    if weights_bytes:
+        ax.axhline(weights_bytes / GIB, color="gray", ls=":", label=f"weights {weights_bytes / GIB:.1f} GiB")
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", xlabel="context (tokens)", ylabel=f"KV memory, batch {x.batch} (GiB per rank)",
+           title=f"{model.name}: KV memory per policy (tp {x.tp})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+_CONFIG_FLAGS = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads",
+                 "num_attention_heads": "num_attention_heads", "head_dim": "head_dim",
+                 "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                 "vocab_size": "vocab_size", "sliding_window": "sliding_window"}
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group("model (a local HF folder and/or config values; values override)")
+    m.add_argument("--model", help="local Hugging Face model folder or its config.json")
+    m.add_argument("--name", help="name shown in the report")
+    for flag in _CONFIG_FLAGS:
+        m.add_argument("--" + flag.replace("_", "-"), type=int)
+    m.add_argument("--sliding-layers", help="which layers use --sliding-window: all, even, odd, or a "
+                   "list of indices and ranges like 0-13,20 (default: the config's rule, else all)")
+    m.add_argument("--sliding-pattern", type=int, help="Gemma-style: every N-th layer is global")
+    m.add_argument("--dtype", choices=sorted(_ELEM_BYTES), help="model dtype (default: config, else bf16)")
+    b = parser.add_argument_group("memory budget (per GPU)")
+    b.add_argument("--kv-budget-gib", type=float, help="KV cache budget; or give --gpu-memory-gib")
+    b.add_argument("--gpu-memory-gib", type=float, help="GPU memory; KV budget = this * utilization "
+                   "- weights/tp - overhead")
+    b.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    b.add_argument("--weights-gib", type=float, help="model weights (default: estimated from config)")
+    b.add_argument("--overhead-gib", type=float, default=0.0, help="activations etc. (default 0)")
+    w = parser.add_argument_group("workload")
+    w.add_argument("--context", type=int, default=8192, help="context length C (and cached prefix C0)")
+    w.add_argument("--batch", type=int, default=1)
+    w.add_argument("--gen-tokens", type=int, default=1024, help="generated tokens G after the context")
+    w.add_argument("--block-size", type=int, default=16)
+    w.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    w.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated policies")
+    w.add_argument("--bandwidth-gbs", type=float, help="HBM bandwidth (default: measured, else datasheet)")
+    parser.add_argument("--plot", help="write a PNG of KV memory against context")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(run=run)
+
+
+def parse_layers(spec: str, n: int) -> set[int]:
+    """``all``, ``even``, ``odd`` or ``0-13,20`` -> layer indices."""
+    named = {"all": range(n), "even": range(0, n, 2), "odd": range(1, n, 2)}
+    if spec in named:
+        return set(named[spec])
+    layers = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        layers.update(range(int(lo), int(hi or lo) + 1))
+    if not layers or max(layers) >= n:
+        raise ValueError(f"--sliding-layers {spec!r} names layers outside 0..{n - 1}")
+    return layers
+
+
+def model_from_args(args) -> ModelKV:
+    cfg = load_config(args.model) if args.model else {}
+    cfg.update({key: getattr(args, flag) for flag, key in _CONFIG_FLAGS.items()
+                if getattr(args, flag) is not None})
+    if args.num_kv_heads and not cfg.get("num_attention_heads"):
+        cfg["num_attention_heads"] = args.num_kv_heads  # only the KV heads matter for the cache
+    if args.sliding_pattern:
+        cfg.pop("layer_types", None)
+        cfg["sliding_window_pattern"] = args.sliding_pattern
+    if args.sliding_layers:
+        if not cfg.get("sliding_window"):
+            raise ValueError("--sliding-layers needs --sliding-window (or a config that sets it)")
+        n = cfg.get("num_hidden_layers") or 0
+        sliding = parse_layers(args.sliding_layers, n)
+        cfg["layer_types"] = ["sliding_attention" if i in sliding else "full_attention" for i in range(n)]
+    name = args.name or (Path(args.model).name if args.model else "model")
+    return model_from_config(cfg, name, _ELEM_BYTES[args.dtype] if args.dtype else None)
+
+
+def _budget(args, model: ModelKV, weights: int | None, tp: int) -> tuple[int, str]:
+    if args.kv_budget_gib is not None:
+        return int(args.kv_budget_gib * GIB), f"{args.kv_budget_gib:g} GiB KV (given)"
+    if args.gpu_memory_gib is None:
+        raise ValueError("give --kv-budget-gib or --gpu-memory-gib")
+    if weights is None:
+        raise ValueError("weights size unknown from config; pass --weights-gib or --kv-budget-gib")
+    usable = args.gpu_memory_gib * GIB * args.gpu_memory_utilization
+    budget = int(usable - weights / tp - args.overhead_gib * GIB)
+    if budget <= 0:
+        raise ValueError(f"no memory left for KV: {fmt_bytes(usable)} usable, weights/rank "
+                         f"{fmt_bytes(weights / tp)}")
+    return budget, (f"{fmt_bytes(budget)} KV = {args.gpu_memory_gib:g} GiB x {args.gpu_memory_utilization:g}"
+                    f" - weights/rank {fmt_bytes(weights / tp)} - overhead {args.overhead_gib:g} GiB")
+
+
+def run(args) -> int:
+    try:
+        model = model_from_args(args)
+        weights = int(args.weights_gib * GIB) if args.weights_gib is not None else model.weights_bytes
+        tp = args.tensor_parallel_size
+        budget, budget_text = _budget(args, model, weights, tp)
+        bandwidth, bw_text = ((args.bandwidth_gbs, f"{args.bandwidth_gbs:g} GB/s (given)")
+                              if args.bandwidth_gbs else measured_bandwidth())
+        policies = [parse_policy(p) for p in args.policies.split(",") if p.strip()]
+        inputs = PlanInputs(args.context, args.batch, args.gen_tokens, budget, bandwidth,
+                            args.block_size, tp)
+        rows = plan(model, policies, inputs)
+    except (ValueError, FileNotFoundError) as err:  # UnsupportedModel included
+        print(f"vllm-int4kv plan: {err}")
+        return 2
+    if args.json:
+        print(json.dumps({"model": asdict(model), "inputs": asdict(inputs), "bandwidth": bw_text,
+                          "policies": [asdict(r) for r in rows]}, indent=2))
+    else:
+        print(_header(model, inputs, weights, budget_text, bw_text))
+        print(format_table(rows, inputs))
+        for r in rows:
+            if r.max_seqs < args.batch:
+                print(f"note: batch {args.batch} does not fit with {r.policy} at context {args.context} "
+                      f"(at most {r.max_seqs} sequences)")
+    if args.plot:
+        plot(model, policies, inputs, args.plot, weights)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _header(model: ModelKV, x: PlanInputs, weights: int | None, budget_text: str, bw_text: str) -> str:
+    windows = sorted({w for w in model.windows if w})
+    sliding = f", {model.num_sliding} sliding with window {'/'.join(map(str, windows))}" if windows else ""
+    return "\n".join([
+        f"model {model.name}: {model.num_layers} layers ({model.num_layers - model.num_sliding} global"
+        f"{sliding}), {model.num_kv_heads} KV heads ({model.kv_heads_per_rank(x.tp)} per rank, tp {x.tp}), "
+        f"head dim {model.head_dim}, {8 * model.elem_bytes}-bit model dtype"
+        + (f", weights {fmt_bytes(weights)}" if weights else ""),
+        f"budget per rank: {budget_text}; block size {x.block_size}",
+        f"workload: context C0 = {x.context}, batch {x.batch}, G = {x.gen_tokens} generated tokens",
+        f"bandwidth: {bw_text}; times count decode-attention KV reads only",
+        "all numbers per rank",
+        "",
+    ])
