@@ -25,6 +25,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _split_channels(x):
+    """``[R, D]`` -> even channels ``[R, D/2]``, odd channels ``[R, D/2]``."""
+    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+
+
+@triton.jit
 def _load_dequant(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.constexpr,
                   HEAD_DIM: tl.constexpr, P_ROW: tl.constexpr):
     """Even and odd channels ``[TILE_N, HEAD_DIM // 2]`` (fp32) of a tile of cache rows.
@@ -38,9 +44,9 @@ def _load_dequant(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.con
         packed = tl.load(rows + offs_j[None, :], mask=mask, other=0)
         even = (packed & 0xF).to(tl.float32)
         odd = (packed >> 4).to(tl.float32)
-    else:
-        even = tl.load(rows + 2 * offs_j[None, :], mask=mask, other=0).to(tl.float32)
-        odd = tl.load(rows + 2 * offs_j[None, :] + 1, mask=mask, other=0).to(tl.float32)
+    else:  # contiguous row load (vectorizes on the GPU), then split into even/odd channels
+        full = tl.load(rows + tl.arange(0, HEAD_DIM)[None, :], mask=mask, other=0).to(tl.float32)
+        even, odd = _split_channels(full)
     if BITS != 16:
         if GROUP == HEAD_DIM:  # one (scale, zero) per token: load it once and broadcast
             scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)[:, None]
@@ -101,10 +107,9 @@ def paged_attention_kernel(
     q_head = kv_head * QUERIES_PER_KV + offs_m % GROUP_PAD
     row_valid = (offs_m // GROUP_PAD < BLOCK_Q) & (q_tok < q_len) & (offs_m % GROUP_PAD < QUERIES_PER_KV)
     q_pos = context_len + q_tok  # absolute position of each row's token
-    offs_j = tl.arange(0, HEAD_DIM // 2)
+    offs_d = tl.arange(0, HEAD_DIM)
     q_rows = q_ptr + (q_start + q_tok).to(tl.int64)[:, None] * stride_q_t + q_head[:, None] * stride_q_h
-    q_even = tl.load(q_rows + 2 * offs_j[None, :], mask=row_valid[:, None], other=0)
-    q_odd = tl.load(q_rows + 2 * offs_j[None, :] + 1, mask=row_valid[:, None], other=0)
+    q_even, q_odd = _split_channels(tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None], other=0))
     dot_dtype = q_even.dtype
 
     # KV positions this tile needs: [kv_lo, kv_hi); this split takes an equal share of the tiles.
@@ -158,21 +163,16 @@ def paged_attention_kernel(
         m_i = m_new
 
     tok = (q_start + q_tok).to(tl.int64)
+    acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_DIM))  # interleave channels back
     if NUM_SPLITS == 1:
-        inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = out_ptr + tok[:, None] * stride_o_t + q_head[:, None] * stride_o_h
-        out_dtype = out_ptr.dtype.element_ty
-        tl.store(o_rows + 2 * offs_j[None, :], (acc_even * inv[:, None]).to(out_dtype),
-                 mask=row_valid[:, None])
-        tl.store(o_rows + 2 * offs_j[None, :] + 1, (acc_odd * inv[:, None]).to(out_dtype),
-                 mask=row_valid[:, None])
+        tl.store(o_rows + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     else:  # partials [T, Hq, NUM_SPLITS(, D)], contiguous
         part = (tok * num_q_heads + q_head) * NUM_SPLITS + split
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part, l_i, mask=row_valid)
-        acc_rows = part_acc_ptr + part[:, None] * HEAD_DIM
-        tl.store(acc_rows + 2 * offs_j[None, :], acc_even, mask=row_valid[:, None])
-        tl.store(acc_rows + 2 * offs_j[None, :] + 1, acc_odd, mask=row_valid[:, None])
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
 
 
 @triton.jit

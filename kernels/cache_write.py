@@ -22,14 +22,13 @@ def _encode_row(src_ptr, dst_ptr, par_ptr, BITS: tl.constexpr, GROUP: tl.constex
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_j = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
     if BITS == 16:
-        tl.store(dst_ptr + 2 * offs_j, tl.load(src_ptr + 2 * offs_j))
-        tl.store(dst_ptr + 2 * offs_j + 1, tl.load(src_ptr + 2 * offs_j + 1))
+        tl.store(dst_ptr + offs_d, tl.load(src_ptr + offs_d))
     else:
         LEVELS: tl.constexpr = 2 ** BITS - 1
         NUM_GROUPS: tl.constexpr = HEAD_DIM // GROUP
-        x_even = tl.load(src_ptr + 2 * offs_j).to(tl.float32)
-        x_odd = tl.load(src_ptr + 2 * offs_j + 1).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(tl.load(src_ptr + offs_d).to(tl.float32), (HALF, 2)))
         x_even = tl.minimum(tl.maximum(x_even, -FP16_MAX), FP16_MAX)
         x_odd = tl.minimum(tl.maximum(x_odd, -FP16_MAX), FP16_MAX)
         g_even = tl.reshape(x_even, (NUM_GROUPS, GROUP // 2))
@@ -48,8 +47,7 @@ def _encode_row(src_ptr, dst_ptr, par_ptr, BITS: tl.constexpr, GROUP: tl.constex
         if BITS == 4:
             tl.store(dst_ptr + offs_j, (c_even | (c_odd << 4)).to(tl.uint8))
         else:
-            tl.store(dst_ptr + 2 * offs_j, c_even.to(tl.uint8))
-            tl.store(dst_ptr + 2 * offs_j + 1, c_odd.to(tl.uint8))
+            tl.store(dst_ptr + offs_d, tl.reshape(tl.join(c_even, c_odd), (HEAD_DIM,)).to(tl.uint8))
         offs_g = tl.arange(0, NUM_GROUPS)
         tl.store(par_ptr + 2 * offs_g, scale)
         tl.store(par_ptr + 2 * offs_g + 1, zero)
