@@ -7,7 +7,7 @@ import sys
 
 # subcommand -> module inside this package; imported lazily so `--help` stays fast.
 SUBCOMMANDS = {
-    "plan": "planner",
+    "plan": "planner_cli",
     "calibrate": "calibrate_cli",
     "quality": "quality",
 }

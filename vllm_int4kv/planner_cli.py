@@ -1,0 +1,201 @@
+"""``vllm-int4kv plan``: the capacity planner's command line, table and plot (arithmetic in planner.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .planner import (GIB, DEFAULT_POLICIES, _ELEM_BYTES, ModelKV, load_config, model_from_config, round_up, sequence_bytes, PolicyPlan, PlanInputs, plan, measured_bandwidth)
+from .policy import parse_policy
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def format_table(rows: list[PolicyPlan], x: PlanInputs) -> str:
+    lines = [
+        ("bytes/token, all layers", lambda r: f"{r.bytes_per_token}"),
+        ("bytes/token/layer", lambda r: f"{r.bytes_per_token_per_layer}"),
+        ("capacity vs BF16", lambda r: f"{r.capacity_vs_bf16:.2f}x"),
+        (f"KV per sequence @ {x.context}", lambda r: fmt_bytes(r.seq_bytes)),
+        ("max tokens (1 sequence)", lambda r: "unbounded" if r.max_tokens is None else f"{r.max_tokens}"),
+        (f"max sequences @ {x.context}", lambda r: f"{r.max_seqs}"),
+        (f"HBM read/step, batch {x.batch}", lambda r: fmt_bytes(r.step_read_bytes)),
+        (f"KV positions over G={x.gen_tokens}", lambda r: f"{r.gen_positions}"),
+        (f"HBM read over G, batch {x.batch}", lambda r: fmt_bytes(r.gen_read_bytes)),
+        ("attention time/step", lambda r: fmt_seconds(r.step_time_s)),
+        ("attention time over G", lambda r: fmt_seconds(r.gen_time_s)),
+    ]
+    table = [["metric", *(r.policy for r in rows)]] + [[name, *map(f, rows)] for name, f in lines]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in table]
+    return "\n".join([out[0], "-" * len(out[0]), *out[1:]])
+
+
+def plot(model: ModelKV, policies, x: PlanInputs, path: str, weights_bytes: int | None) -> None:
+    """KV memory of ``batch`` sequences against context, per policy, with the KV budget and weights."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = max(4 * x.context, 32768)
+    contexts = sorted({round_up(int(256 * (top / 256) ** (i / 63)), x.block_size) for i in range(64)})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in policies:
+        gib = [x.batch * sequence_bytes(model, p, c, x.block_size, x.tp) / GIB for c in contexts]
+        ax.plot(contexts, gib, label=p.name)
+    budget_gib = x.kv_budget_bytes / GIB
+    ax.axhline(budget_gib, color="k", ls="--", label=f"KV budget {budget_gib:.1f} GiB")
+    if weights_bytes:
+        ax.axhline(weights_bytes / GIB, color="gray", ls=":", label=f"weights {weights_bytes / GIB:.1f} GiB")
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", xlabel="context (tokens)", ylabel=f"KV memory, batch {x.batch} (GiB per rank)",
+           title=f"{model.name}: KV memory per policy (tp {x.tp})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+_CONFIG_FLAGS = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads",
+                 "num_attention_heads": "num_attention_heads", "head_dim": "head_dim",
+                 "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                 "vocab_size": "vocab_size", "sliding_window": "sliding_window"}
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group("model (a local HF folder and/or config values; values override)")
+    m.add_argument("--model", help="local Hugging Face model folder or its config.json")
+    m.add_argument("--name", help="name shown in the report")
+    for flag in _CONFIG_FLAGS:
+        m.add_argument("--" + flag.replace("_", "-"), type=int)
+    m.add_argument("--sliding-layers", help="which layers use --sliding-window: all, even, odd, or a "
+                   "list of indices and ranges like 0-13,20 (default: the config's rule, else all)")
+    m.add_argument("--sliding-pattern", type=int, help="Gemma-style: every N-th layer is global")
+    m.add_argument("--dtype", choices=sorted(_ELEM_BYTES), help="model dtype (default: config, else bf16)")
+    b = parser.add_argument_group("memory budget (per GPU)")
+    b.add_argument("--kv-budget-gib", type=float, help="KV cache budget; or give --gpu-memory-gib")
+    b.add_argument("--gpu-memory-gib", type=float, help="GPU memory; KV budget = this * utilization "
+                   "- weights/tp - overhead")
+    b.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    b.add_argument("--weights-gib", type=float, help="model weights (default: estimated from config)")
+    b.add_argument("--overhead-gib", type=float, default=0.0, help="activations etc. (default 0)")
+    w = parser.add_argument_group("workload")
+    w.add_argument("--context", type=int, default=8192, help="context length C (and cached prefix C0)")
+    w.add_argument("--batch", type=int, default=1)
+    w.add_argument("--gen-tokens", type=int, default=1024, help="generated tokens G after the context")
+    w.add_argument("--block-size", type=int, default=16)
+    w.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    w.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated policies")
+    w.add_argument("--bandwidth-gbs", type=float, help="HBM bandwidth (default: measured, else datasheet)")
+    parser.add_argument("--plot", help="write a PNG of KV memory against context")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(run=run)
+
+
+def parse_layers(spec: str, n: int) -> set[int]:
+    """``all``, ``even``, ``odd`` or ``0-13,20`` -> layer indices."""
+    named = {"all": range(n), "even": range(0, n, 2), "odd": range(1, n, 2)}
+    if spec in named:
+        return set(named[spec])
+    layers = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        layers.update(range(int(lo), int(hi or lo) + 1))
+    if not layers or max(layers) >= n:
+        raise ValueError(f"--sliding-layers {spec!r} names layers outside 0..{n - 1}")
+    return layers
+
+
+def model_from_args(args) -> ModelKV:
+    cfg = load_config(args.model) if args.model else {}
+    cfg.update({key: getattr(args, flag) for flag, key in _CONFIG_FLAGS.items()
+                if getattr(args, flag) is not None})
+    if args.num_kv_heads and not cfg.get("num_attention_heads"):
+        cfg["num_attention_heads"] = args.num_kv_heads  # only the KV heads matter for the cache
+    if args.sliding_pattern:
+        cfg.pop("layer_types", None)
+        cfg["sliding_window_pattern"] = args.sliding_pattern
+    if args.sliding_layers:
+        if not cfg.get("sliding_window"):
+            raise ValueError("--sliding-layers needs --sliding-window (or a config that sets it)")
+        n = cfg.get("num_hidden_layers") or 0
+        sliding = parse_layers(args.sliding_layers, n)
+        cfg["layer_types"] = ["sliding_attention" if i in sliding else "full_attention" for i in range(n)]
+    name = args.name or (Path(args.model).name if args.model else "model")
+    return model_from_config(cfg, name, _ELEM_BYTES[args.dtype] if args.dtype else None)
+
+
+def _budget(args, model: ModelKV, weights: int | None, tp: int) -> tuple[int, str]:
+    if args.kv_budget_gib is not None:
+        return int(args.kv_budget_gib * GIB), f"{args.kv_budget_gib:g} GiB KV (given)"
+    if args.gpu_memory_gib is None:
+        raise ValueError("give --kv-budget-gib or --gpu-memory-gib")
+    if weights is None:
+        raise ValueError("weights size unknown from config; pass --weights-gib or --kv-budget-gib")
+    usable = args.gpu_memory_gib * GIB * args.gpu_memory_utilization
+    budget = int(usable - weights / tp - args.overhead_gib * GIB)
+    if budget <= 0:
+        raise ValueError(f"no memory left for KV: {fmt_bytes(usable)} usable, weights/rank "
+                         f"{fmt_bytes(weights / tp)}")
+    return budget, (f"{fmt_bytes(budget)} KV = {args.gpu_memory_gib:g} GiB x {args.gpu_memory_utilization:g}"
+                    f" - weights/rank {fmt_bytes(weights / tp)} - overhead {args.overhead_gib:g} GiB")
+
+
+def run(args) -> int:
+    try:
+        model = model_from_args(args)
+        weights = int(args.weights_gib * GIB) if args.weights_gib is not None else model.weights_bytes
+        tp = args.tensor_parallel_size
+        budget, budget_text = _budget(args, model, weights, tp)
+        bandwidth, bw_text = ((args.bandwidth_gbs, f"{args.bandwidth_gbs:g} GB/s (given)")
+                              if args.bandwidth_gbs else measured_bandwidth())
+        policies = [parse_policy(p) for p in args.policies.split(",") if p.strip()]
+        inputs = PlanInputs(args.context, args.batch, args.gen_tokens, budget, bandwidth,
+                            args.block_size, tp)
+        rows = plan(model, policies, inputs)
+    except (ValueError, FileNotFoundError) as err:  # UnsupportedModel included
+        print(f"vllm-int4kv plan: {err}")
+        return 2
+    if args.json:
+        print(json.dumps({"model": asdict(model), "inputs": asdict(inputs), "bandwidth": bw_text,
+                          "policies": [asdict(r) for r in rows]}, indent=2))
+    else:
+        print(_header(model, inputs, weights, budget_text, bw_text))
+        print(format_table(rows, inputs))
+        for r in rows:
+            if r.max_seqs < args.batch:
+                print(f"note: batch {args.batch} does not fit with {r.policy} at context {args.context} "
+                      f"(at most {r.max_seqs} sequences)")
+    if args.plot:
+        plot(model, policies, inputs, args.plot, weights)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _header(model: ModelKV, x: PlanInputs, weights: int | None, budget_text: str, bw_text: str) -> str:
+    windows = sorted({w for w in model.windows if w})
+    sliding = f", {model.num_sliding} sliding with window {'/'.join(map(str, windows))}" if windows else ""
+    return "\n".join([
+        f"model {model.name}: {model.num_layers} layers ({model.num_layers - model.num_sliding} global"
+        f"{sliding}), {model.num_kv_heads} KV heads ({model.kv_heads_per_rank(x.tp)} per rank, tp {x.tp}), "
+        f"head dim {model.head_dim}, {8 * model.elem_bytes}-bit model dtype"
+        + (f", weights {fmt_bytes(weights)}" if weights else ""),
+        f"budget per rank: {budget_text}; block size {x.block_size}",
+        f"workload: context C0 = {x.context}, batch {x.batch}, G = {x.gen_tokens} generated tokens",
+        f"bandwidth: {bw_text}; times count decode-attention KV reads only",
+        "all numbers per rank",
+        "",
+    ])
