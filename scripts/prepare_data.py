@@ -402,10 +402,10 @@ def write_tasks(tasks_out: Path, bigbench_sdist: Path | None, eval_jsonl: Path) 
 
 def check_tasks(tasks_out: Path, names: list[str]) -> None:
     """Load the generated tasks with lm-eval's TaskManager and build their requests."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=str(tasks_out))
-    tasks = get_task_dict(names, tm)
+    tm = TaskManager(include_path=str(tasks_out), include_defaults=False)
+    tasks = tm.load(names)["tasks"]
     for name, task in tasks.items():
         task.build_all_requests(limit=2, rank=0, world_size=1)
         reqs = task.instances

