@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import re
@@ -347,10 +346,13 @@ def write_tasks(tasks_out: Path, bigbench_sdist: Path | None, eval_jsonl: Path) 
             for m in t:
                 if m.name in wanted:
                     found[wanted[m.name]] = json.load(t.extractfile(m))
-                elif m.name == "bigbench-1.0.0/PKG-INFO":
-                    for line in io.TextIOWrapper(t.extractfile(m), encoding="utf-8"):
-                        if line.startswith("License:"):
-                            license_line = line.split(":", 1)[1].strip()
+                elif m.name == "bigbench-1.0.0/setup.py":
+                    # PKG-INFO says "License: UNKNOWN"; the sdist's own license statement is the
+                    # Apache-2.0 header of its sources (the BIG-bench repository is Apache-2.0)
+                    head = t.extractfile(m).read(2000).decode("utf-8")
+                    license_line = ("setup.py header: Apache License 2.0"
+                                    if "Licensed under the Apache License, Version 2.0" in head
+                                    else "no license header found in setup.py")
                 if len(found) == len(wanted) and license_line is not None:
                     break
         missing = set(wanted.values()) - set(found)
@@ -391,7 +393,8 @@ def write_tasks(tasks_out: Path, bigbench_sdist: Path | None, eval_jsonl: Path) 
             src_lines.append(
                 f"| {name} | multiple_choice | {len(docs)} (chance acc {chance:.3f}) | BIG-bench "
                 f"`benchmark_tasks/{rel}` from the PyPI sdist `bigbench==1.0.0` (sha256 "
-                f"`{BIGBENCH_SHA256[:16]}...`) | Apache-2.0 (BIG-bench; sdist License: {license_line}) |")
+                f"`{BIGBENCH_SHA256[:16]}...`) | Apache-2.0 (BIG-bench, github.com/google/BIG-bench; sdist "
+                f"{license_line}) |")
         src_lines += ["", "BIG-bench asks that its data never be used for training; its canary string:",
                       "", f"    {canary}"]
     src_lines += ["", "No data here is committed to the repository (artifacts/ is git-ignored).", ""]
