@@ -3,6 +3,8 @@
 Without a GPU the Triton kernels run under the interpreter (exact for fp32/fp16, wrong for bf16
 arithmetic, so CPU tests compute in fp32/fp16). Tests that need a GPU carry the ``gpu`` marker.
 """
+import contextlib
+import gc
 import os
 
 import torch
@@ -21,3 +23,80 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
+
+
+# -- shared by the backend tests (and anyone who needs a model) ------------------------------------
+# vLLM's CPU build sizes the KV cache from this (GiB) instead of probing free memory.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (hidden 128, 2 layers, 4 q / 2 KV heads, head_dim 64) with its tokenizer."""
+    from vllm_int4kv.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_d128_dir(tmp_path_factory):
+    """The same tiny Llama with head_dim 128 (where K4V4 is 136 B against BF16's 512 B per head)."""
+    from vllm_int4kv.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-d128"), seed=0, head_dim=128)
+
+
+@contextlib.contextmanager
+def env_vars(**values):
+    """Set (or with None, unset) environment variables for the block; restore them afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def vllm_engine(model, *, backend: str | None = "CUSTOM", policy: str | None = "k16v16",
+                impl: str | None = "torch", **engine_kwargs):
+    """An in-process vLLM engine (fp32, eager, one process) with our backend or vLLM's own (None).
+
+    ``policy``/``impl`` set ``VLLM_INT4KV_POLICY``/``VLLM_INT4KV_IMPL`` for this engine; the process's
+    resolved policy is reset before and after, so engines with different policies can follow each other.
+    """
+    from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    from vllm_int4kv import attention_ops
+
+    kwargs = dict(dtype="float32", enforce_eager=True, seed=0, max_model_len=2048)
+    if backend:
+        kwargs["attention_config"] = {"backend": backend}
+    kwargs.update(engine_kwargs)
+    with env_vars(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_INT4KV_POLICY=policy, VLLM_INT4KV_IMPL=impl):
+        attention_ops.reset_policy()
+        llm = LLM(str(model), **kwargs)
+        try:
+            yield llm
+        finally:
+            # Shut down now: a finalizer left for the garbage collector would tear down the
+            # distributed state of whichever engine this process runs next.
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+            cleanup_dist_env_and_memory()
+            attention_ops.reset_policy()
+
+
+def num_kv_blocks(llm) -> int:
+    """How many KV blocks vLLM's block manager got (the same memory budget for every engine)."""
+    return llm.llm_engine.vllm_config.cache_config.num_gpu_blocks

@@ -1,0 +1,195 @@
+"""The vLLM-free half of the attention backend: batch metadata, the process-wide policy, and the
+cache-write and attention steps the backend's impl calls.
+
+Keeping this module free of vLLM imports lets it be unit-tested (and read) without an engine; the
+backend module only translates vLLM's objects into these calls.
+
+Shapes: ``query`` ``[T, Hq, D]``; ``key``/``value`` ``[T, Hkv, D]``; the layer's cache as vLLM hands it
+over is ``[num_blocks, Hkv, block_size, C]`` in the spec's dtype, where ``C * itemsize`` is the policy's
+``slot_bytes`` (see ``kernels/page_format.py``).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import envs
+from .kernels.page_format import PageLayout
+from .kernels.planes import as_runs
+from .kernels.reference import paged_attention_reference, write_cache_reference
+from .kernels.rotation import rotate, unrotate
+from .policy import KVPolicy, parse_policy
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class Int4KVMetadata:
+    """One batch, shared by every layer of a KV-cache group.
+
+    Query rows of sequence ``s`` are ``query_start_loc[s]:query_start_loc[s+1]``; they are the last
+    tokens of its ``seq_lens[s]`` tokens, whose blocks are ``block_table[s]``. ``max_query_len`` and
+    ``max_seq_len`` are host integers (upper bounds), so launchers never read device memory.
+    """
+
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int64, < 0 = padding
+
+
+# -- the policy: resolved once per process --------------------------------------------------------
+_policy: KVPolicy | None = None
+_policy_source = ""
+_policy_lock = threading.Lock()
+
+
+def resolve_auto_policy(vllm_config) -> tuple[KVPolicy, str]:
+    """``VLLM_INT4KV_POLICY=auto``: the policy ``vllm_int4kv.auto`` chooses for this model, and why.
+
+    The call, made once per process in the worker after the weights are loaded and before the KV cache
+    is sized: ``resolve_auto(model, revision=..., dtype=..., trust_remote_code=...)`` with the fields of
+    vLLM's ``model_config``. It returns a decision with ``.policy`` (and ``.summary``), a ``KVPolicy``, or
+    a policy string.
+    """
+    try:
+        from .auto import resolve_auto
+    except ImportError as err:
+        missing_module = isinstance(err, ModuleNotFoundError) and err.name == f"{__package__}.auto"
+        if not (missing_module or "resolve_auto" in str(err)):
+            raise
+        raise RuntimeError(
+            "VLLM_INT4KV_POLICY is 'auto' (the default), but this install of vllm-int4kv has no "
+            "automatic policy (vllm_int4kv.auto.resolve_auto). Set VLLM_INT4KV_POLICY to a fixed policy, "
+            "e.g. VLLM_INT4KV_POLICY=k4v4 (or k8v4, k16v4, k8v8, k16v16).") from err
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is None:
+        raise RuntimeError("VLLM_INT4KV_POLICY=auto needs the model's config, which is not available "
+                           "here; set VLLM_INT4KV_POLICY to a fixed policy such as k4v4")
+    decision = resolve_auto(model_config.model, revision=model_config.revision, dtype=model_config.dtype,
+                            trust_remote_code=model_config.trust_remote_code)
+    policy = getattr(decision, "policy", decision)
+    policy = parse_policy(policy) if isinstance(policy, str) else policy
+    return policy, getattr(decision, "summary", f"auto chose {policy.name}")
+
+
+def resolve_policy(vllm_config=None) -> KVPolicy:
+    """The process's policy: ``VLLM_INT4KV_POLICY`` (a policy string, or ``auto``), decided once."""
+    global _policy, _policy_source
+    with _policy_lock:
+        if _policy is None:
+            name = envs.policy_name()
+            if name == "auto":
+                _policy, _policy_source = resolve_auto_policy(vllm_config)
+            else:
+                _policy, _policy_source = parse_policy(name), f"VLLM_INT4KV_POLICY={name}"
+        return _policy
+
+
+def policy_source() -> str:
+    """Where the process's policy came from (the env variable, or the auto decision's summary)."""
+    return _policy_source
+
+
+def current_policy() -> KVPolicy | None:
+    return _policy
+
+
+def reset_policy() -> None:
+    """Forget the resolved policy (tests that switch ``VLLM_INT4KV_POLICY`` in one process)."""
+    global _policy
+    with _policy_lock:
+        _policy = None
+
+
+def default_impl() -> str:
+    """``VLLM_INT4KV_IMPL``; Triton kernels on CUDA, the torch implementation elsewhere."""
+    return envs.impl_name("triton" if torch.cuda.is_available() else "torch")
+
+
+def describe(policy: KVPolicy, layout: PageLayout, num_kv_heads: int, model_dtype: torch.dtype) -> str:
+    """The start-up line: policy, bytes per token per layer, capacity gain against a BF16 cache."""
+    elem = torch.empty((), dtype=model_dtype).element_size()
+    return (f"vllm-int4kv: KV policy {policy.name}, {layout.slot_bytes * num_kv_heads} bytes/token/layer "
+            f"({num_kv_heads} KV heads x {layout.slot_bytes} B, head_dim {layout.head_dim}), "
+            f"{layout.compression_vs(2):.2f}x the tokens of a BF16 cache"
+            + ("" if elem == 2 else f", {layout.compression_vs(elem):.2f}x the tokens of a "
+               f"{str(model_dtype).removeprefix('torch.')} cache")
+            + f" (from {_policy_source})" * bool(_policy_source))
+
+
+# -- the per-layer steps ---------------------------------------------------------------------------
+def policy_layout(policy: KVPolicy, head_dim: int, kv_cache: torch.Tensor,
+                  model_dtype: torch.dtype) -> PageLayout:
+    """The page layout of a layer's cache view ``[num_blocks, H, block_size, C]``, checked against it."""
+    if model_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"vllm-int4kv supports fp16, bf16 and fp32 models, not {model_dtype}")
+    elem_bytes = torch.empty((), dtype=model_dtype).element_size()
+    layout = policy.layout(head_dim, kv_cache.shape[2], elem_bytes)
+    row_bytes = kv_cache.shape[3] * kv_cache.element_size()
+    if row_bytes != layout.slot_bytes:
+        raise RuntimeError(f"the KV cache holds {row_bytes} bytes per token and head, but policy "
+                           f"{policy.name} needs {layout.slot_bytes}: were the pages allocated by another "
+                           "backend or policy? (every process must see the same VLLM_INT4KV_POLICY)")
+    return layout
+
+
+def cache_runs(kv_cache: torch.Tensor, layout: PageLayout) -> torch.Tensor:
+    """A layer's cache as the kernels take it: uint8 ``[num_blocks, H, block_size * slot_bytes]``."""
+    return as_runs(kv_cache.view(torch.uint8), layout)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, runs: torch.Tensor, slot_mapping: torch.Tensor,
+             layout: PageLayout, *, impl: str, rotated: bool) -> None:
+    """Quantize ``key``/``value`` ``[T, Hkv, D]`` into their slots (``slot_mapping[T]``, < 0 skipped)."""
+    num_tokens = slot_mapping.shape[0]
+    key, value = key[:num_tokens], value[:num_tokens]
+    if rotated:  # the cache stores K·H and V·H
+        key, value = rotate(key), rotate(value)
+    if impl == "triton":
+        from .kernels.cache_write import write_kv_cache
+
+        write_kv_cache(key, value, runs, slot_mapping, layout)
+    else:
+        write_cache_reference(runs, key, value, slot_mapping, layout)
+
+
+def _triton_attention():
+    """The fused Triton attention kernel, or None while this build has none."""
+    try:
+        from .kernels.attention import paged_attention
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == f"{__package__}.kernels.attention":
+            return None
+        raise
+    return paged_attention
+
+
+def attend(query: torch.Tensor, runs: torch.Tensor, layout: PageLayout, meta: Int4KVMetadata,
+           out: torch.Tensor, *, impl: str, rotated: bool, sm_scale: float,
+           sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+    """Causal paged attention of ``query[:num_actual_tokens]`` into ``out`` ``[T, Hq, D]``."""
+    n = meta.num_actual_tokens
+    q = query[:n]
+    if rotated:  # (qH)·(kH) = q·k
+        q = rotate(q)
+    kernel = _triton_attention() if impl == "triton" else None
+    if kernel is not None:
+        result = kernel(q, runs, layout, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                        max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, sm_scale=sm_scale,
+                        sliding_window=sliding_window, softcap=softcap,
+                        out=None if rotated else out[:n])
+    else:
+        result = paged_attention_reference(q, runs, layout, meta.block_table, meta.seq_lens,
+                                           meta.query_start_loc, sm_scale, sliding_window, softcap,
+                                           kv_dtype=query.dtype)
+    if rotated:  # sum p·(vH) = (sum p·v)·H, and H is its own inverse
+        result = unrotate(result.float())
+    if result.data_ptr() != out.data_ptr():
+        out[:n].copy_(result[:n])
+    return out

@@ -1,0 +1,251 @@
+"""The vLLM attention backend (``--attention-backend CUSTOM``) over INT4/INT8 paged KV pages.
+
+The only module of the project that imports vLLM. It tells vLLM how large a page is (``customize_spec``
+returns the spec with ``state_content_bytes`` = the policy's bytes per token and KV head, so vLLM's own
+block manager allocates INT4-sized pages and reports correspondingly more blocks), builds the batch
+metadata, and forwards each layer's cache write and attention to ``attention_ops``.
+
+Which ``--kv-cache-dtype`` selects our pages: ``auto`` (the pages follow ``VLLM_INT4KV_POLICY``, any
+policy including the unquantized ``k16v16``) and ``int4_per_token_head`` (the same, but the policy must
+quantize something). Every other value stops start-up: this backend has one page format.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+import torch
+
+from vllm.config import get_current_vllm_config_or_none
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from . import attention_ops as ops
+from .kernels.page_format import HEAD_DIMS
+from .policy import KVPolicy
+
+# A child of vLLM's logger, so our lines appear (and are filtered) with vLLM's own.
+logger = logging.getLogger("vllm.int4kv")
+
+KV_CACHE_DTYPES = ("auto", "int4_per_token_head")
+BACKEND_NAME = "CUSTOM"
+_HINT = "or drop --attention-backend CUSTOM to use vLLM's default attention"
+
+# The VllmConfig seen while the model was built. customize_spec runs later, outside any
+# set_current_vllm_config() context, and the auto policy needs the model config.
+_vllm_config = None
+_announced: set = set()
+
+
+def _remember_config() -> None:
+    global _vllm_config
+    _vllm_config = get_current_vllm_config_or_none() or _vllm_config
+
+
+def _model_dtype(spec_dtype: torch.dtype) -> torch.dtype:
+    """The model's activation dtype (``int4_per_token_head`` specs carry uint8 instead)."""
+    if spec_dtype.is_floating_point:
+        return spec_dtype
+    config = get_current_vllm_config_or_none() or _vllm_config
+    if config is None or config.model_config is None:
+        raise RuntimeError("vllm-int4kv: cannot tell the model dtype of a uint8 KV cache spec")
+    return config.model_config.dtype
+
+
+def _policy() -> KVPolicy:
+    return ops.resolve_policy(get_current_vllm_config_or_none() or _vllm_config)
+
+
+class Int4KVBackend(AttentionBackend):
+    forward_includes_kv_cache_update = False  # vLLM calls do_kv_cache_update first
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(ops.SUPPORTED_DTYPES)
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPES)
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[Int4KVImpl]:
+        return Int4KVImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[Int4KVMetadataBuilder]:
+        return Int4KVMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supports_block_size(cls, block_size: int | None) -> bool:
+        # The page format splits a block into planes of block_size rows: a power of two keeps
+        # every plane aligned.
+        return block_size is None or (block_size >= 16 and block_size & (block_size - 1) == 0)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(HEAD_DIMS)
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Each (block, head) must own one contiguous run: our planes live inside it.
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """The spec with our page size: ``state_content_bytes`` = bytes per token and KV head."""
+        if spec.state_content_bytes is not None:
+            return spec
+        if spec.head_size_v != spec.head_size:
+            raise ValueError(f"vllm-int4kv needs equal K and V head sizes, got {spec.head_size} and "
+                             f"{spec.head_size_v}; {_HINT}")
+        policy = _policy()
+        if spec.kv_quant_mode.name == "INT4_PER_TOKEN_HEAD" and not policy.quantized:
+            raise ValueError(f"--kv-cache-dtype int4_per_token_head asks for a quantized cache, but "
+                             f"VLLM_INT4KV_POLICY gives {policy.name}: set a quantized policy (e.g. k4v4) "
+                             "or use --kv-cache-dtype auto")
+        model_dtype = _model_dtype(spec.dtype)
+        elem_bytes = torch.empty((), dtype=model_dtype).element_size()
+        layout = policy.layout(spec.head_size, 16, elem_bytes)  # slot size does not depend on blocks
+        key = (policy, spec.head_size, spec.num_kv_heads, model_dtype)
+        if key not in _announced:  # once per process (per distinct layer shape)
+            _announced.add(key)
+            logger.info(ops.describe(policy, layout, spec.num_kv_heads, model_dtype))
+        return dataclasses.replace(spec, state_content_bytes=layout.slot_bytes)
+
+    @classmethod
+    def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink,
+                               use_sparse, use_mm_prefix, use_per_head_quant_scales, device_capability,
+                               attn_type, **flags) -> list[str]:
+        """Reasons this configuration cannot run, each saying what to change (empty: it can)."""
+        reasons = []
+        if use_mla:
+            reasons.append(f"vllm-int4kv does not support MLA models (latent KV caches); {_HINT}")
+        if attn_type != AttentionType.DECODER:
+            reasons.append(f"vllm-int4kv supports decoder self-attention only, not {attn_type} "
+                           f"attention (encoder or cross-attention models); {_HINT}")
+        if head_size not in HEAD_DIMS:
+            reasons.append(f"vllm-int4kv supports head sizes {', '.join(map(str, HEAD_DIMS))}; this "
+                           f"model has {head_size}; {_HINT}")
+        if dtype not in ops.SUPPORTED_DTYPES:
+            reasons.append(f"vllm-int4kv supports --dtype float16, bfloat16 or float32, not {dtype}")
+        if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
+            reasons.append(f"--kv-cache-dtype {kv_cache_dtype} is not supported by vllm-int4kv: use "
+                           "--kv-cache-dtype auto (pages follow VLLM_INT4KV_POLICY) or "
+                           "int4_per_token_head")
+        if not cls.supports_block_size(block_size):
+            reasons.append(f"--block-size {block_size}: vllm-int4kv needs a power of two >= 16")
+        if has_sink:
+            reasons.append(f"vllm-int4kv does not support attention sinks; {_HINT}")
+        if use_sparse:
+            reasons.append(f"vllm-int4kv does not support sparse attention; {_HINT}")
+        if use_mm_prefix or use_per_head_quant_scales:
+            reasons.append("vllm-int4kv does not support multimodal prefix attention or checkpoint "
+                           f"per-head KV scales; {_HINT}")
+        unsupported = [name for name in ("use_non_causal", "use_batch_invariant", "use_pcp", "use_dcp",
+                                         "use_rswa", "use_adaptive_verification") if flags.get(name)]
+        if unsupported:
+            reasons.append(f"vllm-int4kv does not support {', '.join(unsupported)}; {_HINT}")
+        return reasons
+
+
+class Int4KVMetadataBuilder(AttentionMetadataBuilder[ops.Int4KVMetadata]):
+    # The torch path reads sequence lengths on the host: no CUDA graphs. See get_cudagraph_support.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        # The Triton path launches from host integers only (max_query_len, max_seq_len as upper
+        # bounds) and reads lengths and block tables on the device. Captured graphs keep the
+        # max_seq_len of capture time (vLLM passes max_model_len), so they are valid for any later
+        # decode batch of the same size; mixed prefill batches stay eager to be safe.
+        if ops.default_impl() == "triton":
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> ops.Int4KVMetadata:
+        m = common_attn_metadata
+        return ops.Int4KVMetadata(
+            num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+            block_table=m.block_table_tensor, slot_mapping=m.slot_mapping)
+
+
+class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None, **unsupported) -> None:
+        if alibi_slopes is not None:
+            raise ValueError(f"vllm-int4kv does not support ALiBi position biases; {_HINT}")
+        if sinks is not None or any(v not in (None, False, -1) for v in unsupported.values()):
+            raise ValueError(f"vllm-int4kv does not support {sorted(unsupported) or 'attention sinks'}; "
+                             f"{_HINT}")
+        if attn_type != AttentionType.DECODER:
+            raise ValueError(f"vllm-int4kv supports decoder self-attention only, not {attn_type}; {_HINT}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is not supported by vllm-int4kv: use "
+                             "auto or int4_per_token_head")
+        _remember_config()
+        config = _vllm_config
+        if config is not None and config.cache_config.kv_cache_dtype_skip_layers:
+            raise ValueError("vllm-int4kv applies one policy to every layer: drop "
+                             "--kv-cache-dtype-skip-layers (choose the policy with VLLM_INT4KV_POLICY)")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap or None  # 0 means "off" in vLLM
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.impl = ops.default_impl()
+        self._policy: KVPolicy | None = None  # fixed at first use, like the pages it describes
+        self._layout = None
+
+    def _layout_for(self, kv_cache: torch.Tensor, model_dtype: torch.dtype):
+        if self._policy is None:
+            self._policy = _policy()
+        if self._layout is None or self._layout.block_size != kv_cache.shape[2]:
+            self._layout = ops.policy_layout(self._policy, self.head_size, kv_cache, model_dtype)
+        return self._layout
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        layout = self._layout_for(kv_cache, key.dtype)
+        ops.write_kv(key, value, ops.cache_runs(kv_cache, layout), slot_mapping, layout,
+                     impl=self.impl, rotated=self._policy.rotate)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: ops.Int4KVMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``query`` ``[T, Hq, D]`` -> ``output`` ``[T, Hq, D]``; K/V are already in the cache."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vllm-int4kv does not fuse output quantization")
+        if attn_metadata is None:  # profiling run: no cache yet
+            return output.fill_(0)
+        layout = self._layout_for(kv_cache, query.dtype)
+        return ops.attend(query, ops.cache_runs(kv_cache, layout), layout, attn_metadata, output,
+                          impl=self.impl, rotated=self._policy.rotate, sm_scale=self.scale,
+                          sliding_window=self.sliding_window, softcap=self.logits_soft_cap)

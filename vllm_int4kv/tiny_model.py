@@ -1,0 +1,111 @@
+"""A tiny random Llama with a locally trained BPE tokenizer, for tests and demos (no download).
+
+``build_tiny_llama(path, seed=0, **overrides)`` writes a Hugging Face model folder (config, fp32
+safetensors, tokenizer with a chat template) that vLLM and transformers load like any checkpoint.
+The defaults match the shape the project tests against: hidden 128, 2 layers, 4 query heads, 2 KV
+heads, head_dim 64. Everything is a deterministic function of ``seed`` and ``overrides``.
+
+Overrides are ``LlamaConfig`` fields (``num_hidden_layers``, ``num_key_value_heads``,
+``attention_bias``, ``layer_types`` + ``sliding_window``, ...). ``head_dim`` defaults to 64; if a caller
+overrides ``hidden_size`` or ``num_attention_heads`` without ``head_dim``, it becomes
+``hidden_size // num_attention_heads`` (the usual Llama convention).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+DEFAULTS = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    # Wider than Llama's 0.02 so attention is not uniform (a quantized cache then has something to
+    # get wrong).
+    initializer_range=0.08,
+    tie_word_embeddings=False,
+)
+VOCAB_SIZE = 1024
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS_GLOBS = ("/usr/share/common-licenses/*",)
+
+
+def _corpus() -> list[str]:
+    """Text already on the machine (the license texts); a small built-in text if there is none."""
+    texts = []
+    for pattern in CORPUS_GLOBS:
+        for name in sorted(glob.glob(pattern)):
+            if os.path.isfile(name):
+                with open(name, encoding="utf-8", errors="replace") as f:
+                    texts.append(f.read())
+    if not texts:  # keeps the builder usable in minimal containers
+        texts = [" ".join(f"word{i} and then the number {i * 7} follows" for i in range(3000))]
+    return texts
+
+
+def build_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with BOS prepended and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", chat_template=CHAT_TEMPLATE)
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(DEFAULTS)
+    if "head_dim" not in overrides and ({"hidden_size", "num_attention_heads"} & overrides.keys()):
+        fields["head_dim"] = (overrides.get("hidden_size", fields["hidden_size"])
+                              // overrides.get("num_attention_heads", fields["num_attention_heads"]))
+    fields.update(overrides)
+    return LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                       architectures=["LlamaForCausalLM"], dtype="float32", **fields)
+
+
+def build_tiny_llama(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """Write a tiny random Llama (weights from ``seed``) and its tokenizer to ``path``; return it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = tiny_llama_config(len(tokenizer), **overrides)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32).eval()
+    finally:  # do not disturb the caller's random stream
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    with open(path / "generation_config.json", "w") as f:  # greedy unless the request says otherwise
+        json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}, f)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build_tiny_llama(sys.argv[1] if len(sys.argv) > 1 else "tiny-llama"))
