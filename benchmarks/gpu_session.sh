@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (repo root is the cwd, $OUT the folder that comes back):
+#   bash benchmarks/gpu_session.sh          gpu tests, quick benchmark, then the full grid in the time left
+#   bash benchmarks/gpu_session.sh full     only the full grid (all of the time budget)
+#   bash benchmarks/gpu_session.sh tune     only the split-count sweep
+# The machine has no pip install of this package: a temporary shim directory makes `vllm_int4kv` and
+# `vllm_int4kv.kernels` import from this checkout. Everything fits the device tool's limits: one call
+# under 10 minutes (SESSION_BUDGET_S), at most 8 files in $OUT, flat.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+REPO=$(pwd)
+OUT=${OUT:-$REPO/gpu_out}
+BUDGET=${SESSION_BUDGET_S:-560}
+PHASE=${1:-all}
+PY=${PYTHON:-python}
+QUICK_ARGS="--quick"; FULL_ARGS=""
+if [ "${DRY_RUN:-0}" = 1 ]; then  # rehearse this script on a CPU machine: tiny interpreter runs
+  QUICK_ARGS="--smoke --shapes smollm2-135m --policies k4v4,k16v16"; FULL_ARGS=$QUICK_ARGS
+fi
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+LOG="$OUT/session.log"
+
+# The shim: $WORK/shim/vllm_int4kv/{<the package's files>, kernels -> $REPO/kernels}
+bash "$REPO/benchmarks/make_shim.sh" "$REPO" "$WORK/shim"
+export PYTHONPATH="$WORK/shim:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+left() { echo $((BUDGET - SECONDS)); }
+{
+  echo "== session $(date -u) phase=$PHASE budget=${BUDGET}s"
+  nvidia-smi || true
+  "$PY" -c "import torch, triton, vllm_int4kv.kernels as k; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print('kernels from', k.__file__)"
+} >>"$LOG" 2>&1
+
+bench() {  # bench NAME SECONDS ARGS...
+  local name=$1 secs=$2; shift 2
+  echo "== benchmark $name (budget ${secs}s): $*" >>"$LOG"
+  timeout $((secs + 60)) "$PY" benchmarks/run.py --out "$WORK/$name" --budget-s "$secs" "$@" >>"$LOG" 2>&1
+  echo "== benchmark $name exit $?" >>"$LOG"
+  if [ -f "$WORK/$name/results.json" ] && [ ! -f "$WORK/$name/summary.md" ]; then  # killed: render anyway
+    "$PY" benchmarks/summary.py "$WORK/$name/results.json" >"$WORK/$name/summary.md" 2>>"$LOG"
+  fi
+  cp "$WORK/$name/results.json" "$OUT/$name.json" 2>/dev/null
+  cp "$WORK/$name/summary.md" "$OUT/${name}_summary.md" 2>/dev/null
+}
+
+case "$PHASE" in
+  all)
+    echo "== pytest -m gpu" >>"$LOG"
+    PYTEST_EXTRA=""; [ "${DRY_RUN:-0}" = 1 ] && PYTEST_EXTRA="--collect-only"
+    # collection errors in one module (a package missing here) must not hide the other modules' results
+    timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors $PYTEST_EXTRA \
+      >>"$LOG" 2>&1
+    echo "== pytest exit $?" >>"$LOG"
+    bench quick 150 $QUICK_ARGS
+    if [ "$(left)" -gt 150 ]; then bench full $(( $(left) - 75 )) $FULL_ARGS; fi
+    ;;
+  full) bench full $((BUDGET - 90)) $FULL_ARGS ;;
+  tune) bench tune $((BUDGET - 90)) --tune $FULL_ARGS ;;
+  *) echo "unknown phase $PHASE" >>"$LOG"; exit 2 ;;
+esac
+
+# plots of the most complete run (3 PNGs): with session.log and 2 x (json, summary) that is 8 files
+for name in full tune quick; do
+  if ls "$WORK/$name"/*.png >/dev/null 2>&1; then cp "$WORK/$name"/*.png "$OUT/"; break; fi
+done
+echo "== done after ${SECONDS}s; files: $(ls "$OUT" | tr '\n' ' ')" >>"$LOG"
+# what the caller sees first: test outcome, failures, and the goals table of the most complete run
+grep -E "passed|failed|error|FAILED|CHECK" "$LOG" | tail -n 15
+for name in full tune quick; do
+  if [ -f "$OUT/${name}_summary.md" ]; then sed -n '1,/^## Decode/p' "$OUT/${name}_summary.md"; break; fi
+done
+tail -n 2 "$LOG"
