@@ -12,7 +12,7 @@ REPO=$(pwd)
 OUT=${OUT:-$REPO/gpu_out}
 BUDGET=${SESSION_BUDGET_S:-560}
 PHASE=${1:-all}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 QUICK_ARGS="--quick"; FULL_ARGS=""
 if [ "${DRY_RUN:-0}" = 1 ]; then  # rehearse this script on a CPU machine: tiny interpreter runs
   QUICK_ARGS="--smoke --shapes smollm2-135m --policies k4v4,k16v16"; FULL_ARGS=$QUICK_ARGS

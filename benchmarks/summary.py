@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+VLLM_PREFIX = "speedup_vs_vllm_"
+
 
 def _f(x, fmt="{:.1f}"):
     return "–" if x is None else fmt.format(x)
@@ -41,7 +43,8 @@ def _decode(r):
         rows = []
         for x in (x for x in r["decode"] if x["shape"] == shape):
             s = sdpa.get((shape, x["batch"], x["context"]))
-            vllm = " ".join(f"{k[len('speedup_vs_vllm_'):]} {v:.2f}x" for k, v in x.items() if k.startswith("speedup_vs_vllm_"))
+            vllm = " ".join(f"{k[len(VLLM_PREFIX):]} {v:.2f}x" for k, v in x.items()
+                            if k.startswith(VLLM_PREFIX))
             rows.append([x["policy"], x["batch"], x["context"], x["num_splits"], _f(x["median_us"]),
                          _f(x.get("gbs"), "{:.0f}"), _f(x.get("pct_copy"), "{:.0f}%"),
                          _f(x.get("speedup_vs_k16v16"), "{:.2f}x"), _f(x.get("speedup_vs_sdpa"), "{:.2f}x"),
@@ -82,8 +85,15 @@ def _tune(r):
 def _estimates(r):
     if not r["model_estimates"]:
         return ""
+    def ends_and_middle(values):
+        v = sorted(set(values))
+        return {v[0], v[len(v) // 2], v[-1]}
+    batches = ends_and_middle(e["batch"] for e in r["model_estimates"])
+    contexts = ends_and_middle(e["context"] for e in r["model_estimates"])
     rows = []
     for e in r["model_estimates"]:
+        if e["batch"] not in batches or e["context"] not in contexts:
+            continue  # the JSON has every point; the table shows the corners and the middle
         cells = [e["shape"], e["batch"], e["context"]]
         for p in ("k4v4", "k16v16"):
             est = e.get(p)

@@ -70,7 +70,6 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> dict:
     src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = bench([lambda: dst.copy_(src)], device)
-    del src, dst
     return {"bytes": 2 * nbytes, "median_us": t["median_us"], "gbs": 2 * nbytes / t["median_us"] / 1e3}
 
 
