@@ -1,0 +1,135 @@
+"""The quality checks: metric arithmetic against full-distribution references, and the ``quality``
+command end to end on the tiny local model through vLLM with our backend (k16v16 vs itself, k4v4)."""
+import glob
+import json
+import math
+
+import numpy as np
+import pytest
+
+from vllm_int4kv import quality_metrics as qm
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+def _topk_from_logits(logits: np.ndarray, k: int, target: np.ndarray) -> qm.TopK:
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+    n = len(logits)
+    return qm.TopK(target=logp[np.arange(n), target].astype(np.float32), ids=order,
+                   logprobs=np.take_along_axis(logp, order, axis=1).astype(np.float32),
+                   position=np.arange(n, dtype=np.int32), sequence=np.zeros(n, dtype=np.int32))
+
+
+def _full_kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    la = a - np.log(np.exp(a).sum(axis=1, keepdims=True))
+    lb = b - np.log(np.exp(b).sum(axis=1, keepdims=True))
+    return (np.exp(la) * (la - lb)).sum(axis=1)
+
+
+def test_bucket_kl_is_zero_for_identical_runs_and_bounds_the_full_kl():
+    rng = np.random.default_rng(0)
+    ref_logits = rng.normal(0, 3, (64, 500))
+    run_logits = ref_logits + rng.normal(0, 0.3, ref_logits.shape)
+    target = rng.integers(0, 500, 64)
+    ref, run = _topk_from_logits(ref_logits, 40, target), _topk_from_logits(run_logits, 40, target)
+    same, missing = qm.bucket_kl(ref, ref, 20)
+    assert missing == 0 and np.abs(same).max() < 1e-6
+    kl, missing = qm.bucket_kl(ref, run, 20)
+    full = _full_kl(ref_logits, run_logits)
+    assert missing == 0  # small perturbations keep the reference's top-20 inside the run's top-40
+    assert (kl <= full + 1e-5).all()  # data-processing inequality: a partition loses divergence
+    assert kl.mean() > 0.3 * full.mean()  # ... but on peaked rows the top-20 + tail keeps most of it
+
+
+def test_bucket_kl_bounds_tokens_missing_from_the_run():
+    ref = qm.TopK(target=np.zeros(1, np.float32), ids=np.array([[5, 6]]),
+                  logprobs=np.log(np.array([[0.6, 0.3]], np.float32)),
+                  position=np.zeros(1, np.int32), sequence=np.zeros(1, np.int32))
+    run = qm.TopK(target=np.zeros(1, np.float32), ids=np.array([[5, 7]]),
+                  logprobs=np.log(np.array([[0.5, 0.4]], np.float32)),
+                  position=np.zeros(1, np.int32), sequence=np.zeros(1, np.int32))
+    kl, missing = qm.bucket_kl(ref, run, 2)
+    # token 6 is missing from the run: q = min(0.4, 1 - 0.9) = 0.1; tail: p 0.1, q 1 - 0.6 = 0.4
+    expected = 0.6 * math.log(0.6 / 0.5) + 0.3 * math.log(0.3 / 0.1) + 0.1 * math.log(0.1 / 0.4)
+    assert missing == 1 and kl[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_generation_and_choice_agreement():
+    stats = qm.generation_agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 4], [5, 6]])
+    assert stats["token_match_rate"] == pytest.approx(5 / 6)
+    assert stats["identical"] == 1 and stats["mean_prefix_fraction"] == pytest.approx((0.5 + 1) / 2)
+    assert qm.choice_agreement({0: 1, 1: 2, 2: 0}, {0: 1, 1: 0, 2: 0}) == pytest.approx(2 / 3)
+    assert qm.perplexity(np.log(np.full(10, 0.25))) == pytest.approx(4.0)
+
+
+# -- the command, end to end ------------------------------------------------------------------------
+
+TASK_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{data}"
+test_split: test
+output_type: multiple_choice
+doc_to_text: prompt
+doc_to_choice: choices
+doc_to_target: gold
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _write_inputs(tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    docs = [{"prompt": f"Question {i}: which word comes next in the license?",
+             "choices": ["GNU", "free", "software", "public"], "gold": i % 4} for i in range(6)]
+    (tasks / "tiny_mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tasks / "tiny_mc.jsonl"))
+    texts = [open(name, errors="replace").read() for name in sorted(glob.glob("/usr/share/common-licenses/*"))]
+    text = "\n".join(texts) or " ".join(f"clause {i} of the license says {i * 7}" for i in range(6000))
+    (tmp_path / "corpus.txt").write_text(text)
+    return tasks, tmp_path / "corpus.txt"
+
+
+def test_quality_command_end_to_end(tmp_path):
+    from vllm_int4kv.cli import main
+    from vllm_int4kv.tiny_model import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "tiny")
+    tasks, corpus = _write_inputs(tmp_path)
+    out = tmp_path / "report"
+    code = main(["quality", str(model), "--policies", "k16v16,k4v4", "--tasks", "tiny_mc",
+                 "--include-path", str(tasks), "--corpus", str(corpus), "--ppl-chunks", "2",
+                 "--chunk-tokens", "128", "--long-prompts", "1", "--long-tokens", "600",
+                 "--gen-lengths", "16,300", "--gen-tokens", "8", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["policies"]) == ["k16v16", "k4v4"]
+    assert {"cpu", "torch", "vllm", "lm_eval", "vllm_int4kv", "date"} <= report["machine"].keys()
+    assert report["settings"]["ppl_tokens"] == 2 * 128  # BOS prepended: every chunk token scored
+    for name, entry in report["policies"].items():
+        assert entry["ok"] and entry["resolved"]["name"] == name
+        assert math.isfinite(entry["perplexity"]) and entry["perplexity"] > 1
+        assert 0 <= entry["lm_eval"]["tiny_mc"]["acc,none"] <= 1
+        assert [b["positions"][0] for b in entry["vs_reference"]["by_position"]] == [0, 128, 512]
+
+    ref = report["policies"]["k16v16"]  # the reference against a fresh engine of itself: exact
+    assert ref["vs_reference"]["top1_agreement"] == 1.0 and ref["vs_reference"]["mean_kl"] == 0.0
+    assert ref["vs_reference"]["ppl_ratio"] == 1.0
+    assert ref["generation"]["token_match_rate"] == 1.0 and ref["choice_agreement"]["tiny_mc"] == 1.0
+
+    k4v4 = report["policies"]["k4v4"]
+    assert k4v4["bytes_per_token"] == 72 and ref["bytes_per_token"] == 256  # head_dim 64
+    assert 0 < k4v4["vs_reference"]["mean_kl"] < 5 and 0 <= k4v4["vs_reference"]["top1_agreement"] < 1
+
+    md = (out / "report.md").read_text()
+    assert "| k16v16 | k16v16 | 256 |" in md and "| k4v4 | k4v4 | 72 |" in md
+    assert "## What the numbers mean" in md and "+0.77 %" in md
+    assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,244 @@
+"""Quality of KV policies through vLLM: lm-eval tasks, perplexity, agreement and KL vs k16v16.
+
+``vllm-int4kv quality MODEL --policies k16v16,k8v4,k4v4,auto --tasks T1,T2 --include-path DIR --out DIR``
+
+Each policy runs in its own process (``quality_worker``: the policy is resolved once per process) on
+the same prompts, prepared here once; this process then compares every run with the ``k16v16``
+reference and writes ``report.md``, ``report.json`` and ``quality.png`` into ``--out``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REFERENCE = "k16v16"
+PLOT_NAME = "quality.png"
+HEARTBEAT_S = 60  # echo the worker's latest log line when it printed no progress line for this long
+
+
+def add_parser(parser) -> None:
+    parser.add_argument("model", help="Hugging Face model folder (or a name in the local HF cache)")
+    parser.add_argument("--policies", default="k16v16,k8v4,k4v4,auto",
+                        help="comma-separated VLLM_INT4KV_POLICY values; k16v16 (the reference) is added "
+                             "first if missing")
+    parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (empty: none)")
+    parser.add_argument("--include-path", help="folder of lm-eval task YAMLs (lm-eval --include_path)")
+    parser.add_argument("--limit", type=float, help="lm-eval limit: documents per task (< 1: a fraction)")
+    parser.add_argument("--corpus", required=True, help="plain-text file for perplexity and agreement")
+    parser.add_argument("--chunk-tokens", type=int, default=512, help="perplexity chunk length")
+    parser.add_argument("--ppl-chunks", type=int, default=8, help="number of perplexity chunks")
+    parser.add_argument("--long-prompts", type=int, default=1, help="long prompts for agreement/KL")
+    parser.add_argument("--long-tokens", type=int, default=2048, help="length of each long prompt")
+    parser.add_argument("--gen-lengths", default="64,512,1536",
+                        help="prompt lengths (tokens) for the greedy-continuation comparison")
+    parser.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per continuation")
+    parser.add_argument("--top-k", type=int, default=40, help="prompt_logprobs requested per position")
+    parser.add_argument("--kl-top-k", type=int, default=20, help="reference tokens kept apart in the KL")
+    parser.add_argument("--bos", choices=("auto", "never"), default="auto",
+                        help="auto: prepend the tokenizer's BOS token to every prompt if it has one")
+    parser.add_argument("--dtype", default="float32", help="model dtype (float32 on CPU: deterministic)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per policy before giving up")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a policy's earlier run in --out if it scored the same prompts with the "
+                             "same engine settings (its lm-eval results are kept as they were)")
+    parser.add_argument("--notes", help="Markdown file appended to the report's discussion")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.set_defaults(run=run)
+
+
+def say(message: str) -> None:
+    print(f"[quality] {message}", flush=True)
+
+
+# -- prompts: tokenized once, shared by every policy ----------------------------------------------
+def build_prompts(args, out: Path) -> dict:
+    """Token-id prompts for the workers; ``first_row`` = 1 (row i predicts token i)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    ids = tokenizer(Path(args.corpus).read_text(encoding="utf-8"), add_special_tokens=False,
+                    verbose=False)["input_ids"]
+    bos = tokenizer.bos_token_id if args.bos == "auto" else None
+    prefix = [] if bos is None else [bos]
+    gen_lengths = [int(x) for x in args.gen_lengths.split(",") if x.strip()]
+    need = args.ppl_chunks * args.chunk_tokens + args.long_prompts * args.long_tokens + sum(gen_lengths)
+    if len(ids) < need:
+        raise SystemExit(f"{args.corpus} has {len(ids)} tokens; these settings need {need}")
+    cursor = 0
+
+    def take(n: int) -> list[int]:
+        nonlocal cursor
+        cursor += n
+        return prefix + ids[cursor - n:cursor]
+
+    # Without a BOS the first token of a prompt has no context and is not scored (rows start at 1).
+    prompts = {"ppl": [take(args.chunk_tokens) for _ in range(args.ppl_chunks)],
+               "long": [take(args.long_tokens) for _ in range(args.long_prompts)],
+               "gen": [take(n) for n in gen_lengths], "first_row": 1, "bos_token_id": bos,
+               "corpus_tokens": len(ids)}
+    (out / "prompts.json").write_text(json.dumps(prompts))
+    return prompts
+
+
+# -- one process per policy -------------------------------------------------------------------------
+def worker_env(policy: str) -> dict:
+    env = dict(os.environ, VLLM_INT4KV_POLICY=policy, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               TOKENIZERS_PARALLELISM="false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return env
+
+
+# Spec fields that decide the scored prompts and the engine: a run that matches them can be reused.
+SAME_RUN_KEYS = ("model", "dtype", "seed", "top_k", "max_model_len", "prompts_sha256", "gen_tokens")
+
+
+def reusable(run_dir: Path, spec: dict) -> dict | None:
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    old = result.get("spec", {})
+    same = result.get("ok") and all(old.get(key) == spec[key] for key in SAME_RUN_KEYS)
+    return result if same and (run_dir / "topk.npz").exists() else None
+
+
+def run_policy(policy: str, spec: dict, out: Path, timeout: float, reuse: bool = False) -> dict:
+    """Run the worker; stream its output to ``worker.log`` and echo its progress lines."""
+    run_dir = out / "runs" / policy
+    run_dir.mkdir(parents=True, exist_ok=True)
+    earlier = reusable(run_dir, spec) if reuse else None
+    if earlier is not None:
+        say(f"{policy}: reusing the earlier run in {run_dir}")
+        return earlier
+    (run_dir / "result.json").unlink(missing_ok=True)
+    spec_path = run_dir / "spec.json"
+    spec_path.write_text(json.dumps({**spec, "policy": policy, "run_dir": str(run_dir)}, indent=1))
+    started = last_echo = time.monotonic()
+    tail: list[str] = []
+    with open(run_dir / "worker.log", "w") as log, subprocess.Popen(
+            [sys.executable, "-m", "vllm_int4kv.quality_worker", str(spec_path)], env=worker_env(policy),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            tail = (tail + [line.rstrip()])[-40:]
+            now = time.monotonic()
+            if line.startswith("[quality"):
+                print(line, end="", flush=True)
+                last_echo = now
+            elif now - last_echo > HEARTBEAT_S and line.strip():  # long stages: show where they are
+                print(f"[quality {policy}] ... {now - started:.0f} s: {line.strip()[:110]}", flush=True)
+                last_echo = now
+            if time.monotonic() - started > timeout:
+                proc.kill()
+                tail.append(f"killed after {timeout:.0f} s (--timeout)")
+                break
+        code = proc.wait()
+    if code == 0 and (run_dir / "result.json").exists():
+        return json.loads((run_dir / "result.json").read_text())
+    errors = [t for t in tail if "Error" in t or "error" in t or "killed" in t]
+    error = (errors[-1] if errors else (tail[-1] if tail else f"exit code {code}")).strip()
+    say(f"{policy} FAILED (exit {code}): {error}; log: {run_dir / 'worker.log'}")
+    return {"policy": policy, "ok": False, "error": error, "exit_code": code, "log_tail": tail[-15:]}
+
+
+# -- comparison with the reference ------------------------------------------------------------------
+def _bytes_per_token(resolved: str, model: str) -> int | None:
+    """Bytes per token per KV head of the policy that ran (BF16 basis for 16-bit planes)."""
+    from transformers import AutoConfig
+
+    from .policy import parse_policy
+
+    config = AutoConfig.from_pretrained(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return parse_policy(resolved).slot_bytes(head_dim, 2)
+
+
+def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
+    import numpy as np
+
+    from . import quality_metrics as qm
+    from .quality_report import machine_info
+
+    n_ppl_rows = sum(len(p) - prompts["first_row"] for p in prompts["ppl"])
+    ppl_rows = np.arange(n_ppl_rows)
+    ref_ok = runs.get(REFERENCE, {}).get("ok")
+    ref = qm.TopK.load(out / "runs" / REFERENCE / "topk.npz") if ref_ok else None
+    policies = {}
+    for name, run in runs.items():
+        entry = {key: run[key] for key in ("ok", "error", "resolved", "seconds", "exit_code", "log_tail")
+                 if key in run}
+        if run.get("ok"):
+            topk = qm.TopK.load(out / "runs" / name / "topk.npz")
+            entry["perplexity"] = qm.perplexity(topk.target[ppl_rows])
+            entry["bytes_per_token"] = _bytes_per_token(run["resolved"]["name"], args.model)
+            lm_eval = run.get("lm_eval", {})
+            entry["lm_eval"] = {task: r["metrics"] for task, r in lm_eval.items()}
+            entry["lm_eval_samples"] = {task: r["n_samples"] for task, r in lm_eval.items()}
+            if ref is not None:
+                entry["vs_reference"] = qm.compare_logprobs(ref, topk, args.kl_top_k, ppl_rows)
+                entry["generation"] = qm.generation_agreement(runs[REFERENCE]["generations"],
+                                                              run["generations"])
+                ref_choices = runs[REFERENCE].get("lm_eval", {})
+                entry["choice_agreement"] = {
+                    task: qm.choice_agreement({int(d): c for d, c in ref_choices[task]["choices"].items()},
+                                              {int(d): c for d, c in r["choices"].items()})
+                    for task, r in lm_eval.items() if task in ref_choices}
+        policies[name] = entry
+    tasks = list(dict.fromkeys(t for r in runs.values() for t in r.get("lm_eval", {})))
+    limits = sorted({r["spec"]["limit"] for r in runs.values() if r.get("lm_eval")}, key=str)
+    settings = {
+        "tasks": tasks, "limit": limits[0] if len(limits) == 1 else limits, "dtype": args.dtype,
+        "corpus_name": Path(args.corpus).name, "chunk_tokens": args.chunk_tokens,
+        "ppl_chunks": args.ppl_chunks, "ppl_tokens": n_ppl_rows, "long_prompts": args.long_prompts,
+        "long_tokens": args.long_tokens, "kl_rows": int(n_ppl_rows + sum(len(p) - 1 for p in prompts["long"])),
+        "gen_prompts": len(prompts["gen"]), "gen_lengths": [len(p) for p in prompts["gen"]],
+        "gen_tokens": args.gen_tokens, "top_k": args.top_k, "kl_top_k": args.kl_top_k,
+        "bos_token_id": prompts["bos_token_id"], "seed": args.seed,
+    }
+    return {"model": str(args.model), "model_name": Path(args.model).name, "reference": REFERENCE,
+            "machine": machine_info(), "settings": settings, "policies": policies, "plot": PLOT_NAME}
+
+
+def worker_spec(args, out: Path, prompts: dict) -> dict:
+    longest = max(len(p) for p in prompts["ppl"] + prompts["long"] + prompts["gen"]) + args.gen_tokens
+    digest = hashlib.sha256((out / "prompts.json").read_bytes()).hexdigest()
+    return {"model": str(args.model), "dtype": args.dtype, "seed": args.seed, "top_k": args.top_k,
+            "prompts_sha256": digest,
+            "max_model_len": max(2048, -(-longest // 256) * 256), "prompts": str(out / "prompts.json"),
+            "gen_tokens": args.gen_tokens, "tasks": [t for t in args.tasks.split(",") if t],
+            "include_path": args.include_path, "bootstrap_iters": 1000,
+            "limit": (int(args.limit) if args.limit and args.limit >= 1 else args.limit)}
+
+
+def run(args) -> int:
+    from . import quality_report
+
+    if args.kl_top_k > args.top_k:
+        raise SystemExit("--kl-top-k must not exceed --top-k")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    policies = [p.strip().lower() for p in args.policies.split(",") if p.strip()]
+    policies = [REFERENCE] + [p for p in policies if p != REFERENCE]
+    prompts = build_prompts(args, out)
+    spec = worker_spec(args, out, prompts)
+    say(f"{args.model}: {len(policies)} policies ({', '.join(policies)}), one engine process each; "
+        f"logs in {out / 'runs'}")
+    runs = {}
+    for i, policy in enumerate(policies, 1):
+        t0 = time.monotonic()
+        say(f"policy {i}/{len(policies)}: {policy}")
+        runs[policy] = run_policy(policy, spec, out, args.timeout, args.reuse)
+        say(f"policy {policy}: {'ok' if runs[policy].get('ok') else 'failed'} in {time.monotonic() - t0:.0f} s")
+    report = assemble(args, prompts, runs, out)
+    notes = Path(args.notes).read_text() if args.notes else None
+    quality_report.write(report, out, notes)
+    say(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / PLOT_NAME}")
+    print(quality_report.table(report), flush=True)
+    return 0 if all(r.get("ok") for r in runs.values()) else 1

