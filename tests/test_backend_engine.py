@@ -1,7 +1,7 @@
 """The backend inside vLLM's real engine (CPU build, fp32, in-process), against vLLM's own CPU attention.
 
 One workload per engine, run once per module and shared by the tests: 32 concurrent requests with
-prompts of 2-7 blocks (block_size 32), prefilled in chunks (max_num_batched_tokens 96 < the longest
+prompts of 2-5 blocks (block_size 32), prefilled in chunks (max_num_batched_tokens 64 < most
 prompts), each with prompt logprobs and 8 greedy tokens; then a request that re-uses a finished prompt as
 its prefix (a prefix-cache hit).
 """
@@ -15,16 +15,16 @@ import torch
 from conftest import num_kv_blocks, vllm_engine
 
 BLOCK_SIZE = 32
-CHUNK = 96  # max_num_batched_tokens: every prompt longer than this is prefilled in several chunks
+CHUNK = 64  # max_num_batched_tokens: every prompt longer than this is prefilled in several chunks
 NUM_REQUESTS = 32
 MAX_TOKENS = 8
 ENGINE = dict(block_size=BLOCK_SIZE, max_num_batched_tokens=CHUNK, max_num_seqs=64, enable_prefix_caching=True)
 
 
 def _prompts() -> list[list[int]]:
-    """Token-id prompts of 40..226 tokens (2-7 blocks), random but fixed."""
+    """Token-id prompts of 40..164 tokens (2-5 blocks), random but fixed."""
     gen = torch.Generator().manual_seed(1234)
-    return [torch.randint(6, 1024, (40 + 6 * i,), generator=gen).tolist() for i in range(NUM_REQUESTS)]
+    return [torch.randint(6, 1024, (40 + 4 * i,), generator=gen).tolist() for i in range(NUM_REQUESTS)]
 
 
 def _workload(llm) -> dict:
@@ -79,13 +79,13 @@ def test_k16v16_matches_vllm_cpu_attention(runs):
     ours, theirs = runs["k16v16"], runs["cpu_attn"]
     assert ours["tokens"] == theirs["tokens"]
     assert _max_abs_diff(ours["logprobs"], theirs["logprobs"]) < 1e-4
-    # every prompt position, through chunked prefill over 2-7 blocks
+    # every prompt position, through chunked prefill over 2-5 blocks
     assert _max_abs_diff(ours["prompt_logprobs"], theirs["prompt_logprobs"]) < 1e-4
 
 
 def test_prefix_cache_hit_matches(runs):
     ours, theirs = runs["k16v16"], runs["cpu_attn"]
-    assert ours["hit_cached_tokens"] >= 7 * BLOCK_SIZE  # the longest prompt's full blocks were re-used
+    assert ours["hit_cached_tokens"] >= 5 * BLOCK_SIZE  # the longest prompt's full blocks were re-used
     assert ours["hit_cached_tokens"] == theirs["hit_cached_tokens"]
     assert ours["hit_tokens"] == theirs["hit_tokens"]
     assert max(abs(a - b) for a, b in zip(ours["hit_logprobs"], theirs["hit_logprobs"])) < 1e-4
@@ -97,13 +97,13 @@ def test_chunked_prefill_was_exercised(runs):
     assert max(len(p) + 1 for p in runs["k16v16"]["prompt_logprobs"]) > 2 * CHUNK
 
 
-# Quality of quantized pages, teacher-forced over every prompt position (4,224 predictions), against
+# Quality of quantized pages, teacher-forced over every prompt position (3,232 predictions), against
 # K16V16 pages: top-1 agreement and the change of the logprob of the true next token. This random model
 # predicts near-uniformly (mean logprob -7, ln 1024 = 6.9) and its attention outputs dominate the
 # residual stream, so top-1 flips easily; the numbers measure the pages, not a language model.
 # Measured on this CPU (x86, fp32):
-#   k8v4: top-1 0.782, first generated token 0.875, |dlogprob| mean 0.097, max 0.57
-#   k4v4: top-1 0.752, first generated token 0.719, |dlogprob| mean 0.116, max 0.67
+#   k8v4: top-1 0.775, first generated token 0.688, |dlogprob| mean 0.095, max 0.72
+#   k4v4: top-1 0.737, first generated token 0.656, |dlogprob| mean 0.111, max 0.73
 # (K16V16 against vLLM's own attention: |dlogprob| < 1e-4, identical tokens.)
 QUALITY_BOUNDS = {
     "k8v4": dict(min_top1=0.72, max_mean_dlogprob=0.13, max_dlogprob=1.0),

@@ -1,0 +1,52 @@
+"""Engine-level checks of single properties: KV capacity at equal memory, a refused configuration, and
+the Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import num_kv_blocks, vllm_engine
+
+
+def test_k4v4_gives_3_76x_the_blocks_of_k16v16_in_bf16(tiny_model_d128_dir):
+    # head_dim 128, bf16: K16V16 pages are 512 B per token and KV head, K4V4 pages 136 B
+    blocks = {}
+    for policy in ("k16v16", "k4v4"):
+        with vllm_engine(tiny_model_d128_dir, policy=policy, dtype="bfloat16") as llm:
+            blocks[policy] = num_kv_blocks(llm)
+    with vllm_engine(tiny_model_d128_dir, backend=None, policy=None, dtype="bfloat16") as llm:
+        blocks["cpu_attn"] = num_kv_blocks(llm)
+    print(blocks)
+    assert blocks["k16v16"] == blocks["cpu_attn"]
+    assert blocks["k4v4"] / blocks["k16v16"] == pytest.approx(512 / 136, rel=1e-3)
+
+
+def test_unsupported_kv_cache_dtype_stops_startup_with_a_clear_message(tiny_model_dir):
+    with pytest.raises(Exception) as err:
+        with vllm_engine(tiny_model_dir, policy="k4v4", kv_cache_dtype="fp8"):
+            pass
+    chain, e = [], err.value
+    while e is not None:  # the message may be wrapped by the engine's own error
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("--kv-cache-dtype fp8 is not supported by vllm-int4kv" in m for m in chain), chain
+
+
+@pytest.mark.slow
+def test_triton_kernels_serve_the_same_tokens_as_torch(tiny_model_dir):
+    """The whole engine on the Triton write and attention kernels (interpreted here) vs torch."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=list(range(10, 10 + n))) for n in (37, 20)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True)
+    results = {}
+    for impl in ("torch", "triton"):
+        with vllm_engine(tiny_model_dir, policy="k4v4", impl=impl, block_size=16,
+                         max_num_batched_tokens=64) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        results[impl] = [(list(o.outputs[0].token_ids),
+                          [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+                         for o in outs]
+    for (tok_torch, lp_torch), (tok_triton, lp_triton) in zip(results["torch"], results["triton"]):
+        assert tok_triton == tok_torch
+        assert max(abs(a - b) for a, b in zip(lp_torch, lp_triton)) < 1e-4
