@@ -220,6 +220,10 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.impl = ops.default_impl()
+        if self.impl == "torch" and torch.cuda.is_available():
+            # the torch implementation builds its masks and indices on the host: CPU serving only
+            raise ValueError("VLLM_INT4KV_IMPL=torch is the CPU implementation; on a GPU use triton "
+                             "(the default there)")
         self._policy: KVPolicy | None = None  # fixed at first use, like the pages it describes
         self._layout = None
 
