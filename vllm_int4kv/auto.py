@@ -1,0 +1,129 @@
+"""Which K/V precision policy a model gets at engine start-up.
+
+Resolution order: an explicit ``VLLM_INT4KV_POLICY`` (anything but ``auto``) → the cached decision for
+this exact model and these calibration settings → a fresh calibration (then cached). There is no silent
+default: if calibration cannot run, start-up fails with the reason.
+
+Calibration picks the cheapest layout, in bytes per token for the model's head dim, whose mean
+next-token KL against full precision stays within the budget (``VLLM_INT4KV_KL_BUDGET``, default
+0.01 nats ≈ 1 % perplexity). K16V16 has KL 0, so there is always an answer. The INT6/INT8 ratio
+classifier is measured and reported alongside (see ``calibration``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from . import calibration, decision_cache, envs
+from .policy import KVPolicy, parse_policy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AutoDecision:
+    policy: KVPolicy
+    summary: str  # one log line: the decision and why
+    evidence: dict  # JSON-serialisable measurements behind it
+    source: str  # "explicit" | "cache" | "calibration"
+
+
+def settings_from_env() -> calibration.Settings:
+    return calibration.Settings(budget=envs.kl_budget(calibration.DEFAULT_KL_BUDGET))
+
+
+def summarize(model: str, evidence: dict, source: str) -> str:
+    """One line: what was chosen, what it costs, why, and where the decision came from."""
+    head_dim, elem = evidence["head_dim"], evidence["elem_bytes"]
+    chosen = next(c for c in evidence["candidates"] if c["name"] == evidence["decision"])
+    size = chosen["bytes_per_token"]
+    rejected = [c for c in evidence["candidates"] if c["kl"] > evidence["budget"] and c["bytes_per_token"]
+                and c["bytes_per_token"] < size]
+    over = ", ".join("{} {:.3g}".format(c["name"], c["kl"]) for c in rejected)
+    why = f"cheaper layouts over budget: {over}" if rejected else "the cheapest layout"
+    origin = "cached decision" if source == "cache" else f"calibrated in {evidence['seconds']:.1f} s"
+    return (f"int4kv auto policy for {model}: {evidence['decision']} ({size} B/token/KV head, "
+            f"{2 * head_dim * elem / size:.2f}x smaller than {8 * elem}-bit K/V); "
+            f"mean KL {chosen['kl']:.3g} nats <= budget {evidence['budget']:g}; {why}; keys {evidence['keys']} (INT6/INT8 error ratio "
+            f"{evidence['ratio']:.2f}, tau {evidence['tau']:g}; K4V4 KL {evidence['err_k4v4']:.3g}); "
+            f"{evidence['n_prompts']} prompts / {evidence['n_tokens']} tokens on {evidence['device']}; "
+            f"{origin}")
+
+
+def _model_facts(model, revision, dtype, trust_remote_code):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    return calibration.head_dim_of(config), calibration.elem_bytes_of(dtype, config)
+
+
+def calibration_key(model: str, settings: calibration.Settings, prompts: list[str], head_dim: int,
+                    elem_bytes: int, revision: str | None = None) -> str:
+    candidates = [[p.name, p.slot_bytes(head_dim, elem_bytes)]
+                  for p in calibration.candidate_policies(head_dim, elem_bytes)]
+    return decision_cache.make_key(
+        decision_cache.model_identity(model, revision),
+        {**asdict(settings), "prompts_sha256": calibration.prompts_digest(prompts), "candidates": candidates})
+
+
+def record_of(model: str, result: calibration.Calibration) -> dict:
+    return {"model": model, "created": time.time(),
+            "decision": {"policy": result.policy.name, "evidence": result.evidence()}}
+
+
+def decision_from_record(model: str, record: dict, source: str) -> AutoDecision:
+    evidence = record["decision"]["evidence"]
+    return AutoDecision(parse_policy(record["decision"]["policy"]), summarize(model, evidence, source),
+                        evidence, source)
+
+
+def run_calibration(model: str, settings: calibration.Settings, prompts: list[str], *, head_dim: int,
+                    elem_bytes: int, revision=None, dtype=None, trust_remote_code=False, device=None,
+                    measure_all: bool = False) -> calibration.Calibration:
+    token_ids = calibration.prompt_token_ids(model, prompts, settings.max_tokens, revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    with calibration.Session.load(model, token_ids, revision=revision, dtype=dtype,
+                                  trust_remote_code=trust_remote_code, device=device) as session:
+        return calibration.calibrate(session, head_dim, settings, elem_bytes=elem_bytes,
+                                     measure_all=measure_all)
+
+
+def resolve_auto(model: str, *, revision: str | None = None, dtype=None, trust_remote_code: bool = False,
+                 device: str | None = None) -> AutoDecision:
+    """The auto policy for ``model``: the cached decision if there is one, else a fresh calibration."""
+    settings = settings_from_env()
+    prompts = calibration.load_prompts(settings.n_prompts)
+    head_dim, elem_bytes = _model_facts(model, revision, dtype, trust_remote_code)
+    key = calibration_key(model, settings, prompts, head_dim, elem_bytes, revision)
+    record = decision_cache.load(key)
+    if record is None:
+        with decision_cache.locked(key):
+            record = decision_cache.load(key)  # another process may have finished while we waited
+            if record is None:
+                result = run_calibration(model, settings, prompts, head_dim=head_dim, elem_bytes=elem_bytes,
+                                         revision=revision, dtype=dtype,
+                                         trust_remote_code=trust_remote_code, device=device)
+                record = record_of(model, result)
+                try:
+                    decision_cache.store(key, record)
+                except OSError as err:
+                    logger.warning("could not cache the auto-policy decision (%s)", err)
+                return decision_from_record(model, record, "calibration")
+    return decision_from_record(model, record, "cache")
+
+
+def resolve_policy(requested: str, model: str, *, revision: str | None = None, dtype=None,
+                   trust_remote_code: bool = False, device: str | None = None) -> AutoDecision:
+    """Apply the whole order: explicit policy name → cached decision → calibration."""
+    requested = (requested or "auto").strip().lower()
+    if requested != "auto":
+        policy = parse_policy(requested)
+        decision = AutoDecision(policy, f"int4kv policy {policy.name}: chosen explicitly "
+                                        f"(VLLM_INT4KV_POLICY={requested})", {"requested": requested},
+                                "explicit")
+    else:
+        decision = resolve_auto(model, revision=revision, dtype=dtype,
+                                trust_remote_code=trust_remote_code, device=device)
+    logger.info("%s", decision.summary)
+    return decision

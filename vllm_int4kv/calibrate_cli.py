@@ -1,0 +1,117 @@
+"""Calibrate the auto K/V precision policy for a model and print the evidence.
+
+    vllm-int4kv calibrate MODEL [--budget NATS] [--prompts N] [--device cpu|cuda] [--all]
+                                [--eval-text FILE --eval-chunks N]
+
+Prints one row per measured candidate (bytes per token per KV head, mean next-token KL against full
+precision, top-1 agreement, the perplexity increase the KL implies, the NLL change on the calibration
+text) and the INT6/INT8 ratio evidence, then stores the decision where engine start-up will find it
+(same settings only: the key covers them). ``--eval-text`` adds measured perplexity on held-out
+512-token chunks for every candidate.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+from . import auto, calibration, decision_cache
+from .policy import parse_policy
+
+
+def add_parser(parser) -> None:
+    parser.add_argument("model", help="HF model folder or hub id")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="mean KL budget in nats (default: VLLM_INT4KV_KL_BUDGET or "
+                             f"{calibration.DEFAULT_KL_BUDGET})")
+    parser.add_argument("--prompts", type=int, default=calibration.DEFAULT_PROMPTS,
+                        help="number of calibration prompts")
+    parser.add_argument("--max-tokens", type=int, default=calibration.DEFAULT_MAX_TOKENS,
+                        help="tokens kept per prompt")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="serving dtype (sizes of 16-bit planes; GPU runs)")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--all", action="store_true", help="measure every candidate, not only up to the "
+                        "decision (the decision is the same)")
+    parser.add_argument("--eval-text", default=None, help="held-out text: perplexity of every candidate")
+    parser.add_argument("--eval-chunks", type=int, default=4, help="512-token chunks of --eval-text")
+    parser.add_argument("--json", default=None, help="also write the evidence (and perplexities) here")
+    parser.add_argument("--no-cache", action="store_true", help="do not store the decision")
+    parser.set_defaults(run=run)
+
+
+def _eval_chunks(model, path, n, args, size=512) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, revision=args.revision,
+                                              trust_remote_code=args.trust_remote_code)
+    with open(path, encoding="utf-8") as f:
+        ids = tokenizer(f.read())["input_ids"]
+    chunks = [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)][:n]
+    if not chunks:
+        raise SystemExit(f"{path} holds fewer than {size} tokens")
+    return chunks
+
+
+def _table(result: calibration.Calibration, ppl: dict) -> str:
+    base = ppl.get("fp")
+    head = (f"{'candidate':<14}{'B/tok/head':>11}{'mean KL':>11}{'top-1':>8}{'est. ppl Δ':>12}"
+            f"{'ΔNLL calib':>12}")
+    if base:
+        head += f"{'eval ppl':>12}{'ppl Δ':>9}"
+    rows = [head, "-" * len(head)]
+    for m in result.measurements:
+        size = "-" if m.bytes_per_token is None else str(m.bytes_per_token)
+        row = (f"{m.name:<14}{size:>11}{m.kl:>11.5f}{m.top1:>8.1%}{m.ppl_delta:>+12.2%}"
+               f"{m.dnll:>+12.5f}")
+        if base and m.name in ppl:
+            row += f"{ppl[m.name]:>12.5g}{ppl[m.name] / base - 1:>+9.2%}"
+        mark = "  <- decision" if m.name == result.policy.name else ""
+        mark += "  (measurement only)" if m.bytes_per_token is None else ""
+        rows.append(row + mark)
+    if base:
+        rows.append(f"{'full precision':<14}{'':>11}{'':>11}{'':>8}{'':>12}{'':>12}{base:>12.5g}")
+    return "\n".join(rows)
+
+
+def run(args) -> int:
+    settings = replace(auto.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens)
+    if args.budget is not None:
+        settings = replace(settings, budget=args.budget)
+    prompts = calibration.load_prompts(settings.n_prompts)
+    head_dim, elem_bytes = auto._model_facts(args.model, args.revision, args.dtype, args.trust_remote_code)
+    token_ids = calibration.prompt_token_ids(args.model, prompts, settings.max_tokens, revision=args.revision,
+                                             trust_remote_code=args.trust_remote_code)
+    ppl = {}
+    with calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code, device=args.device) as session:
+        result = calibration.calibrate(session, head_dim, settings, elem_bytes=elem_bytes,
+                                       measure_all=args.all or bool(args.eval_text))
+        if args.eval_text:
+            chunks = _eval_chunks(args.model, args.eval_text, args.eval_chunks, args)
+            ppl["fp"] = session.perplexity(chunks, None)
+            for m in result.measurements:
+                spec = ((6, 4, None, False) if m.name == "k6v4"
+                        else calibration.spec_of(parse_policy(m.name)))
+                ppl[m.name] = ppl["fp"] if m.exact else session.perplexity(chunks, spec)
+    ev = result.evidence()
+    print(f"model {args.model}: head_dim {head_dim}, {ev['n_prompts']} prompts / {ev['n_tokens']} tokens, "
+          f"{ev['device']} {ev['dtype']}, budget {settings.budget:g} nats "
+          f"(≈ {math.expm1(settings.budget):+.2%} ppl)")
+    print(_table(result, ppl))
+    print(f"ratio classifier: err(K INT8, V INT4) = {ev['err_int8']:.5f}, err(K INT6, V INT4) = "
+          f"{ev['err_int6']:.5f}, ratio = {ev['ratio']:.2f} (tau {settings.tau:g}) -> keys {ev['keys']}; "
+          f"err(K4V4) = {ev['err_k4v4']:.5f}")
+    print(f"decision: {result.policy.name}, {ev['bytes_per_token_per_head']} B/token/KV head; "
+          f"calibration {result.seconds:.1f} s")
+    if args.eval_text:
+        ev["eval"] = {"text": args.eval_text, "chunks": args.eval_chunks, "tokens_per_chunk": 512,
+                      "perplexity": ppl}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(ev, f, indent=1)
+    if not args.no_cache:
+        key = auto.calibration_key(args.model, settings, prompts, head_dim, elem_bytes, args.revision)
+        print(f"stored: {decision_cache.store(key, auto.record_of(args.model, result))}")
+    return 0

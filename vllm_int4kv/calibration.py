@@ -1,0 +1,372 @@
+"""Measure what each K/V precision policy does to a model's next-token distributions.
+
+The model runs in HF transformers with an attention function of our own (registered through
+``AttentionInterface``) that passes K and V — after RoPE, ``[B, Hkv, S, D]`` — through
+``reference.fake_quantize_kv`` before ordinary SDPA, so every number here is what the paged cache would
+store and return. One full-precision pass per prompt gives the reference log-probabilities; each
+candidate then costs one more pass per prompt.
+
+The error metric, used both for the quality budget and for the INT6/INT8 ratio classifier:
+
+    err(policy) = mean over every position t of every prompt of KL(p_fp(. | x<=t) || p_q(. | x<=t)), nats
+
+Why KL and not a raw logit distance: the softmax ignores a common shift of the logits; KL weighs each
+vocabulary entry by how likely it is (an unweighted logit MSE is dominated by tens of thousands of
+irrelevant tail entries); and KL is what perplexity pays: if the text were drawn from the model itself,
+E[NLL_q - NLL_fp] = E[KL(p_fp || p_q)] exactly, so ``exp(err) - 1`` estimates the perplexity increase
+(on real text the two track each other; the CLI reports both). KL is quadratic in a small logit error,
+so for the ratio classifier ``err(K6V4) / err(K8V4)`` runs from ~1 (value noise dominates: keys
+tolerant) to ~16 (key noise dominates: the INT6 step is 4x the INT8 step).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .kernels.reference import fake_quantize_kv
+from .policy import KVPolicy
+
+ATTN_NAME = "int4kv_calibration"
+DEFAULT_KL_BUDGET = 0.01  # nats; exp(0.01) - 1 = 1.0 % perplexity if the text follows the model
+DEFAULT_TAU = 3.0  # published threshold of the INT6/INT8 ratio classifier
+DEFAULT_PROMPTS = 5
+DEFAULT_MAX_TOKENS = 512
+PROMPT_MIN_CHARS = 2400
+K4_GROUPS = (32, 16)  # key channel groups tried at 4 bits (each adds 4 B per group per token and head)
+
+
+def candidate_policies(head_dim: int, elem_bytes: int = 2) -> list[KVPolicy]:
+    """Every layout auto may choose, cheapest first in bytes per token for this head dim.
+
+    Equal sizes keep the listed order: plain before rotated (rotation costs a little compute).
+    """
+    k4 = [KVPolicy(4, 4), KVPolicy(4, 4, rotate=True)]
+    for group in K4_GROUPS:
+        if group < head_dim:
+            k4 += [KVPolicy(4, 4, group), KVPolicy(4, 4, group, rotate=True)]
+    wider = [KVPolicy(8, 4), KVPolicy(8, 4, rotate=True), KVPolicy(16, 4), KVPolicy(8, 8), KVPolicy(16, 16)]
+    return sorted(k4 + wider, key=lambda p: p.slot_bytes(head_dim, elem_bytes))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that changes a decision besides the model; all of it goes into the cache key."""
+
+    budget: float = DEFAULT_KL_BUDGET
+    tau: float = DEFAULT_TAU
+    n_prompts: int = DEFAULT_PROMPTS
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    # ratio > tau skips the K4 candidates. Off: it is not shown safe (rotation and channel groups can
+    # rescue keys the plain INT6/INT8 ratio calls fragile), and the K4 passes are cheap.
+    ratio_early_exit: bool = False
+
+    def __post_init__(self):
+        if not self.budget > 0:
+            raise ValueError(f"the KL budget must be > 0 nats, got {self.budget}")
+        if self.n_prompts < 1 or self.max_tokens < 2:
+            raise ValueError("need at least one prompt of at least two tokens")
+
+
+@dataclass
+class Measurement:
+    """Mean next-token KL vs full precision, top-1 agreement and the NLL change on the prompt text."""
+
+    name: str
+    bytes_per_token: int | None
+    kl: float
+    top1: float
+    dnll: float
+    exact: bool = False  # not run: the layout stores K and V unchanged (KL is 0 by construction)
+
+    @property
+    def ppl_delta(self) -> float:
+        """Perplexity increase estimated from the KL, as a fraction."""
+        return math.expm1(self.kl)
+
+
+@dataclass
+class Calibration:
+    """The outcome: the chosen policy, every measurement taken and the classifier evidence."""
+
+    policy: KVPolicy
+    measurements: list[Measurement]
+    ratio: float
+    settings: Settings
+    seconds: float  # model load + reference pass + candidates
+    info: dict = field(default_factory=dict)
+
+    def measured(self, name: str) -> Measurement | None:
+        return next((m for m in self.measurements if m.name == name), None)
+
+    @property
+    def fragile(self) -> bool:
+        return self.ratio > self.settings.tau
+
+    def evidence(self) -> dict:
+        err = {n: self.measured(n).kl for n in ("k8v4", "k6v4", "k4v4") if self.measured(n)}
+        return {
+            "metric": "mean next-token KL(p_fp || p_quant), nats, over all positions of the prompts",
+            "decision": self.policy.name,
+            "budget": self.settings.budget,
+            "tau": self.settings.tau,
+            "err_int8": err.get("k8v4"), "err_int6": err.get("k6v4"), "err_k4v4": err.get("k4v4"),
+            "ratio": self.ratio,
+            "keys": "fragile" if self.fragile else "tolerant",
+            "candidates": [asdict(m) for m in self.measurements],
+            "seconds": round(self.seconds, 2),
+            "settings": asdict(self.settings),
+            **self.info,
+        }
+
+
+# -- prompts -----------------------------------------------------------------------------------------
+def load_prompts(n: int = DEFAULT_PROMPTS) -> list[str]:
+    """Calibration text: the corpus module when present, else the packaged calibration.txt."""
+    try:
+        from .corpus import calibration_prompts
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.corpus":
+            raise
+    else:  # whole paragraphs, long enough to fill max_tokens for common tokenizers (~4.5 chars/token)
+        return list(calibration_prompts(n=n, min_chars=PROMPT_MIN_CHARS))
+    path = Path(__file__).parent / "data" / "calibration.txt"
+    if not path.exists():
+        raise FileNotFoundError("no calibration text: neither vllm_int4kv.corpus nor "
+                                f"{path} is available")
+    return read_documents(path.read_text(encoding="utf-8"), n)
+
+
+def read_documents(text: str, n: int) -> list[str]:
+    """The first ``n`` documents of calibration.txt ('#' comments, '=== title ===' starts a document)."""
+    docs: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if line.startswith("===") and line.rstrip().endswith("==="):
+            docs.append([])
+        else:
+            if not docs:
+                docs.append([])
+            docs[-1].append(line)
+    texts = ["\n".join(d).strip() for d in docs if "".join(d).strip()]
+    return texts[:n] if len(texts) >= n else split_text("\n\n".join(texts), n)
+
+
+def split_text(text: str, n: int) -> list[str]:
+    """``n`` contiguous pieces of about equal length, cut at paragraph boundaries where possible."""
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    target = sum(map(len, paragraphs)) / n
+    pieces, current = [], []
+    for para in paragraphs:
+        current.append(para)
+        if sum(map(len, current)) >= target and len(pieces) < n - 1:
+            pieces.append("\n\n".join(current))
+            current = []
+    if current:
+        pieces.append("\n\n".join(current))
+    return pieces
+
+
+def prompt_token_ids(model: str, prompts: list[str], max_tokens: int, *, revision=None,
+                     trust_remote_code=False) -> list[list[int]]:
+    """Each prompt tokenized as the model would see it (BOS where the tokenizer adds one), truncated."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    ids = [tokenizer(p)["input_ids"][:max_tokens] for p in prompts]
+    return [x for x in ids if len(x) >= 2]
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()
+
+
+# -- the quantizing attention function --------------------------------------------------------------
+_ACTIVE: tuple | None = None  # (k_bits, v_bits, k_group, rotate) or None for full precision
+
+
+def _quantizing_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _ACTIVE is not None:
+        k_bits, v_bits, k_group, rotate = _ACTIVE
+        d = key.shape[-1]
+        key, value = fake_quantize_kv(key, value, k_bits, v_bits, min(k_group or d, d), d, rotate)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _quantizing_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def quantized(spec: tuple | None):
+    """Within the block, every attention layer sees K/V through the cache format ``spec``."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, spec
+    try:
+        yield
+    finally:
+        _ACTIVE = previous
+
+
+def spec_of(policy: KVPolicy) -> tuple:
+    return (policy.k_bits, policy.v_bits, policy.k_group, policy.rotate)
+
+
+# -- the session: one loaded model, one reference pass ---------------------------------------------
+def pick_device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype, device: str):
+    """fp32 on CPU; elsewhere the requested dtype, or the checkpoint's ("auto")."""
+    if device.startswith("cpu"):
+        return torch.float32
+    if dtype is None or dtype == "auto":
+        return "auto"
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+class Session:
+    """A model loaded for calibration plus its full-precision reference on the given token ids.
+
+    ``token_ids``: one list of ids per prompt. Use as a context manager: leaving frees every tensor.
+    """
+
+    def __init__(self, model, token_ids: list[list[int]]):
+        _register_attention()
+        model.set_attn_implementation(ATTN_NAME)
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.inputs = [torch.tensor(ids, device=self.device)[None] for ids in token_ids]
+        self.n_tokens = sum(x.shape[1] for x in self.inputs)
+        start = time.perf_counter()
+        self.reference = [self._logprobs(x, None) for x in self.inputs]
+        self.reference_seconds = time.perf_counter() - start
+        self.load_seconds = 0.0
+
+    @classmethod
+    def load(cls, model: str, token_ids, *, revision=None, dtype=None, trust_remote_code=False,
+             device=None):
+        from transformers import AutoModelForCausalLM
+
+        device = pick_device(device)
+        _register_attention()  # before loading: from_pretrained checks the name
+        start = time.perf_counter()
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=pick_dtype(dtype, device),
+            trust_remote_code=trust_remote_code, attn_implementation=ATTN_NAME).to(device).eval()
+        load_seconds = time.perf_counter() - start
+        session = cls(hf_model, token_ids)
+        session.load_seconds = load_seconds
+        return session
+
+    @torch.inference_mode()
+    def _logprobs(self, ids: torch.Tensor, spec: tuple | None) -> torch.Tensor:
+        with quantized(spec):
+            logits = self.model(input_ids=ids, use_cache=False).logits[0]
+        return logits.float().log_softmax(-1)  # [S, V]
+
+    @torch.inference_mode()
+    def measure(self, name: str, spec: tuple, bytes_per_token: int | None = None) -> Measurement:
+        kl = agree = dnll = 0.0
+        n_next = 0
+        for ids, ref in zip(self.inputs, self.reference):
+            logq = self._logprobs(ids, spec)
+            kl += (ref.exp() * (ref - logq)).sum().item()
+            agree += (ref.argmax(-1) == logq.argmax(-1)).sum().item()
+            nxt = ids[0, 1:, None]
+            dnll += (ref[:-1].gather(-1, nxt) - logq[:-1].gather(-1, nxt)).sum().item()
+            n_next += nxt.shape[0]
+            del logq
+        return Measurement(name, bytes_per_token, kl / self.n_tokens, agree / self.n_tokens,
+                           dnll / max(n_next, 1))
+
+    @torch.inference_mode()
+    def perplexity(self, chunks: list[list[int]], spec: tuple | None) -> float:
+        """Perplexity of the model through the cache format ``spec`` on held-out token chunks."""
+        nll, count = 0.0, 0
+        for chunk in chunks:
+            ids = torch.tensor(chunk, device=self.device)[None]
+            logp = self._logprobs(ids, spec)
+            nll -= logp[:-1].gather(-1, ids[0, 1:, None]).sum().item()
+            count += ids.shape[1] - 1
+        return math.exp(nll / count)
+
+    def close(self) -> None:
+        on_cuda = self.device.type == "cuda"
+        self.model = self.inputs = self.reference = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def head_dim_of(config) -> int:
+    config = getattr(config, "get_text_config", lambda: config)()
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def elem_bytes_of(dtype, config=None) -> int:
+    """Bytes of one unquantized K/V element when serving (only 16-bit planes depend on it)."""
+    name = str(dtype if dtype not in (None, "auto") else getattr(config, "dtype", None) or "bfloat16")
+    return 4 if name.endswith("float32") else 2
+
+
+def calibrate(session: Session, head_dim: int, settings: Settings = Settings(), *,
+              elem_bytes: int = 2, measure_all: bool = False) -> Calibration:
+    """Choose the cheapest candidate whose mean KL is within ``settings.budget``.
+
+    The INT6/INT8 ratio is measured first (its K8V4 pass doubles as that candidate). Candidates then run
+    cheapest first and stop at the first within budget (``measure_all``: run them all, for reports).
+    K16V16 is never run: it stores K/V unchanged, so its KL is 0 and auto always has an answer.
+    """
+    start = time.perf_counter()
+    k8 = session.measure("k8v4", (8, 4, None, False), KVPolicy(8, 4).slot_bytes(head_dim, elem_bytes))
+    k6 = session.measure("k6v4", (6, 4, None, False))  # a measurement, not a storage format
+    ratio = k6.kl / max(k8.kl, 1e-12)
+    measurements, chosen = [k8, k6], None
+    for policy in candidate_policies(head_dim, elem_bytes):  # k4v4 first: its error is always reported
+        size = policy.slot_bytes(head_dim, elem_bytes)
+        skip_k4 = settings.ratio_early_exit and ratio > settings.tau and policy.name != "k4v4"
+        if policy.k_bits == 4 and skip_k4:
+            continue
+        if policy.name == "k8v4":
+            result = k8
+        elif not policy.quantized:
+            result = Measurement(policy.name, size, 0.0, 1.0, 0.0, exact=True)
+            measurements.append(result)
+        else:
+            result = session.measure(policy.name, spec_of(policy), size)
+            measurements.append(result)
+        if chosen is None and result.kl <= settings.budget:
+            chosen = policy
+            if not measure_all:
+                break
+    seconds = time.perf_counter() - start
+    info = {"head_dim": head_dim, "elem_bytes": elem_bytes, "n_prompts": len(session.inputs),
+            "n_tokens": session.n_tokens, "device": str(session.device),
+            "dtype": str(next(session.model.parameters()).dtype).removeprefix("torch."),
+            "bytes_per_token_per_head": chosen.slot_bytes(head_dim, elem_bytes),
+            "seconds_load": round(session.load_seconds, 2),
+            "seconds_reference": round(session.reference_seconds, 2),
+            "seconds_candidates": round(seconds, 2)}
+    total = session.load_seconds + session.reference_seconds + seconds
+    return Calibration(chosen, measurements, ratio, settings, total, info)
