@@ -17,8 +17,7 @@ FAST = Settings(n_prompts=2, max_tokens=128)  # the default budget; short prompt
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A model folder with a tokenizer (from tiny_model.py) and the ordinary test weights."""
-    from vllm_int4kv.tiny_model import build_tiny_llama
-
+    build_tiny_llama = pytest.importorskip("vllm_int4kv.tiny_model").build_tiny_llama
     path = build_tiny_llama(tmp_path_factory.mktemp("auto") / "tiny", seed=0)
     tiny_model().save_pretrained(path)
     return str(path)
