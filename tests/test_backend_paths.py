@@ -1,5 +1,6 @@
-"""Engine-level checks of single properties: KV capacity at equal memory, a refused configuration, and
-the Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation."""
+"""Engine-level checks of single properties: KV capacity at equal memory, a refused configuration, the
+Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation, and a
+sliding-window model."""
 from __future__ import annotations
 
 import pytest
@@ -50,3 +51,31 @@ def test_triton_kernels_serve_the_same_tokens_as_torch(tiny_model_dir):
     for (tok_torch, lp_torch), (tok_triton, lp_triton) in zip(results["torch"], results["triton"]):
         assert tok_triton == tok_torch
         assert max(abs(a - b) for a, b in zip(lp_torch, lp_triton)) < 1e-4
+
+
+def test_sliding_window_model_matches_vllm_cpu_attention(tmp_path):
+    """Llama with a 48-token sliding window on layer 0 (vLLM's hybrid KV manager) and q/k/v biases."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_int4kv.tiny_model import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "sw-llama", seed=0, attention_bias=True, sliding_window=48,
+                             layer_types=["sliding_attention", "full_attention"])
+    gen = torch.Generator().manual_seed(0)
+    prompts = [TokensPrompt(prompt_token_ids=torch.randint(6, 1024, (n,), generator=gen).tolist())
+               for n in (150, 70, 33)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1, prompt_logprobs=1, ignore_eos=True)
+    results = {}
+    for backend, policy in ((None, None), ("CUSTOM", "k16v16")):
+        with vllm_engine(model, backend=backend, policy=policy, block_size=32, max_num_batched_tokens=64) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        results[backend] = [
+            (list(o.outputs[0].token_ids),
+             [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+             + [lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])])
+            for o in outs]
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results["CUSTOM"], results[None]):
+        assert tokens == ref_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) < 1e-4
