@@ -79,3 +79,17 @@ def test_sliding_window_model_matches_vllm_cpu_attention(tmp_path):
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results["CUSTOM"], results[None]):
         assert tokens == ref_tokens
         assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) < 1e-4
+
+
+def test_int4_per_token_head_cache_dtype_selects_the_same_pages(tiny_model_dir):
+    """``--kv-cache-dtype int4_per_token_head`` (uint8 spec) and ``auto`` give the same K4V4 pages."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=1, ignore_eos=True)
+    seen = {}
+    for kv_cache_dtype in ("auto", "int4_per_token_head"):
+        with vllm_engine(tiny_model_dir, policy="k4v4", kv_cache_dtype=kv_cache_dtype) as llm:
+            out = llm.generate(["The licensee may copy"], params, use_tqdm=False)[0].outputs[0]
+            seen[kv_cache_dtype] = (num_kv_blocks(llm), list(out.token_ids),
+                                    [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)])
+    assert seen["auto"] == seen["int4_per_token_head"]
