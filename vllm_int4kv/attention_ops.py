@@ -19,6 +19,7 @@ from . import envs
 from .kernels.page_format import PageLayout
 from .kernels.planes import as_runs
 from .kernels.reference import paged_attention_reference, write_cache_reference
+from .consensus import AllGather, agree_on_policy
 from .kernels.rotation import rotate, unrotate
 from .policy import KVPolicy, parse_policy
 
@@ -78,16 +79,25 @@ def resolve_auto_policy(vllm_config) -> tuple[KVPolicy, str]:
     return policy, getattr(decision, "summary", f"auto chose {policy.name}")
 
 
-def resolve_policy(vllm_config=None) -> KVPolicy:
-    """The process's policy: ``VLLM_INT4KV_POLICY`` (a policy string, or ``auto``), decided once."""
+def resolve_policy(vllm_config=None, *, all_gather: AllGather | None = None, rank: int = 0) -> KVPolicy:
+    """The process's policy: ``VLLM_INT4KV_POLICY`` (a policy string, or ``auto``), decided once.
+
+    With several ranks (``all_gather`` over all of them), rank 0 decides for the whole engine and the
+    others adopt its decision; differing requests or layouts stop start-up (see ``consensus``).
+    """
     global _policy, _policy_source
     with _policy_lock:
         if _policy is None:
-            name = envs.policy_name()
-            if name == "auto":
-                _policy, _policy_source = resolve_auto_policy(vllm_config)
+            def resolve(request: str) -> tuple[KVPolicy, str]:
+                if request == "auto":
+                    return resolve_auto_policy(vllm_config)
+                return parse_policy(request), f"VLLM_INT4KV_POLICY={request}"
+
+            request = envs.policy_name(rank)
+            if all_gather is None:
+                _policy, _policy_source = resolve(request)
             else:
-                _policy, _policy_source = parse_policy(name), f"VLLM_INT4KV_POLICY={name}"
+                _policy, _policy_source = agree_on_policy(request, rank, all_gather, resolve)
         return _policy
 
 

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from vllm.config import get_current_vllm_config_or_none
+from vllm.distributed.parallel_state import get_world_group
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -61,8 +62,32 @@ def _model_dtype(spec_dtype: torch.dtype) -> torch.dtype:
     return config.model_config.dtype
 
 
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of this engine's workers (tensor x pipeline parallel)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    group = get_world_group().cpu_group
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_gather(obj) -> list:
+    """Gather a small picklable object from every worker (gloo, CPU): the policy is agreed on once."""
+    import torch.distributed as dist
+
+    group = get_world_group().cpu_group
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
 def _policy() -> KVPolicy:
-    return ops.resolve_policy(get_current_vllm_config_or_none() or _vllm_config)
+    # Every worker calls this at the same point (the first customize_spec, inside vLLM's collective
+    # get_kv_cache_spec), so a collective here cannot leave a rank waiting alone.
+    rank, world = _ranks()
+    return ops.resolve_policy(get_current_vllm_config_or_none() or _vllm_config,
+                              all_gather=_all_gather if world > 1 else None, rank=rank)
 
 
 class Int4KVBackend(AttentionBackend):
@@ -124,7 +149,9 @@ class Int4KVBackend(AttentionBackend):
         key = (policy, spec.head_size, spec.num_kv_heads, model_dtype)
         if key not in _announced:  # once per process (per distinct layer shape)
             _announced.add(key)
-            logger.info(ops.describe(policy, layout, spec.num_kv_heads, model_dtype))
+            rank, world = _ranks()
+            where = f" [rank {rank} of {world}: {spec.num_kv_heads} KV heads on this rank]" if world > 1 else ""
+            logger.info(ops.describe(policy, layout, spec.num_kv_heads, model_dtype) + where)
         return dataclasses.replace(spec, state_content_bytes=layout.slot_bytes)
 
     @classmethod

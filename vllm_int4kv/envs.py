@@ -10,10 +10,17 @@ ENV_VARS = {
     "VLLM_INT4KV_IMPL": "attention implementation: triton (default on GPU) or torch (default on CPU)",
     "VLLM_INT4KV_CACHE_DIR": "where auto-policy decisions are cached (default ~/.cache/vllm_int4kv)",
     "VLLM_INT4KV_KL_BUDGET": "quality budget of the auto policy: mean next-token KL (nats) vs full precision",
+    "VLLM_INT4KV_TEST_RANK_POLICY": "testing only: RANK:POLICY makes that rank ask for another policy, to check "
+                                    "that mismatched ranks stop start-up",
 }
 
 
-def policy_name() -> str:
+def policy_name(rank: int = 0) -> str:
+    override = os.environ.get("VLLM_INT4KV_TEST_RANK_POLICY", "")
+    if override:
+        target, _, name = override.partition(":")
+        if target.strip() == str(rank):
+            return name.strip().lower()
     return os.environ.get("VLLM_INT4KV_POLICY", "auto").strip().lower() or "auto"
 
 

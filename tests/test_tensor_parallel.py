@@ -1,0 +1,74 @@
+"""Tensor parallelism through vLLM's own engine (CPU build, 2 ranks, one core each).
+
+The tiny model has 2 KV heads, so each rank holds 1: pages, start-up line and policy are per rank.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("tp_engine.py")
+pytestmark = pytest.mark.slow
+
+
+def run_engine(model, tp, policy, tmp_path, extra_env=None, expect_ok=True):
+    env = dict(os.environ, VLLM_INT4KV_POLICY=policy, VLLM_INT4KV_IMPL="torch",
+               VLLM_INT4KV_CACHE_DIR=str(tmp_path / "decisions"), VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == 2 else "0", HF_HUB_OFFLINE="1",
+               VLLM_LOGGING_LEVEL="INFO", **(extra_env or {}))
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # workers are real processes here
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(model), str(tp)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    if not expect_ok:
+        assert proc.returncode != 0, "start-up should have failed"
+        return None, log
+    assert proc.returncode == 0, log[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):]), log
+
+
+def policy_lines(log):
+    """{rank: policy} from each worker's start-up line."""
+    found = re.findall(r"KV policy (\S+),.*\[rank (\d) of 2", log)
+    return {int(rank): name for name, rank in found}
+
+
+@pytest.fixture(scope="module")
+def single_rank_k16v16(tiny_model_dir, tmp_path_factory):
+    result, _ = run_engine(tiny_model_dir, 1, "k16v16", tmp_path_factory.mktemp("tp1"))
+    return result
+
+
+def test_k16v16_on_two_ranks_equals_one_rank(tiny_model_dir, single_rank_k16v16, tmp_path):
+    result, log = run_engine(tiny_model_dir, 2, "k16v16", tmp_path)
+    assert policy_lines(log) == {0: "k16v16", 1: "k16v16"}
+    assert "1 KV heads on this rank" in log
+    for ours, ref in zip(result["outputs"], single_rank_k16v16["outputs"]):
+        assert ours["tokens"] == ref["tokens"]
+        # Sharded matmuls sum in another order: fp32 rounding only.
+        assert max(abs(a - b) for a, b in zip(ours["logprobs"], ref["logprobs"])) < 1e-3
+
+
+def test_k4v4_runs_on_two_ranks(tiny_model_dir, tmp_path):
+    result, log = run_engine(tiny_model_dir, 2, "k4v4", tmp_path)
+    assert policy_lines(log) == {0: "k4v4", 1: "k4v4"}
+    assert all(len(o["tokens"]) == 12 for o in result["outputs"])
+
+
+def test_auto_is_decided_once_and_shared(tiny_model_dir, tmp_path):
+    result, log = run_engine(tiny_model_dir, 2, "auto", tmp_path)
+    ranks = policy_lines(log)
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1], log[-3000:]
+    assert "decided on rank 0" in log
+    assert result["outputs"]
+
+
+def test_mismatched_ranks_stop_start_up(tiny_model_dir, tmp_path):
+    _, log = run_engine(tiny_model_dir, 2, "k4v4", tmp_path,
+                        extra_env={"VLLM_INT4KV_TEST_RANK_POLICY": "1:k8v4"}, expect_ok=False)
+    assert "ranks asked for different KV policies (rank 0: k4v4, rank 1: k8v4)" in log
