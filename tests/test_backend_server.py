@@ -102,6 +102,13 @@ def test_startup_log_states_policy_and_capacity(server):
     assert line, logs[-4000:]
     assert int(line.group(1)) == 2 * 72  # 2 KV heads x 72 B (head_dim 64)
     assert float(line.group(2)) == pytest.approx(256 / 72, abs=0.01)
+    # The capacity planner, given the same model folder, predicts exactly these numbers.
+    from vllm_int4kv.planner import load_config, model_from_config, startup_summary
+
+    model = model_from_config(load_config(server.model))
+    planned = startup_summary(model.num_layers, model.num_kv_heads, model.head_dim, "k4v4")
+    assert planned["bytes_per_token_per_layer"] == int(line.group(1))
+    assert f"{planned['capacity_gain_vs_bf16']:.2f}" == line.group(2)
 
 
 def test_completion_with_logprobs(server):

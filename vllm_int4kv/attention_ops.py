@@ -169,17 +169,6 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, runs: torch.Tensor, slot_ma
         write_cache_reference(runs, key, value, slot_mapping, layout)
 
 
-def _triton_attention():
-    """The fused Triton attention kernel, or None while this build has none."""
-    try:
-        from .kernels.attention import paged_attention
-    except ImportError as err:
-        if isinstance(err, ModuleNotFoundError) and err.name == f"{__package__}.kernels.attention":
-            return None
-        raise
-    return paged_attention
-
-
 def attend(query: torch.Tensor, runs: torch.Tensor, layout: PageLayout, meta: Int4KVMetadata,
            out: torch.Tensor, *, impl: str, rotated: bool, sm_scale: float,
            sliding_window: int | None, softcap: float | None) -> torch.Tensor:
@@ -188,12 +177,13 @@ def attend(query: torch.Tensor, runs: torch.Tensor, layout: PageLayout, meta: In
     q = query[:n]
     if rotated:  # (qH)·(kH) = q·k
         q = rotate(q)
-    kernel = _triton_attention() if impl == "triton" else None
-    if kernel is not None:
-        result = kernel(q, runs, layout, meta.block_table, meta.seq_lens, meta.query_start_loc,
-                        max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, sm_scale=sm_scale,
-                        sliding_window=sliding_window, softcap=softcap,
-                        out=None if rotated else out[:n])
+    if impl == "triton":
+        from .kernels.attention import paged_attention
+
+        result = paged_attention(q, runs, layout, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                                 max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+                                 sm_scale=sm_scale, sliding_window=sliding_window, softcap=softcap,
+                                 out=None if rotated else out[:n])
     else:
         result = paged_attention_reference(q, runs, layout, meta.block_table, meta.seq_lens,
                                            meta.query_start_loc, sm_scale, sliding_window, softcap,
