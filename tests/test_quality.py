@@ -118,7 +118,8 @@ def test_quality_command_end_to_end(tmp_path):
         assert entry["ok"] and entry["resolved"]["name"] == name
         assert math.isfinite(entry["perplexity"]) and entry["perplexity"] > 1
         assert 0 <= entry["lm_eval"]["tiny_mc"]["acc,none"] <= 1
-        assert [b["positions"][0] for b in entry["vs_reference"]["by_position"]] == [0, 128, 512]
+        assert [b["positions"] for b in entry["vs_reference"]["by_position"]] == [[1, 128], [129, 512],
+                                                                                 [513, 600]]
 
     ref = report["policies"]["k16v16"]  # the reference against a fresh engine of itself: exact
     assert ref["vs_reference"]["top1_agreement"] == 1.0 and ref["vs_reference"]["mean_kl"] == 0.0
@@ -130,6 +131,6 @@ def test_quality_command_end_to_end(tmp_path):
     assert 0 < k4v4["vs_reference"]["mean_kl"] < 5 and 0 <= k4v4["vs_reference"]["top1_agreement"] < 1
 
     md = (out / "report.md").read_text()
-    assert "| k16v16 | k16v16 | 256 |" in md and "| k4v4 | k4v4 | 72 |" in md
+    assert "| k16v16 | k16v16 | 256 |" in md and "16-bit basis" in md and "| k4v4 | k4v4 | 72 |" in md
     assert "## What the numbers mean" in md and "+0.77 %" in md
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Context-length buckets for the per-position breakdown (token positions, half-open).
+# Context-length buckets for the per-position breakdown: (lo, hi] tokens of context (a BOS counts).
 POSITION_EDGES = (0, 128, 512, 1024, 2048, 4096, 8192, 1 << 30)
 
 
@@ -117,9 +117,9 @@ def compare_logprobs(ref: TopK, run: TopK, k: int, ppl_rows: np.ndarray) -> dict
     agree = top1_agreement(ref, run)
     by_position = []
     for lo, hi in zip(POSITION_EDGES[:-1], POSITION_EDGES[1:]):
-        rows = (ref.position >= lo) & (ref.position < hi)
+        rows = (ref.position > lo) & (ref.position <= hi)
         if rows.any():
-            by_position.append({"positions": [lo, int(min(hi, ref.position.max() + 1))],
+            by_position.append({"positions": [lo + 1, int(min(hi, ref.position.max()))],
                                 "rows": int(rows.sum()), "top1_agreement": float(agree[rows].mean()),
                                 "mean_kl": float(kl[rows].mean())})
     return {

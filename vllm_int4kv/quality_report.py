@@ -82,8 +82,8 @@ def _task_cells(entry: dict, task: str) -> tuple[str, str]:
 
 def table(report: dict) -> str:
     tasks = report["settings"]["tasks"]
-    head = ["policy", "ran as", "B/token/KV head", "perplexity", "Δ ppl", "top-1 agree", "mean KL (nats)",
-            "gen. token match"]
+    head = ["policy", "ran as", "B/token/KV head (16-bit basis)", "perplexity", "Δ ppl", "top-1 agree",
+            "mean KL (nats)", "gen. token match"]
     for task in tasks:
         head += [f"{task} acc", f"{task} same answer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -116,7 +116,7 @@ def position_table(report: dict) -> str:
         cells = [f"{b['mean_kl']:.5f} / {b['top1_agreement']:.3f}" for b in entry["vs_reference"]["by_position"]]
         lines.append("| " + " | ".join([name] + cells) + " |")
     return "\n".join(lines) + "\n\nEach cell: mean KL (nats) / top-1 agreement over the scored positions " \
-                              "whose context length falls in the span."
+                              "whose context (tokens before the predicted one, BOS included) is in the span."
 
 
 def machine_lines(machine: dict) -> str:
@@ -126,6 +126,14 @@ def machine_lines(machine: dict) -> str:
             f"transformers {machine['transformers']}, vllm-int4kv {machine['vllm_int4kv']} "
             f"(git {machine['git_commit'] or 'unknown'}), Python {machine['python']}\n"
             f"- Date: {machine['date']}")
+
+
+def _missing(report: dict) -> str:
+    k = report["settings"]["kl_top_k"]
+    cells = [f"{n} {e['vs_reference']['kl_missing_lookups']}/{e['vs_reference']['rows'] * k}"
+             for n, e in report["policies"].items() if e.get("ok") and e.get("vs_reference")
+             and e["vs_reference"]["kl_missing_lookups"]]
+    return ", ".join(cells) or "none"
 
 
 def method_lines(report: dict) -> str:
@@ -144,8 +152,9 @@ def method_lines(report: dict) -> str:
         "likely next token equals the reference's. KL: vLLM returns top-K lists, not full distributions, so "
         f"KL(P_ref‖Q) is computed on the partition {{reference's top-{s['kl_top_k']} tokens, everything "
         f"else}} (one tail bucket); the policy's probabilities come from its own top-{s['top_k']} list "
-        "(a reference token missing there is bounded by the K-th probability; count in the JSON). "
-        "By the data-processing inequality this is a lower bound on the full-vocabulary KL.",
+        "(a reference token missing there gets min(K-th probability, unlisted mass / missing tokens)). "
+        "By the data-processing inequality this is a lower bound on the full-vocabulary KL wherever no "
+        f"token is missing; missing lookups: {_missing(report)}.",
         f"- Generation: {s['gen_prompts']} prompt(s) of lengths {s['gen_lengths']}, {s['gen_tokens']} "
         "greedy tokens each (EOS ignored); match rate = position-wise equal tokens vs the reference.",
         f"- lm-eval {report['machine']['lm_eval']}: tasks {', '.join(s['tasks']) or 'none'} through "
