@@ -32,12 +32,13 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model, log_path):
+    def __init__(self, model, log_path, policy="k4v4", **extra_env):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(model)
         self.log_path = log_path
-        env = dict(os.environ, VLLM_INT4KV_POLICY="k4v4", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+        env = dict(os.environ, VLLM_INT4KV_POLICY=policy, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
+                   **extra_env)
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's default process layout
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                "--attention-backend", "CUSTOM", "--dtype", "float32", "--enforce-eager",
