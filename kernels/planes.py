@@ -47,7 +47,7 @@ def plane_views(cache: torch.Tensor, layout: PageLayout, kv_dtype: torch.dtype,
                 num_heads: int | None = None) -> PlaneViews:
     if kv_dtype not in KV_DTYPES:
         raise TypeError(f"KV dtype {kv_dtype} not supported; use one of {KV_DTYPES}")
-    if torch.empty((), dtype=kv_dtype).element_size() != layout.elem_bytes:
+    if kv_dtype.itemsize != layout.elem_bytes:
         raise ValueError(f"layout elem_bytes={layout.elem_bytes} does not match the model dtype {kv_dtype}")
     runs = as_runs(cache, layout)
     if num_heads is not None and runs.shape[1] != num_heads:

@@ -22,9 +22,18 @@ def _hadamard_fp32(dim: int) -> torch.Tensor:
     return h / dim ** 0.5
 
 
-def hadamard(dim: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """The symmetric orthonormal ``[dim, dim]`` Hadamard matrix (its own inverse)."""
+@functools.lru_cache(maxsize=None)
+def _hadamard_on(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _hadamard_fp32(dim).to(device=device, dtype=dtype)
+
+
+def hadamard(dim: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """The symmetric orthonormal ``[dim, dim]`` Hadamard matrix (its own inverse).
+
+    Cached per device and dtype: rotation runs for every layer at every step, where a host-to-device
+    copy would cost a sync each time and could not be captured in a CUDA graph.
+    """
+    return _hadamard_on(dim, dtype, torch.device(device))
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:

@@ -126,13 +126,6 @@ def test_int4_cache_dtype_needs_a_quantized_policy(policy_env, monkeypatch):
         backend.Int4KVBackend.customize_spec(_spec(torch.uint8, mode=KVQuantMode.INT4_PER_TOKEN_HEAD))
 
 
-def test_auto_policy_without_the_auto_module_says_what_to_set(policy_env, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm_int4kv.auto", None)  # the import fails as if absent
-    policy_env("auto")
-    with pytest.raises(RuntimeError, match="Set VLLM_INT4KV_POLICY to a fixed policy"):
-        attention_ops.resolve_policy(object())
-
-
 def test_auto_policy_is_resolved_once_with_the_model_config(policy_env, monkeypatch):
     calls = []
 

@@ -53,30 +53,18 @@ _policy_lock = threading.Lock()
 def resolve_auto_policy(vllm_config) -> tuple[KVPolicy, str]:
     """``VLLM_INT4KV_POLICY=auto``: the policy ``vllm_int4kv.auto`` chooses for this model, and why.
 
-    The call, made once per process in the worker after the weights are loaded and before the KV cache
-    is sized: ``resolve_auto(model, revision=..., dtype=..., trust_remote_code=...)`` with the fields of
-    vLLM's ``model_config``. It returns a decision with ``.policy`` (and ``.summary``), a ``KVPolicy``, or
-    a policy string.
+    Called once per engine (on rank 0), in the worker after the weights are loaded and before the KV
+    cache is sized, with the fields of vLLM's ``model_config``.
     """
-    try:
-        from .auto import resolve_auto
-    except ImportError as err:
-        missing_module = isinstance(err, ModuleNotFoundError) and err.name == f"{__package__}.auto"
-        if not (missing_module or "resolve_auto" in str(err)):
-            raise
-        raise RuntimeError(
-            "VLLM_INT4KV_POLICY is 'auto' (the default), but this install of vllm-int4kv has no "
-            "automatic policy (vllm_int4kv.auto.resolve_auto). Set VLLM_INT4KV_POLICY to a fixed policy, "
-            "e.g. VLLM_INT4KV_POLICY=k4v4 (or k8v4, k16v4, k8v8, k16v16).") from err
+    from .auto import resolve_auto  # imports transformers: only when auto is asked for
+
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is None:
         raise RuntimeError("VLLM_INT4KV_POLICY=auto needs the model's config, which is not available "
                            "here; set VLLM_INT4KV_POLICY to a fixed policy such as k4v4")
     decision = resolve_auto(model_config.model, revision=model_config.revision, dtype=model_config.dtype,
                             trust_remote_code=model_config.trust_remote_code)
-    policy = getattr(decision, "policy", decision)
-    policy = parse_policy(policy) if isinstance(policy, str) else policy
-    return policy, getattr(decision, "summary", f"auto chose {policy.name}")
+    return decision.policy, decision.summary
 
 
 def resolve_policy(vllm_config=None, *, all_gather: AllGather | None = None, rank: int = 0) -> KVPolicy:
@@ -112,9 +100,9 @@ def current_policy() -> KVPolicy | None:
 
 def reset_policy() -> None:
     """Forget the resolved policy (tests that switch ``VLLM_INT4KV_POLICY`` in one process)."""
-    global _policy
+    global _policy, _policy_source
     with _policy_lock:
-        _policy = None
+        _policy, _policy_source = None, ""
 
 
 def default_impl() -> str:

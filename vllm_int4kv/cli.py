@@ -5,25 +5,24 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> module inside this package; imported lazily so `--help` stays fast.
+# subcommand -> (module inside this package, one-line help). Only the chosen subcommand's module is
+# imported, so `vllm-int4kv plan` does not pay for torch/transformers imports it never uses.
 SUBCOMMANDS = {
-    "plan": "planner_cli",
-    "calibrate": "calibrate_cli",
-    "quality": "quality",
+    "plan": ("planner_cli", "KV capacity and decode traffic per policy for a model and a memory budget"),
+    "calibrate": ("calibrate_cli", "measure a model's K/V sensitivity and choose its policy (auto)"),
+    "quality": ("quality", "perplexity, agreement, KL and lm-eval per policy through vLLM, as a report"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="vllm-int4kv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module_name in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(f"{__package__}.{module_name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.{module_name}":
-                raise
-            continue
-        module.add_parser(sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0]))
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        subparser = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            importlib.import_module(f"{__package__}.{module_name}").add_parser(subparser)
     args = parser.parse_args(argv)
     return args.run(args) or 0
 

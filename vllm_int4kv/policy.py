@@ -43,8 +43,11 @@ class KVPolicy:
         return not (self.k_bits == 16 and self.v_bits == 16)
 
     def layout(self, head_dim: int, block_size: int, elem_bytes: int = 2) -> PageLayout:
-        k_group = min(self.k_group, head_dim) if self.k_group else None
-        return PageLayout(head_dim, block_size, self.k_bits, self.v_bits, k_group, None, elem_bytes)
+        if self.k_group and self.k_group >= head_dim:  # would silently be the plain policy
+            plain = KVPolicy(self.k_bits, self.v_bits, None, self.rotate).name
+            raise ValueError(f"policy {self.name}: key groups of {self.k_group} channels need a head_dim "
+                             f"above {self.k_group}, got {head_dim}; use {plain}")
+        return PageLayout(head_dim, block_size, self.k_bits, self.v_bits, self.k_group, None, elem_bytes)
 
     def slot_bytes(self, head_dim: int, elem_bytes: int = 2) -> int:
         """Bytes per token per KV head."""
