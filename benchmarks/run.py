@@ -29,7 +29,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 
-from vllm_int4kv.kernels.attention import choose_num_splits  # noqa: E402
+from vllm_int4kv.kernels.attention import choose_num_splits, tile_tokens  # noqa: E402
 
 from . import timing, traffic, vllm_baseline  # noqa: E402
 from .analysis import derive  # noqa: E402
@@ -193,7 +193,7 @@ class Runner:
             return
         pool = self.pool_for(shape, layout)
         eb, first = self.dtype.itemsize, True
-        tile_n = 32 if shape.head_dim > 128 else 64
+        tile_n = tile_tokens(shape.head_dim)
         for b in self.grid.batches:
             for c in self.grid.contexts:
                 point = {"shape": shape.name, "policy": policy, "batch": b, "context": c}
@@ -222,7 +222,7 @@ class Runner:
 
     def tune_point(self, case, point, heuristic):
         shape = case.pool.shape
-        tiles = math.ceil(case.seq_len / (32 if shape.head_dim > 128 else 64))
+        tiles = math.ceil(case.seq_len / tile_tokens(shape.head_dim))
         sweep = sorted({s for s in self.grid.tune_splits if s <= max(1, tiles)} | {heuristic})
         timed = {}
         for s in sweep:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from vllm_int4kv.kernels.attention import query_tokens_per_program
 from vllm_int4kv.kernels.page_format import PageLayout
 
 from .config import ModelShape
@@ -42,9 +43,8 @@ def decode_bytes(shape: ModelShape, layout: PageLayout, batch: int, context: int
 
 
 def prefill_block_q(shape: ModelShape, max_query_len: int) -> int:
-    """Query tokens per program; mirrors the choice in kernels/attention.py (a test pins it)."""
-    group_pad = 1 << (shape.group - 1).bit_length()
-    return max(1, (16 if max_query_len <= 1 else 64) // group_pad)
+    """Query tokens per program: the launcher's own choice (it sets which KV rows tiles re-read)."""
+    return query_tokens_per_program(1 << (shape.group - 1).bit_length(), max_query_len)
 
 
 def prefill_bytes(shape: ModelShape, layout: PageLayout, num_seqs: int, new_tokens: int, context: int,

@@ -35,6 +35,16 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
     return 1 << (splits.bit_length() - 1)  # power of two (the reduce kernel's arange needs one)
 
 
+def tile_tokens(head_dim: int) -> int:
+    """KV positions per inner-loop tile (smaller for D=256 to keep the dequantized tiles in registers)."""
+    return 32 if head_dim > 128 else 64
+
+
+def query_tokens_per_program(group_pad: int, max_query_len: int) -> int:
+    """BLOCK_Q: decode fills 16 dot rows with one token's query heads; prefill takes ~64 rows."""
+    return max(1, (16 if max_query_len <= 1 else 64) // group_pad)
+
+
 def _check(query, block_table, seq_lens, query_start_loc, num_kv_heads, layout):
     if query.dim() != 3 or query.shape[-1] != layout.head_dim:
         raise ValueError(f"query must be [tokens, heads, {layout.head_dim}], got {tuple(query.shape)}")
@@ -81,8 +91,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
 
     group = num_q_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    block_q = max(1, (16 if max_query_len <= 1 else 64) // group_pad)
-    tile_n = 32 if head_dim > 128 else 64
+    block_q = query_tokens_per_program(group_pad, max_query_len)
+    tile_n = tile_tokens(head_dim)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, tile_n,
                                        query.device)

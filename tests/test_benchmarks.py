@@ -117,7 +117,7 @@ def test_split_partials_and_policies_bytes():
     assert d["breakdown"]["k_plane"] == d["breakdown"]["v_plane"] == 1024 * 8 * 256
     assert d["breakdown"]["params"] == 0 and d["partial_bytes"] == 2 * 32 * 8 * 130 * 4
     g32 = traffic.decode_bytes(shape, make_layout(shape, "k4v4-g32"), 1, 1024, 1)
-    assert g32["breakdown"]["params"] == 1024 * 8 * (4 + 4) * 4  # 4 groups per plane, 4 B each
+    assert g32["breakdown"]["params"] == 1024 * 8 * (4 + 1) * 4  # 4 key groups + 1 value group, 4 B each
 
 
 def test_prefill_block_q_mirrors_launcher(monkeypatch):
