@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+import torch
 from test_calibration import tiny_model
 
 from vllm_int4kv import auto, calibration, decision_cache
@@ -136,6 +137,7 @@ def test_key_covers_config_weights_settings_and_prompts(folder, tmp_path):
     assert base != auto.calibration_key(str(copy), FAST, prompts[:1], 64, 2)
     assert base != auto.calibration_key(str(copy), FAST, prompts, 64, 4)  # candidate sizes changed
     assert base != auto.calibration_key(str(copy), FAST, prompts, 64, 2, revision="v2")
+    assert base != auto.calibration_key(str(copy), FAST, prompts, 64, 2, dtype=torch.bfloat16, device="cuda")
     config = json.loads((copy / "config.json").read_text())
     config["rope_theta"] = 5e5
     (copy / "config.json").write_text(json.dumps(config))

@@ -11,9 +11,11 @@ classifier is measured and reported alongside (see ``calibration``).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from . import calibration, decision_cache, envs
 from .policy import KVPolicy, parse_policy
@@ -58,13 +60,27 @@ def _model_facts(model, revision, dtype, trust_remote_code):
     return calibration.head_dim_of(config), calibration.elem_bytes_of(dtype, config)
 
 
+def _quantizer_digest() -> str:
+    """Hash of the code that defines what the cache stores: a changed quantizer recalibrates."""
+    from .kernels import page_format, reference
+
+    digest = hashlib.sha256()
+    for module in (page_format, reference):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def calibration_key(model: str, settings: calibration.Settings, prompts: list[str], head_dim: int,
-                    elem_bytes: int, revision: str | None = None) -> str:
+                    elem_bytes: int, revision: str | None = None, dtype=None, device: str | None = None) -> str:
     candidates = [[p.name, p.slot_bytes(head_dim, elem_bytes)]
                   for p in calibration.candidate_policies(head_dim, elem_bytes)]
+    # Where and in which dtype the measurement runs changes its numbers (CPU always runs fp32).
+    run_on = calibration.pick_device(device)
+    compute = f"{run_on.split(':')[0]}/{calibration.pick_dtype(dtype, run_on)}"
     return decision_cache.make_key(
         decision_cache.model_identity(model, revision),
-        {**asdict(settings), "prompts_sha256": calibration.prompts_digest(prompts), "candidates": candidates})
+        {**asdict(settings), "prompts_sha256": calibration.prompts_digest(prompts), "candidates": candidates,
+         "compute": compute, "quantizer": _quantizer_digest()})
 
 
 def record_of(model: str, result: calibration.Calibration) -> dict:
@@ -95,7 +111,7 @@ def resolve_auto(model: str, *, revision: str | None = None, dtype=None, trust_r
     settings = settings_from_env()
     prompts = calibration.load_prompts(settings.n_prompts)
     head_dim, elem_bytes = _model_facts(model, revision, dtype, trust_remote_code)
-    key = calibration_key(model, settings, prompts, head_dim, elem_bytes, revision)
+    key = calibration_key(model, settings, prompts, head_dim, elem_bytes, revision, dtype, device)
     record = decision_cache.load(key)
     if record is None:
         with decision_cache.locked(key):

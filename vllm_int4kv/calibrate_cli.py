@@ -112,6 +112,7 @@ def run(args) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(ev, f, indent=1)
     if not args.no_cache:
-        key = auto.calibration_key(args.model, settings, prompts, head_dim, elem_bytes, args.revision)
+        key = auto.calibration_key(args.model, settings, prompts, head_dim, elem_bytes, args.revision,
+                                   args.dtype, args.device)
         print(f"stored: {decision_cache.store(key, auto.record_of(args.model, result))}")
     return 0
