@@ -225,9 +225,3 @@ def test_prompts_are_real_text():
     assert len(prompts) == 5
     assert all(len(p) > 1000 and p.count(" ") > 150 for p in prompts)
     assert len(set(prompts)) == 5
-
-
-def test_read_documents_skips_comments_and_splits_titles():
-    text = "# header\n# more\n\n=== A ===\n\nfirst para\n\nsecond\n=== B ===\nthird\n"
-    assert calibration.read_documents(text, 2) == ["first para\n\nsecond", "third"]
-    assert len(calibration.read_documents(text, 3)) <= 3

@@ -26,10 +26,10 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
+from .corpus import calibration_prompts
 from .kernels.reference import fake_quantize_kv
 from .policy import KVPolicy
 
@@ -128,50 +128,9 @@ class Calibration:
 
 # -- prompts -----------------------------------------------------------------------------------------
 def load_prompts(n: int = DEFAULT_PROMPTS) -> list[str]:
-    """Calibration text: the corpus module when present, else the packaged calibration.txt."""
-    try:
-        from .corpus import calibration_prompts
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.corpus":
-            raise
-    else:  # whole paragraphs, long enough to fill max_tokens for common tokenizers (~4.5 chars/token)
-        return list(calibration_prompts(n=n, min_chars=PROMPT_MIN_CHARS))
-    path = Path(__file__).parent / "data" / "calibration.txt"
-    if not path.exists():
-        raise FileNotFoundError("no calibration text: neither vllm_int4kv.corpus nor "
-                                f"{path} is available")
-    return read_documents(path.read_text(encoding="utf-8"), n)
-
-
-def read_documents(text: str, n: int) -> list[str]:
-    """The first ``n`` documents of calibration.txt ('#' comments, '=== title ===' starts a document)."""
-    docs: list[list[str]] = []
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        if line.startswith("===") and line.rstrip().endswith("==="):
-            docs.append([])
-        else:
-            if not docs:
-                docs.append([])
-            docs[-1].append(line)
-    texts = ["\n".join(d).strip() for d in docs if "".join(d).strip()]
-    return texts[:n] if len(texts) >= n else split_text("\n\n".join(texts), n)
-
-
-def split_text(text: str, n: int) -> list[str]:
-    """``n`` contiguous pieces of about equal length, cut at paragraph boundaries where possible."""
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    target = sum(map(len, paragraphs)) / n
-    pieces, current = [], []
-    for para in paragraphs:
-        current.append(para)
-        if sum(map(len, current)) >= target and len(pieces) < n - 1:
-            pieces.append("\n\n".join(current))
-            current = []
-    if current:
-        pieces.append("\n\n".join(current))
-    return pieces
+    """Calibration text shipped with the package: whole paragraphs of public-domain addresses, long
+    enough to fill max_tokens for common tokenizers (~4.5 characters per token)."""
+    return list(calibration_prompts(n=n, min_chars=PROMPT_MIN_CHARS))
 
 
 def prompt_token_ids(model: str, prompts: list[str], max_tokens: int, *, revision=None,
