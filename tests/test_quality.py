@@ -1,5 +1,6 @@
 """The quality checks: metric arithmetic against full-distribution references, and the ``quality``
 command end to end on the tiny local model through vLLM with our backend (k16v16 vs itself, k4v4)."""
+import time
 import glob
 import json
 import math
@@ -134,3 +135,16 @@ def test_quality_command_end_to_end(tmp_path):
     assert "| k16v16 | k16v16 | 256 |" in md and "16-bit basis" in md and "| k4v4 | k4v4 | 72 |" in md
     assert "## What the numbers mean" in md and "+0.77 %" in md
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_silent_worker_is_killed_at_the_timeout(tmp_path, monkeypatch):
+    from vllm_int4kv import quality
+
+    sleeper = tmp_path / "silent-worker"
+    sleeper.write_text("#!/bin/sh\nsleep 60\n")
+    sleeper.chmod(0o755)
+    monkeypatch.setattr(quality.sys, "executable", str(sleeper))  # the worker command's interpreter
+    started = time.monotonic()
+    result = quality.run_policy("k16v16", {}, tmp_path, timeout=1.0)
+    assert time.monotonic() - started < 30
+    assert result["ok"] is False and "killed after 1 s" in result["error"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,6 +111,13 @@ def reusable(run_dir: Path, spec: dict) -> dict | None:
     return result if same and (run_dir / "topk.npz").exists() else None
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_policy(policy: str, spec: dict, out: Path, timeout: float, reuse: bool = False) -> dict:
     """Run the worker; stream its output to ``worker.log`` and echo its progress lines."""
     run_dir = out / "runs" / policy
@@ -124,7 +133,12 @@ def run_policy(policy: str, spec: dict, out: Path, timeout: float, reuse: bool =
     tail: list[str] = []
     with open(run_dir / "worker.log", "w") as log, subprocess.Popen(
             [sys.executable, "-m", "vllm_int4kv.quality_worker", str(spec_path)], env=worker_env(policy),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True) as proc:
+        # A watchdog, not a check inside the loop: a worker that hangs silently prints nothing to wake
+        # it. It kills the whole process group: an engine process left behind would keep the pipe open.
+        watchdog = threading.Timer(timeout, _kill_group, args=(proc,))
+        watchdog.start()
         for line in proc.stdout:
             log.write(line)
             tail = (tail + [line.rstrip()])[-40:]
@@ -135,11 +149,10 @@ def run_policy(policy: str, spec: dict, out: Path, timeout: float, reuse: bool =
             elif now - last_echo > HEARTBEAT_S and line.strip():  # long stages: show where they are
                 print(f"[quality {policy}] ... {now - started:.0f} s: {line.strip()[:110]}", flush=True)
                 last_echo = now
-            if time.monotonic() - started > timeout:
-                proc.kill()
-                tail.append(f"killed after {timeout:.0f} s (--timeout)")
-                break
         code = proc.wait()
+        watchdog.cancel()
+        if time.monotonic() - started >= timeout and code != 0:
+            tail.append(f"killed after {timeout:.0f} s (--timeout)")
     if code == 0 and (run_dir / "result.json").exists():
         return json.loads((run_dir / "result.json").read_text())
     errors = [t for t in tail if "Error" in t or "error" in t or "killed" in t]
