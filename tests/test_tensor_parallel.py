@@ -54,10 +54,17 @@ def test_k16v16_on_two_ranks_equals_one_rank(tiny_model_dir, single_rank_k16v16,
         assert max(abs(a - b) for a, b in zip(ours["logprobs"], ref["logprobs"])) < 1e-3
 
 
-def test_k4v4_runs_on_two_ranks(tiny_model_dir, tmp_path):
+def test_k4v4_on_two_ranks_matches_one_rank(tiny_model_dir, tmp_path):
+    """Pages are quantized per (token, head), so splitting heads over ranks changes nothing but fp32
+    rounding of the projections (which can move a code across a rounding boundary: loose bound)."""
     result, log = run_engine(tiny_model_dir, 2, "k4v4", tmp_path)
+    single, _ = run_engine(tiny_model_dir, 1, "k4v4", tmp_path)
     assert policy_lines(log) == {0: "k4v4", 1: "k4v4"}
-    assert all(len(o["tokens"]) == 12 for o in result["outputs"])
+    for ours, ref in zip(result["outputs"], single["outputs"]):
+        assert len(ours["tokens"]) == 12
+        assert ours["tokens"][:4] == ref["tokens"][:4]
+        n = next((i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"])) if a != b), 12)
+        assert max(abs(a - b) for a, b in zip(ours["logprobs"][:n], ref["logprobs"][:n])) < 0.05
 
 
 def test_auto_is_decided_once_and_shared(tiny_model_dir, tmp_path):
