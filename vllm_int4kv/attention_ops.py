@@ -112,13 +112,15 @@ def default_impl() -> str:
 
 def describe(policy: KVPolicy, layout: PageLayout, num_kv_heads: int, model_dtype: torch.dtype) -> str:
     """The start-up line: policy, bytes per token per layer, capacity gain against a BF16 cache."""
-    elem = torch.empty((), dtype=model_dtype).element_size()
-    return (f"vllm-int4kv: KV policy {policy.name}, {layout.slot_bytes * num_kv_heads} bytes/token/layer "
+    line = (f"vllm-int4kv: KV policy {policy.name}, {layout.slot_bytes * num_kv_heads} bytes/token/layer "
             f"({num_kv_heads} KV heads x {layout.slot_bytes} B, head_dim {layout.head_dim}), "
-            f"{layout.compression_vs(2):.2f}x the tokens of a BF16 cache"
-            + ("" if elem == 2 else f", {layout.compression_vs(elem):.2f}x the tokens of a "
-               f"{str(model_dtype).removeprefix('torch.')} cache")
-            + f" (from {_policy_source})" * bool(_policy_source))
+            f"{layout.compression_vs(2):.2f}x the tokens of a BF16 cache")
+    if model_dtype.itemsize != 2:  # fp32 models: also say how this compares with their own cache
+        dtype_name = str(model_dtype).removeprefix("torch.")
+        line += f", {layout.compression_vs(model_dtype.itemsize):.2f}x the tokens of a {dtype_name} cache"
+    if _policy_source:
+        line += f" (from {_policy_source})"
+    return line
 
 
 # -- the per-layer steps ---------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def policy_layout(policy: KVPolicy, head_dim: int, kv_cache: torch.Tensor,
     """The page layout of a layer's cache view ``[num_blocks, H, block_size, C]``, checked against it."""
     if model_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"vllm-int4kv supports fp16, bf16 and fp32 models, not {model_dtype}")
-    elem_bytes = torch.empty((), dtype=model_dtype).element_size()
+    elem_bytes = model_dtype.itemsize
     layout = policy.layout(head_dim, kv_cache.shape[2], elem_bytes)
     row_bytes = kv_cache.shape[3] * kv_cache.element_size()
     if row_bytes != layout.slot_bytes:

@@ -144,7 +144,7 @@ class Int4KVBackend(AttentionBackend):
                              f"VLLM_INT4KV_POLICY gives {policy.name}: set a quantized policy (e.g. k4v4) "
                              "or use --kv-cache-dtype auto")
         model_dtype = _model_dtype(spec.dtype)
-        elem_bytes = torch.empty((), dtype=model_dtype).element_size()
+        elem_bytes = model_dtype.itemsize
         layout = policy.layout(spec.head_size, 16, elem_bytes)  # slot size does not depend on blocks
         key = (policy, spec.head_size, spec.num_kv_heads, model_dtype)
         if key not in _announced:  # once per process (per distinct layer shape)
