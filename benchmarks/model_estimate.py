@@ -24,7 +24,10 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(here.parent))
     __package__ = "benchmarks"  # noqa: A001
 
-from .config import POLICIES, SHAPES, ModelShape, make_layout  # noqa: E402
+from vllm_int4kv.planner import ModelKV, sequence_bytes  # noqa: E402
+from vllm_int4kv.policy import parse_policy  # noqa: E402
+
+from .config import BLOCK_SIZE, POLICIES, SHAPES, ModelShape, make_layout  # noqa: E402
 from .traffic import decode_bytes  # noqa: E402
 
 
@@ -71,12 +74,9 @@ def step_estimate(results, shape: ModelShape, policy: str, batch: int, context: 
 
 def capacity(shape: ModelShape, context: int, kv_gib: float) -> dict:
     """Max concurrent sequences of ``context`` tokens in ``kv_gib`` of KV memory, per policy."""
-    out = {}
-    for policy in POLICIES:
-        layout = make_layout(shape, policy)
-        per_seq = shape.num_layers * shape.num_kv_heads * layout.run_bytes * math.ceil(context / layout.block_size)
-        out[policy] = int(kv_gib * 2 ** 30 // per_seq)
-    return out
+    model = ModelKV(shape.num_layers, shape.num_kv_heads, shape.head_dim)  # the planner's arithmetic
+    return {policy: int(kv_gib * 2 ** 30 // sequence_bytes(model, parse_policy(policy), context, BLOCK_SIZE))
+            for policy in POLICIES}
 
 
 def estimates_for(results: dict, kv_gib: float = 40.0) -> list[dict]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from vllm_int4kv.kernels.attention import paged_attention
 from vllm_int4kv.kernels.cache_write import write_kv_cache
 from vllm_int4kv.kernels.page_format import PageLayout
-from vllm_int4kv.kernels.reference import (paged_attention_reference, read_cache_reference,
+from vllm_int4kv.kernels.reference import (error_ratio, paged_attention_reference, read_cache_reference,
                                            write_cache_reference)
 
 from .config import ModelShape
@@ -113,12 +113,6 @@ class AttentionCase:
         ref = paged_attention_reference(self.queries[0].cpu(), compact, self.pool.layout, local,
                                         self.seq_lens.cpu(), self.qsl.cpu(), kv_dtype=self.pool.dtype)
         return error_ratio(self.outs[0].float().cpu(), ref)
-
-
-def error_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """RMS error over RMS of the expectation (NaN if anything is NaN)."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 class SdpaCase:

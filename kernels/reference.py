@@ -177,3 +177,10 @@ def fake_quantize_kv(key: torch.Tensor, value: torch.Tensor, k_bits: int, v_bits
     if rotated:
         key, value = unrotate(key), unrotate(value)
     return key, value
+
+
+def error_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """RMS of the difference over RMS of the expectation, how kernels are compared with these references
+    (unlike a cosine, a scale error shows up; NaN anywhere gives NaN)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30)).item()

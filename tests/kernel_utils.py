@@ -11,12 +11,6 @@ from vllm_int4kv.kernels.reference import write_cache_reference
 POISON = 0xFF  # every fp16/fp32 parameter or raw element made of 0xFF bytes is NaN
 
 
-def error_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """RMS of the difference over RMS of the expectation (a scale error shows up, unlike cosine)."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
 @dataclass
 class PagedCase:
     layout: PageLayout

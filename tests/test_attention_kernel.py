@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernel_utils import error_ratio, full_precision_attention, make_case
+from kernel_utils import full_precision_attention, make_case
 from vllm_int4kv.kernels.attention import paged_attention
-from vllm_int4kv.kernels.reference import paged_attention_reference
+from vllm_int4kv.kernels.reference import error_ratio, paged_attention_reference
 
 # Mixed batch: a decode (1 query token), a chunked prefill (query after cached context), a full
 # prefill and a 3-token speculative verification; no length is a multiple of the block size.
