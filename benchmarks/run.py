@@ -193,7 +193,7 @@ class Runner:
             return
         pool = self.pool_for(shape, layout)
         eb, first = self.dtype.itemsize, True
-        tile_n = tile_tokens(shape.head_dim)
+        tile_n = tile_tokens(shape.head_dim, eb)
         for b in self.grid.batches:
             for c in self.grid.contexts:
                 point = {"shape": shape.name, "policy": policy, "batch": b, "context": c}
@@ -222,7 +222,7 @@ class Runner:
 
     def tune_point(self, case, point, heuristic):
         shape = case.pool.shape
-        tiles = math.ceil(case.seq_len / tile_tokens(shape.head_dim))
+        tiles = math.ceil(case.seq_len / tile_tokens(shape.head_dim, self.dtype.itemsize))
         sweep = sorted({s for s in self.grid.tune_splits if s <= max(1, tiles)} | {heuristic})
         timed = {}
         for s in sweep:

@@ -14,8 +14,13 @@ MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 2
 
 
+def _is_gpu(device: torch.device) -> bool:
+    """Tile and split choices are for a GPU; on CPU the kernels run in Triton's interpreter."""
+    return device.type == "cuda"
+
+
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
+    if not _is_gpu(device):
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -26,7 +31,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
 
     Only pure-decode batches are split; prefill tiles already give the grid enough programs.
     """
-    if max_query_len > 1 or device.type != "cuda":
+    if max_query_len > 1 or not _is_gpu(device):
         return 1
     programs = num_seqs * num_kv_heads
     wanted = math.ceil(2 * _sm_count(device) / max(programs, 1))
@@ -35,14 +40,24 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
     return 1 << (splits.bit_length() - 1)  # power of two (the reduce kernel's arange needs one)
 
 
-def tile_tokens(head_dim: int) -> int:
-    """KV positions per inner-loop tile (smaller for D=256 to keep the dequantized tiles in registers)."""
+def tile_tokens(head_dim: int, elem_bytes: int = 2) -> int:
+    """KV positions per inner-loop tile, as large as fits in registers without spilling.
+
+    Smaller for D=256, and for fp32 queries (fp32 ``tl.dot`` in IEEE mode runs on CUDA cores and
+    holds more live registers): at 64 tokens ptxas spills on sm_90 (``benchmarks/gpu_compile.py``).
+    """
+    if elem_bytes > 2:
+        return 16
     return 32 if head_dim > 128 else 64
 
 
-def query_tokens_per_program(group_pad: int, max_query_len: int) -> int:
-    """BLOCK_Q: decode fills 16 dot rows with one token's query heads; prefill takes ~64 rows."""
-    return max(1, (16 if max_query_len <= 1 else 64) // group_pad)
+def query_tokens_per_program(group_pad: int, max_query_len: int, elem_bytes: int = 2) -> int:
+    """BLOCK_Q: decode fills 16 dot rows with one token's query heads; prefill takes ~64 rows.
+
+    fp32 queries take 16 prefill rows: at 64, ptxas spills 5-8 KiB per thread on sm_90.
+    """
+    rows = 16 if max_query_len <= 1 or elem_bytes > 2 else 64
+    return max(1, rows // group_pad)
 
 
 def _check(query, block_table, seq_lens, query_start_loc, num_kv_heads, layout):
@@ -91,8 +106,11 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
 
     group = num_q_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    block_q = query_tokens_per_program(group_pad, max_query_len)
-    tile_n = tile_tokens(head_dim)
+    # Tiles are sized for the GPU's register file; the interpreter (CPU) has none and runs the larger
+    # 16-bit tiles faster, also for fp32.
+    tile_elem_bytes = query.element_size() if _is_gpu(query.device) else 2
+    block_q = query_tokens_per_program(group_pad, max_query_len, tile_elem_bytes)
+    tile_n = tile_tokens(head_dim, tile_elem_bytes)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, tile_n,
                                        query.device)

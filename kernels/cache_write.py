@@ -5,11 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .page_format import FP16_MAX, PageLayout
+from .page_format import FP16_MAX as _FP16_MAX, PageLayout
 from .planes import plane_views
 
-NUDGE_REL = 2.0 ** -10  # same directed rounding as reference.quant_params (see there for why)
-NUDGE_ABS = 2.0 ** -24
+# Globals read inside @jit must be tl.constexpr: the interpreter accepts plain floats, the GPU compiler
+# refuses them. The nudges are the directed rounding of reference.quant_params (see there for why).
+NUDGE_REL = tl.constexpr(2.0 ** -10)
+NUDGE_ABS = tl.constexpr(2.0 ** -24)
+FP16_MAX = tl.constexpr(_FP16_MAX)
 
 
 @triton.jit

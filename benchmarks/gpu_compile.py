@@ -1,0 +1,235 @@
+"""Compile every kernel specialisation our launchers produce for an NVIDIA GPU, on a machine without one.
+
+Why: the CPU test path runs the kernels in Triton's interpreter, which never runs the GPU compiler. Errors
+only the compiler raises (a plain-float global read inside ``@jit``, a ``tl.dot`` operand below 16, a type
+the target lacks) and resource use (registers, spills to local memory, shared memory) stay invisible
+until a GPU session, and GPU time is short. Triton ships ``ptxas``, so the cubins can be built here.
+
+How: each case calls the real launcher (``paged_attention``, ``write_kv_cache``) with small CPU tensors
+while the kernel objects are swapped for recorders and the launcher's ``_is_gpu`` answers yes, so the
+launch (grid, arguments, constexprs) is the one the launcher would make on a GPU (split counts, which
+need the SM count, are given explicitly). Each recorded launch is then specialised by Triton's own binder
+for the target (the same argument specialisation the JIT applies at run time) and compiled to a cubin.
+
+    python benchmarks/gpu_compile.py                 # every case for sm_90, table on stdout
+    python benchmarks/gpu_compile.py --arch 80 --json out.json
+
+Must run without TRITON_INTERPRET (under it ``@triton.jit`` builds interpreter objects, not compilable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a script from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from benchmarks.config import BLOCK_SIZE, POLICIES, SHAPES, ModelShape, make_layout  # noqa: E402
+from vllm_int4kv.kernels import attention, cache_write  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One launcher call: ``op`` is decode, decode_split, prefill or write."""
+
+    op: str
+    shape: str
+    policy: str
+    dtype: str = "bf16"
+    softcap: bool = False
+    window: bool = False
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f"-{flag}" for flag in ("softcap", "window") if getattr(self, flag))
+        return f"{self.op}/{self.shape}/{self.policy}/{self.dtype}{extra}"
+
+
+@dataclass
+class Built:
+    """One compiled kernel of a case (a split decode yields two: attention and reduce)."""
+
+    case: str
+    kernel: str
+    num_warps: int
+    num_stages: int
+    registers: int | None
+    spill_bytes: int | None  # stack frame per thread: > 0 means registers spilled
+    shared_bytes: int
+    error: str | None = None
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kw)`` records the launch."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, grid, args, kwargs))
+
+
+def _record(case: Case) -> list:
+    """Run the launcher of ``case`` on CPU tensors with recorders in place of the kernels."""
+    shape: ModelShape = SHAPES[case.shape]
+    dtype = DTYPES[case.dtype]
+    layout = make_layout(shape, case.policy, dtype.itemsize)
+    num_seqs, context = 8, 200
+    new_tokens = 1 if case.op.startswith("decode") else 64
+    blocks_per_seq = triton.cdiv(context + new_tokens, BLOCK_SIZE)
+    cache = torch.zeros(num_seqs * blocks_per_seq, shape.num_kv_heads, layout.run_bytes, dtype=torch.uint8)
+    num_tokens = num_seqs * new_tokens
+    launches: list = []
+    saved = (attention.paged_attention_kernel, attention._reduce_splits_kernel, cache_write._write_kv_kernel,
+             attention._is_gpu)
+    attention._is_gpu = lambda device: True  # make the launcher's GPU choices (tiles) for CPU tensors
+    attention.paged_attention_kernel = _Recorder(saved[0], launches)
+    attention._reduce_splits_kernel = _Recorder(saved[1], launches)
+    cache_write._write_kv_kernel = _Recorder(saved[2], launches)
+    try:
+        if case.op == "write":
+            kv = torch.zeros(num_tokens, shape.num_kv_heads, shape.head_dim, dtype=dtype)
+            slots = torch.arange(num_tokens, dtype=torch.int64)  # vLLM's slot_mapping is int64
+            cache_write.write_kv_cache(kv, kv.clone(), cache, slots, layout)
+        else:
+            query = torch.zeros(num_tokens, shape.num_q_heads, shape.head_dim, dtype=dtype)
+            table = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, -1)
+            seq_lens = torch.full((num_seqs,), context + new_tokens, dtype=torch.int32)
+            starts = torch.arange(num_seqs + 1, dtype=torch.int32) * new_tokens
+            attention.paged_attention(
+                query, cache, layout, table, seq_lens, starts, max_query_len=new_tokens,
+                max_seq_len=context + new_tokens, softcap=30.0 if case.softcap else None,
+                sliding_window=128 if case.window else None,
+                num_splits=4 if case.op == "decode_split" else 1)
+    finally:
+        (attention.paged_attention_kernel, attention._reduce_splits_kernel, cache_write._write_kv_kernel,
+         attention._is_gpu) = saved
+    return launches
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers, stack-frame bytes) per thread from ``cuobjdump --dump-resource-usage`` (Triton ships it)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)  # spilled registers live in the stack frame
+    return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
+
+
+def _compile(kernel, args, kwargs, arch: int):
+    """Specialise like the JIT does for ``arch`` (alignment, ints equal to 1, ...) and build a cubin."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    return compiled, options
+
+
+def build_case(case: Case, arch: int = 90) -> list[Built]:
+    """Record and compile one case; a failure is returned as a row with ``error`` set, not raised."""
+    try:
+        launches = _record(case)
+    except Exception as exc:  # the launcher itself refused the case
+        return [Built(case.name, "launcher", 0, 0, None, None, 0, f"{type(exc).__name__}: {exc}")]
+    rows = []
+    for kernel, _grid, args, kwargs in launches:
+        try:
+            compiled, options = _compile(kernel, args, kwargs, arch)
+        except Exception as exc:
+            rows.append(Built(case.name, kernel.__name__, 0, 0, None, None, 0,
+                              f"{type(exc).__name__}: {str(exc)[-2000:]}"))
+            continue
+        regs, local = _resource_usage(compiled.asm["cubin"])
+        rows.append(Built(case.name, kernel.__name__, options.num_warps, options.num_stages, regs, local,
+                          compiled.metadata.shared))
+    return rows
+
+
+def all_cases() -> list[Case]:
+    """Every shape x policy x op in bf16, plus the dtype and masking variants on one shape."""
+    cases = [Case(op, shape, policy) for shape in SHAPES for policy in POLICIES
+             if not _skip(shape, policy) for op in ("decode", "decode_split", "prefill", "write")]
+    for dtype in ("fp16", "fp32"):
+        cases += [Case(op, "llama3-8b", policy, dtype) for policy in ("k4v4", "k16v16")
+                  for op in ("decode", "prefill", "write")]
+    cases += [Case(op, "llama3-8b", "k4v4", softcap=True, window=True) for op in ("decode", "prefill")]
+    return cases
+
+
+def _skip(shape: str, policy: str) -> bool:
+    """Key groups must be narrower than the head (the policy refuses k4v4-g64 on D=64, by design)."""
+    group = re.search(r"-g(\d+)", policy)
+    return bool(group) and int(group.group(1)) >= SHAPES[shape].head_dim
+
+
+def build_all(cases: list[Case], arch: int, workers: int) -> list[Built]:
+    if workers <= 1:
+        return [row for case in cases for row in build_case(case, arch)]
+    with ProcessPoolExecutor(workers) as pool:
+        return [row for rows in pool.map(build_case, cases, [arch] * len(cases)) for row in rows]
+
+
+def table(rows: list[Built]) -> str:
+    lines = ["| case | kernel | warps | stages | registers | spill B | shared B |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.case} | {r.kernel} | FAILED: {r.error.splitlines()[-1][:120]} ||||")
+        else:
+            lines.append(f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.registers} | "
+                         f"{r.spill_bytes} | {r.shared_bytes} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: under the interpreter Triton builds nothing to compile")
+    rows = build_all(all_cases(), args.arch, args.workers)
+    print(f"# Kernel resources on sm_{args.arch} (compiled, not run)\n\n"
+          f"`python benchmarks/gpu_compile.py --arch {args.arch}`: every kernel specialisation our launchers "
+          f"make, compiled by Triton {triton.__version__} with its bundled ptxas on a machine without a GPU; "
+          f"registers and spills per thread, shared memory per block, from cuobjdump. "
+          f"{sum(not r.error for r in rows)} kernels built, {sum(bool(r.error) for r in rows)} failed, "
+          f"{sum(bool(r.spill_bytes) for r in rows)} spill.\n")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    failed = [r for r in rows if r.error]
+    for r in failed:
+        print(f"\n{r.case} ({r.kernel}):\n{r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Our kernels compile for the GPU (sm_90) without a GPU, with no register spills.
+
+The rest of the suite runs the kernels in Triton's interpreter, which never invokes the GPU compiler: a
+plain-float global read inside ``@jit`` passed every interpreted test yet stopped every GPU launch. These
+tests build real cubins with Triton's bundled ptxas (``benchmarks/gpu_compile.py``), in a subprocess
+because this process imported Triton in interpreter mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import triton
+
+REPO = Path(__file__).resolve().parent.parent
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on H100/H200
+
+pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
+
+
+def _compile_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def _run(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=_compile_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def built():
+    """A spread of launcher cases: every shape's quantized and BF16 paths, every policy on Llama-3-8B."""
+    proc = _run("""
+        import json
+        from benchmarks.config import POLICIES, SHAPES
+        from benchmarks.gpu_compile import Case, build_all
+        cases = [Case(op, s, p) for s in SHAPES for p in ("k4v4", "k16v16")
+                 for op in ("decode", "decode_split", "prefill", "write")]
+        cases += [Case("decode", "llama3-8b", p) for p in POLICIES if p not in ("k4v4", "k16v16")]
+        cases += [Case(op, "llama3-8b", "k4v4", d) for d in ("fp16", "fp32") for op in ("decode", "prefill")]
+        cases += [Case(op, "qwen2.5-7b", "k4v4-g32", softcap=True, window=True) for op in ("decode", "prefill")]
+        print(json.dumps([r.__dict__ for r in build_all(cases, 90, 2)]))
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_every_kernel_compiles_for_sm90(built):
+    failed = [(r["case"], r["kernel"], r["error"]) for r in built if r["error"]]
+    assert not failed, failed
+    kernels = {r["kernel"] for r in built}
+    assert kernels == {"paged_attention_kernel", "_reduce_splits_kernel", "_write_kv_kernel"}
+    assert sum(r["case"].startswith("decode_split/") and r["kernel"] == "_reduce_splits_kernel"
+               for r in built) == 8  # a split decode launches the reduce kernel too
+
+
+def test_no_register_spills_and_shared_memory_fits(built):
+    """Spills go to local memory (slow); a block over the shared-memory limit fails to launch."""
+    assert all(r["registers"] and r["registers"] <= 255 for r in built)
+    spilled = [(r["case"], r["spill_bytes"]) for r in built if r["spill_bytes"]]
+    assert not spilled, spilled
+    too_big = [(r["case"], r["shared_bytes"]) for r in built if r["shared_bytes"] > SM90_SHARED_LIMIT]
+    assert not too_big, too_big
+
+
+def test_the_check_catches_what_the_interpreter_accepts(tmp_path):
+    """A kernel reading a plain-float global runs under the interpreter and fails the GPU compile."""
+    (tmp_path / "bad_kernel.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+        SCALE = 2.0  # not tl.constexpr
+
+        @triton.jit
+        def scale_kernel(x_ptr, N: tl.constexpr):
+            offs = tl.arange(0, N)
+            tl.store(x_ptr + offs, tl.load(x_ptr + offs) * SCALE)
+    """))
+    script = f"""
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path)!r})
+        from bad_kernel import scale_kernel
+        x = torch.ones(16)
+        scale_kernel[(1,)](x, N=16)  # interpreted: runs and is right
+        assert x.eq(2).all()
+        print("interpreter ok")
+    """
+    interp = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                            env={**_compile_env(), "TRITON_INTERPRET": "1"}, timeout=120)
+    assert "interpreter ok" in interp.stdout, interp.stderr[-2000:]
+    proc = _run(f"""
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path)!r})
+        from bad_kernel import scale_kernel
+        from benchmarks.gpu_compile import _compile
+        try:
+            _compile(scale_kernel, (torch.ones(16),), {{"N": 16}}, 90)
+        except Exception as exc:
+            print("refused:", type(exc).__name__, "constexpr" in str(exc))
+    """)
+    assert "refused: CompilationError True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
