@@ -69,6 +69,7 @@ class Grid:
     write_tokens: tuple[int, ...]
     tune_splits: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     tune_policies: tuple[str, ...] = ("k4v4",)
+    tune_warps: tuple[int, ...] = (8,)  # timed besides the launcher's 4, at the best split count
     extra: dict = field(default_factory=dict)
 
 

@@ -231,11 +231,19 @@ class Runner:
                 self.check("decode_splits", {**point, "num_splits": s}, case.check())
         times = {s: t["median_us"] for s, t in timed.items()}
         best = min(times, key=times.get)
+        # warps: the launcher uses 4; ptxas gives the decode kernel ~200-255 registers per thread there
+        # (benchmarks/compile), so 8 warps trade registers per thread for more warps in flight
+        warps = {4: times[best]}
+        for w in self.grid.tune_warps:
+            warps[w] = self.bench(case.fns(best, num_warps=w))["median_us"]
+            if self.args.smoke:
+                self.check("decode_warps", {**point, "num_splits": best, "num_warps": w}, case.check())
         row = {**point, "heuristic": heuristic, "best": best, "times_us": {str(k): v for k, v in times.items()},
-               "heuristic_over_best": times[heuristic] / times[best]}
+               "heuristic_over_best": times[heuristic] / times[best],
+               "warps_us": {str(k): v for k, v in warps.items()}, "best_warps": min(warps, key=warps.get)}
         self.r["tune_splits"].append(row)
         self.log(f"tune {point}: heuristic {heuristic} ({times[heuristic]:.1f} us), best {best} "
-                 f"({times[best]:.1f} us)")
+                 f"({times[best]:.1f} us); warps " + " ".join(f"{k}:{v:.1f}" for k, v in warps.items()))
         return timed[heuristic]
 
     def prefill(self, shape, policy, layout, pool):

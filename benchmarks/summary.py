@@ -75,11 +75,13 @@ def _tune(r):
         return ""
     rows = [[x["shape"], x["policy"], x["batch"], x["context"], x["heuristic"], x["best"],
              _f(x["heuristic_over_best"], "{:.2f}"),
-             " ".join(f"{k}:{v:.1f}" for k, v in x["times_us"].items())] for x in r["tune_splits"]]
+             " ".join(f"{k}:{v:.1f}" for k, v in x["times_us"].items()),
+             " ".join(f"{k}:{v:.1f}" for k, v in x.get("warps_us", {}).items())] for x in r["tune_splits"]]
     worst = max(x["heuristic_over_best"] for x in r["tune_splits"])
-    return (f"## Split-count tuning (choose_num_splits vs best measured)\n\nWorst heuristic/best time "
+    return (f"## Split-count and warp tuning (choose_num_splits vs best measured; the launcher uses 4 warps)\n\nWorst heuristic/best time "
             f"ratio: {worst:.2f}\n\n" + _table(["shape", "policy", "batch", "context", "heuristic",
-                                                "best", "heur/best", "µs by splits"], rows))
+                                                "best", "heur/best", "µs by splits",
+                                                "µs by warps (best splits)"], rows))
 
 
 def _estimates(r):

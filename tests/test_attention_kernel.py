@@ -110,6 +110,8 @@ def test_contract_errors_are_clear():
                         case.query_start_loc, max_query_len=1, max_seq_len=130)
     with pytest.raises(ValueError, match="num_splits must be a power of two"):
         run_kernel(case, num_splits=3)
+    with pytest.raises(ValueError, match="num_warps must be"):
+        run_kernel(case, num_warps=3)
 
 
 @pytest.mark.gpu

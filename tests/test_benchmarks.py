@@ -65,6 +65,8 @@ def test_smoke_json_structure(smoke):
     assert {row["shape"] for row in r["decode"]} == set(SHAPES)
     assert {row["kind"] for row in r["prefill"]} == {"prefill", "chunked_prefill"}
     assert r["tune_splits"] and all(row["best"] in (1, 2) for row in r["tune_splits"])
+    assert all(set(row["warps_us"]) == {"4", "8"} and row["best_warps"] in (4, 8) for row in r["tune_splits"])
+    assert any(c["what"] == "decode_warps" and c["ok"] for c in r["checks"])
     assert set(r["goals"]) == set(GOALS)
     assert all(g["status"] in ("met", "missed", "not measured") for g in r["goals"].values())
     assert r["model_estimates"] and "[" in stdout  # progress lines
@@ -73,7 +75,7 @@ def test_smoke_json_structure(smoke):
 def test_smoke_kernels_match_reference(smoke):
     _, r, _ = smoke
     whats = {c["what"] for c in r["checks"]}
-    assert whats == {"decode", "decode_splits", "prefill", "write"}
+    assert whats == {"decode", "decode_splits", "decode_warps", "prefill", "write"}
     bad = [c for c in r["checks"] if not c["ok"]]
     assert not bad
     assert max(c["error"] for c in r["checks"]) < 1e-2
