@@ -1,6 +1,7 @@
-"""Tensor parallelism through vLLM's own engine (CPU build, 2 ranks, one core each).
+"""Tensor and pipeline parallelism through vLLM's own engine (CPU build, 2 ranks, one core each).
 
-The tiny model has 2 KV heads, so each rank holds 1: pages, start-up line and policy are per rank.
+The tiny model has 2 KV heads, so each TP rank holds 1: pages, start-up line and policy are per rank.
+With PP each rank holds one of the 2 layers, with both KV heads.
 """
 import json
 import os
@@ -15,13 +16,13 @@ SCRIPT = Path(__file__).with_name("tp_engine.py")
 pytestmark = pytest.mark.slow
 
 
-def run_engine(model, tp, policy, tmp_path, extra_env=None, expect_ok=True):
+def run_engine(model, tp, policy, tmp_path, extra_env=None, expect_ok=True, pp=1):
     env = dict(os.environ, VLLM_INT4KV_POLICY=policy, VLLM_INT4KV_IMPL="torch",
                VLLM_INT4KV_CACHE_DIR=str(tmp_path / "decisions"), VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == 2 else "0", HF_HUB_OFFLINE="1",
+               VLLM_CPU_OMP_THREADS_BIND="0|1" if tp * pp == 2 else "0", HF_HUB_OFFLINE="1",
                VLLM_LOGGING_LEVEL="INFO", **(extra_env or {}))
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # workers are real processes here
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(model), str(tp)], env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(model), str(tp), str(pp)], env=env,
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     if not expect_ok:
@@ -79,3 +80,17 @@ def test_mismatched_ranks_stop_start_up(tiny_model_dir, tmp_path):
     _, log = run_engine(tiny_model_dir, 2, "k4v4", tmp_path,
                         extra_env={"VLLM_INT4KV_TEST_RANK_POLICY": "1:k8v4"}, expect_ok=False)
     assert "ranks asked for different KV policies (rank 0: k4v4, rank 1: k8v4)" in log
+
+
+def test_pipeline_parallel_auto_is_shared_and_matches_one_rank(tiny_model_dir, tmp_path):
+    """PP=2: rank 0 decides `auto` once, both stages serve their layer with it, and the tokens are those
+    of one rank serving the decided policy (the compiled PP engine only reorders fp32 rounding)."""
+    result, log = run_engine(tiny_model_dir, 1, "auto", tmp_path, pp=2)
+    ranks = policy_lines(log)
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1], log[-3000:]
+    assert "decided on rank 0" in log and "2 KV heads on this rank" in log
+    single, _ = run_engine(tiny_model_dir, 1, ranks[0], tmp_path)
+    for ours, ref in zip(result["outputs"], single["outputs"]):
+        assert len(ours["tokens"]) == 12 and ours["tokens"][:4] == ref["tokens"][:4]
+        n = next((i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"])) if a != b), 12)
+        assert max(abs(a - b) for a, b in zip(ours["logprobs"][:n], ref["logprobs"][:n])) < 0.05
