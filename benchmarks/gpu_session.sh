@@ -3,42 +3,52 @@
 #   bash benchmarks/gpu_session.sh          gpu tests, quick benchmark, then the full grid in the time left
 #   bash benchmarks/gpu_session.sh full     only the full grid (all of the time budget)
 #   bash benchmarks/gpu_session.sh tune     only the split-count sweep
-# The machine has no pip install of this package: a temporary shim directory makes `vllm_int4kv` and
-# `vllm_int4kv.kernels` import from this checkout. Everything fits the device tool's limits: one call
-# under 10 minutes (SESSION_BUDGET_S), at most 8 files in $OUT, flat.
+#   bash benchmarks/gpu_session.sh imports  only check that everything imports (the test suite runs this)
+# The machine has no pip install of this package: `vllm_int4kv/kernels` is linked to `kernels/` for the
+# session (where setup.py's package_dir puts it), so the checkout imports as installed. Everything fits
+# the device tool's limits: one call under 10 minutes (SESSION_BUDGET_S), at most 8 files in $OUT, flat.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 REPO=$(pwd)
 OUT=${OUT:-$REPO/gpu_out}
 BUDGET=${SESSION_BUDGET_S:-560}
 PHASE=${1:-all}
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU machine's torch is under python3
+PY_FLAGS=""
 QUICK_ARGS="--quick"; FULL_ARGS=""
 if [ "${DRY_RUN:-0}" = 1 ]; then  # rehearse this script on a CPU machine: tiny interpreter runs
   QUICK_ARGS="--smoke --shapes smollm2-135m --policies k4v4,k16v16"; FULL_ARGS=$QUICK_ARGS
+  # as on the GPU machine, no install of this package: -S skips the .pth of an editable install
+  PY_FLAGS="-S"
+  export PYTHONPATH=$("$PY" -c "import site; print(':'.join(site.getsitepackages()))")
 fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 LOG="$OUT/session.log"
 
-# The shim: $WORK/shim/vllm_int4kv/{<the package's files>, kernels -> $REPO/kernels}
-bash "$REPO/benchmarks/make_shim.sh" "$REPO" "$WORK/shim"
-export PYTHONPATH="$WORK/shim:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+LINK="$REPO/vllm_int4kv/kernels"
+if [ ! -e "$LINK" ]; then ln -s ../kernels "$LINK" && trap 'rm -f "$LINK"' EXIT; fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+py() { "$PY" $PY_FLAGS "$@"; }
 
 left() { echo $((BUDGET - SECONDS)); }
 {
   echo "== session $(date -u) phase=$PHASE budget=${BUDGET}s"
   nvidia-smi || true
-  "$PY" -c "import torch, triton, vllm_int4kv.kernels as k; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print('kernels from', k.__file__)"
 } >>"$LOG" 2>&1
+# fail fast, and say why, if the checkout does not import (nothing else could run)
+if ! py -c "import torch, triton, vllm_int4kv.kernels.attention as a, benchmarks.run; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print('kernels from', a.__file__)" >>"$LOG" 2>&1; then
+  echo "IMPORT FAILED with $PY $PY_FLAGS (PYTHONPATH=$PYTHONPATH):"; tail -n 20 "$LOG"; exit 3
+fi
+if [ "$PHASE" = imports ]; then tail -n 2 "$LOG"; exit 0; fi
 
 bench() {  # bench NAME SECONDS ARGS...
   local name=$1 secs=$2; shift 2
   echo "== benchmark $name (budget ${secs}s): $*" >>"$LOG"
-  timeout $((secs + 60)) "$PY" benchmarks/run.py --out "$WORK/$name" --budget-s "$secs" "$@" >>"$LOG" 2>&1
+  timeout $((secs + 60)) "$PY" $PY_FLAGS benchmarks/run.py --out "$WORK/$name" --budget-s "$secs" "$@" >>"$LOG" 2>&1
   echo "== benchmark $name exit $?" >>"$LOG"
   if [ -f "$WORK/$name/results.json" ] && [ ! -f "$WORK/$name/summary.md" ]; then  # killed: render anyway
-    "$PY" benchmarks/summary.py "$WORK/$name/results.json" >"$WORK/$name/summary.md" 2>>"$LOG"
+    py benchmarks/summary.py "$WORK/$name/results.json" >"$WORK/$name/summary.md" 2>>"$LOG"
   fi
   cp "$WORK/$name/results.json" "$OUT/$name.json" 2>/dev/null
   cp "$WORK/$name/summary.md" "$OUT/${name}_summary.md" 2>/dev/null
@@ -49,7 +59,7 @@ case "$PHASE" in
     echo "== pytest -m gpu" >>"$LOG"
     PYTEST_EXTRA=""; [ "${DRY_RUN:-0}" = 1 ] && PYTEST_EXTRA="--collect-only"
     # collection errors in one module (a package missing here) must not hide the other modules' results
-    timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors $PYTEST_EXTRA \
+    timeout 150 "$PY" $PY_FLAGS -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors $PYTEST_EXTRA \
       >>"$LOG" 2>&1
     echo "== pytest exit $?" >>"$LOG"
     bench quick 150 $QUICK_ARGS

@@ -37,7 +37,7 @@ from .config import GRIDS, POLICIES, SHAPES, make_layout  # noqa: E402
 from .workloads import AttentionCase, Pool, SdpaCase, WriteCase  # noqa: E402
 
 ROTATE_L2_MULTIPLE = 4  # rotate copies until the working set is >= 4x L2
-MAX_COPIES = 8
+MAX_COPIES = 64  # enough for a ~3 MiB working set (batch 1, short context) to cycle past L2
 CHECK_TOLERANCE = 2e-2  # bf16/fp16 output vs the fp32 reference on the same (dequantized) cache
 
 
@@ -66,7 +66,8 @@ class Runner:
             "GB/s counts unique bytes (KV rows + scale planes + block table + Q + out); split partials are "
             "listed per row (partial_bytes) but not counted",
             "SDPA baselines: contiguous K/V in the model dtype with enable_gqa=True; chunked prefill needs an "
-            "explicit mask, with which torch may pick its math backend",
+            "explicit mask, which rules out torch's GQA fast paths, so there K/V are expanded to the query "
+            "heads outside the timed call (bytes still count the unexpanded K/V)",
             f"L2 rotation: each point cycles through up to {MAX_COPIES} disjoint copies so that the working "
             f"set reaches {ROTATE_L2_MULTIPLE}x L2 ({self.rotate_bytes / 2**20:.0f} MiB)"]
         timing.print_header(header)
@@ -151,8 +152,10 @@ class Runner:
             point = {"kind": p.kind, "shape": shape.name, "num_seqs": p.num_seqs,
                      "new_tokens": p.new_tokens, "context": p.context}
             total = p.context + p.new_tokens
-            if self.out_of_time():
-                self.skip({"table": "sdpa_prefill", **point}, "time budget")
+            need = traffic.sdpa_bytes(shape, p.num_seqs, total, p.new_tokens, eb)["bytes"] * (1 + shape.group)
+            if self.out_of_time() or need > self.usable_bytes():  # (1 + group): expanded K/V when chunked
+                self.skip({"table": "sdpa_prefill", **point}, "time budget" if self.out_of_time()
+                          else f"needs {need / 2**30:.1f} GiB")
                 continue
             case = SdpaCase(shape, p.num_seqs, p.new_tokens, total, 1, self.device, self.dtype)
             self.record("sdpa_prefill", point, self.bench(case.fns()),
@@ -292,8 +295,14 @@ class Runner:
             self.log(f"FAILED {what}: {type(exc).__name__}: {exc}")
             self.r["errors"].append({**what, "error": f"{type(exc).__name__}: {exc}"[:500]})
             if self.device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
+                try:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                except Exception as sticky:  # noqa: BLE001 - e.g. an illegal address: the context is gone
+                    self.log(f"CUDA context lost ({type(sticky).__name__}); saving what was measured")
+                    self.r["errors"].append({**what, "error": f"CUDA context lost: {sticky}"[:500]})
+                    self.save()
+                    raise SystemExit(4) from sticky
 
     def run(self):
         """Baselines first, then our policies rank by rank across shapes (k4v4 and k16v16 lead), so a

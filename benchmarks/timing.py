@@ -17,8 +17,24 @@ import torch
 import triton
 
 TARGET_GRAPH_MS = 2.0  # each timed replay lasts at least this long (event resolution ~1 us)
-MAX_CALLS_PER_GRAPH = 200
+MAX_CALLS_PER_GRAPH = 1000
 TRIALS = 10
+
+
+def _capture(fns, calls: int) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return graph
+
+
+def _time_ms(run, start, end) -> float:
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def bench(fns, device: torch.device) -> dict:
@@ -27,40 +43,33 @@ def bench(fns, device: torch.device) -> dict:
         start = time.perf_counter()
         fns[0]()
         return {"median_us": (time.perf_counter() - start) * 1e6, "method": "cpu-wallclock"}
-    for fn in fns:  # compile and warm up every copy
+    for fn in fns:  # compile and warm up every copy (no compilation may happen inside a capture)
         fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for fn in fns:
-        fn()
-    end.record()
-    end.synchronize()
-    eager_ms = start.elapsed_time(end) / len(fns)  # an over-estimate (includes launch overhead)
-    calls = max(len(fns), min(MAX_CALLS_PER_GRAPH, math.ceil(TARGET_GRAPH_MS / max(eager_ms, 1e-4))))
+
+    def eager(calls):
+        return lambda: [fns[i % len(fns)]() for i in range(calls)]
+
     method = "cuda-graph"
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                fns[i % len(fns)]()
-        replay = graph.replay
+        # size the timed graph from a replay of one pass over the copies (eager time would be launch
+        # overhead for a kernel of a few microseconds, and the replay far shorter than the target)
+        probe = _capture(fns, len(fns))
+        probe.replay()
+        per_call_ms = _time_ms(probe.replay, start, end) / len(fns)
+        calls = max(len(fns), min(MAX_CALLS_PER_GRAPH, math.ceil(TARGET_GRAPH_MS / max(per_call_ms, 1e-4))))
+        del probe
+        replay = _capture(fns, calls).replay
     except Exception as exc:  # noqa: BLE001 - fall back to eager launches, and say so
         method = f"eager ({type(exc).__name__})"
         torch.cuda.synchronize()
-
-        def replay():
-            for i in range(calls):
-                fns[i % len(fns)]()
+        per_call_ms = _time_ms(eager(len(fns)), start, end) / len(fns)  # includes launch overhead
+        calls = max(len(fns), min(MAX_CALLS_PER_GRAPH, math.ceil(TARGET_GRAPH_MS / max(per_call_ms, 1e-4))))
+        replay = eager(calls)
     replay()
     replay()
-    times = []
-    for _ in range(TRIALS):
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
+    times = [_time_ms(replay, start, end) * 1e3 / calls for _ in range(TRIALS)]
     return {"median_us": statistics.median(times), "min_us": min(times), "method": method,
             "calls_per_trial": calls}
 

@@ -122,9 +122,11 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
     part_acc = part_max = part_sum = out  # unused placeholders when not split
     if num_splits > 1:
-        part_max = torch.empty(num_tokens, num_q_heads, num_splits, device=query.device)
+        # explicit fp32: the default dtype is whatever the caller set (vLLM changes it to build models)
+        part_max = torch.empty(num_tokens, num_q_heads, num_splits, device=query.device, dtype=torch.float32)
         part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty(num_tokens, num_q_heads, num_splits, head_dim, device=query.device)
+        part_acc = torch.empty(num_tokens, num_q_heads, num_splits, head_dim, device=query.device,
+                               dtype=torch.float32)
 
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     paged_attention_kernel[grid](

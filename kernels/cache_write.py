@@ -67,7 +67,7 @@ def _write_kv_kernel(
     K_ROW: tl.constexpr, V_ROW: tl.constexpr, P_ROW: tl.constexpr, V_PAR_OFFSET: tl.constexpr,
 ):
     """One program per (token, kv head). Row sizes are in elements of each plane's pointer type."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # token * stride passes 2^31 past ~350k tokens of a fused QKV
     head = tl.program_id(1)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # padding token

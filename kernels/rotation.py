@@ -13,25 +13,22 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def _hadamard_fp32(dim: int) -> torch.Tensor:
+def _hadamard_on(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if dim < 1 or dim & (dim - 1):
         raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {dim}")
-    h = torch.ones(1, 1)
+    # built on the device itself (fill and cat kernels, no host-to-device copy), so that even a first
+    # call inside a CUDA-graph capture would be legal
+    h = torch.ones(1, 1, device=device)
     while h.shape[0] < dim:  # Sylvester construction
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h / dim ** 0.5
-
-
-@functools.lru_cache(maxsize=None)
-def _hadamard_on(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _hadamard_fp32(dim).to(device=device, dtype=dtype)
+    return (h / dim ** 0.5).to(dtype)
 
 
 def hadamard(dim: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """The symmetric orthonormal ``[dim, dim]`` Hadamard matrix (its own inverse).
 
-    Cached per device and dtype: rotation runs for every layer at every step, where a host-to-device
-    copy would cost a sync each time and could not be captured in a CUDA graph.
+    Cached per device and dtype: rotation runs for every layer at every step, where building it again
+    would cost kernels (and a host copy, a sync) each time.
     """
     return _hadamard_on(dim, dtype, torch.device(device))
 

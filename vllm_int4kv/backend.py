@@ -32,6 +32,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from . import attention_ops as ops
 from .kernels.page_format import HEAD_DIMS
+from .kernels.rotation import hadamard
 from .policy import KVPolicy
 
 # A child of vLLM's logger, so our lines appear (and are filtered) with vLLM's own.
@@ -259,6 +260,8 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
             self._policy = _policy()
         if self._layout is None or self._layout.block_size != kv_cache.shape[2]:
             self._layout = ops.policy_layout(self._policy, self.head_size, kv_cache, model_dtype)
+            if self._policy.rotate:  # build the cached Hadamard matrix now, not inside a graph capture
+                hadamard(self.head_size, device=kv_cache.device)
         return self._layout
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
