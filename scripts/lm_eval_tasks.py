@@ -192,14 +192,14 @@ def task_yaml(name: str, jsonl: Path, kind_lines: list[str]) -> str:
     ])
 
 
-def write_sotu_ppl_task(tasks_out: Path, eval_jsonl: Path, source: str, license: str) -> str:
+def write_sotu_ppl_task(tasks_out: Path, eval_jsonl: Path, eval_source: str, eval_license: str) -> str:
     """The perplexity task on the evaluation corpus ``eval_jsonl``; returns its SOURCES.md row."""
     with open(eval_jsonl, encoding="utf-8") as f:
         n_docs = sum(1 for _ in f)
     jsonl = tasks_out / "sotu_ppl.jsonl"
     write_if_changed(jsonl, eval_jsonl.read_text(encoding="utf-8"))
     write_if_changed(tasks_out / "sotu_ppl.yaml", task_yaml("sotu_ppl", jsonl, SOTU_PPL_YAML))
-    return f"| sotu_ppl | loglikelihood_rolling | {n_docs} | {source} | {license} |"
+    return f"| sotu_ppl | loglikelihood_rolling | {n_docs} | {eval_source} | {eval_license} |"
 
 
 def write_bigbench_task(tasks_out: Path, name: str, rel: str, task: dict, license_line: str | None) -> str:
