@@ -59,7 +59,7 @@ case "$PHASE" in
     echo "== pytest -m gpu" >>"$LOG"
     PYTEST_EXTRA=""; [ "${DRY_RUN:-0}" = 1 ] && PYTEST_EXTRA="--collect-only"
     # collection errors in one module (a package missing here) must not hide the other modules' results
-    timeout 150 "$PY" $PY_FLAGS -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors $PYTEST_EXTRA \
+    timeout 200 "$PY" $PY_FLAGS -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors $PYTEST_EXTRA \
       >>"$LOG" 2>&1
     echo "== pytest exit $?" >>"$LOG"
     bench quick 150 $QUICK_ARGS
