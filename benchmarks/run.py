@@ -31,7 +31,7 @@ import time  # noqa: E402
 
 from vllm_int4kv.kernels.attention import choose_num_splits, tile_tokens  # noqa: E402
 
-from . import timing, traffic, vllm_baseline  # noqa: E402
+from . import layer_step, timing, traffic, vllm_baseline  # noqa: E402
 from .analysis import derive  # noqa: E402
 from .config import GRIDS, POLICIES, SHAPES, make_layout  # noqa: E402
 from .workloads import AttentionCase, Pool, SdpaCase, WriteCase  # noqa: E402
@@ -60,7 +60,7 @@ class Runner:
                   "block_size": 16, "copy_bandwidth_gbs": None, "copy": None, "gemm": None,
                   "vllm": {"status": vllm_baseline.availability(self.device) or "measured"},
                   "decode": [], "sdpa_decode": [], "vllm_decode": [], "prefill": [], "sdpa_prefill": [],
-                  "write": [], "tune_splits": [], "checks": [], "skipped": [], "notes": [], "errors": [],
+                  "write": [], "layer_step": [], "tune_splits": [], "checks": [], "skipped": [], "notes": [], "errors": [],
                   "goals": {}, "model_estimates": []}
         self.r["notes"] += [
             "GB/s counts unique bytes (KV rows + scale planes + block table + Q + out); split partials are "
@@ -311,6 +311,10 @@ class Runner:
         if not self.args.tune:
             for shape in self.shapes:
                 self.guarded({"section": "baselines", "shape": shape.name}, self.baselines, shape)
+            for shape in self.shapes:  # the format options' cost (rotation, key groups): small, kept early
+                if shape.name in layer_step.SHAPES[self.mode]:
+                    self.guarded({"section": "layer_step", "shape": shape.name},
+                                 layer_step.time_layer_steps, self, shape)
         ranked = {s.name: sorted(self.policies(s), key=lambda p: (p not in ("k4v4", "k16v16"),))
                   for s in self.shapes}
         for rank in range(max(map(len, ranked.values()), default=0)):

@@ -70,6 +70,25 @@ def _write(r):
     return "## Cache write (one layer)\n\n" + _table(["shape", "policy", "tokens", "µs", "GB/s", "% copy"], rows)
 
 
+def _layer_step(r):
+    rows = r.get("layer_step") or []
+    if not rows:
+        return ""
+    base = {(x["shape"], x["batch"], x["context"]): x["median_us"] for x in rows if x["policy"] == "k4v4"}
+
+    def vs_k4v4(x):
+        plain = base.get((x["shape"], x["batch"], x["context"]))
+        return x["median_us"] / plain if plain else None
+
+    table = [[x["shape"], x["policy"], x["batch"], x["context"], _f(x["median_us"]),
+              _f(x.get("vs_plain"), "{:.2f}x"), _f(vs_k4v4(x), "{:.2f}x")] for x in rows]
+    return ("## Format options at decode (one layer: cache write + attention, through attention_ops)\n\n"
+            "`-rot` adds the Hadamard GEMMs around the kernels; `-g32` adds key scale/zero loads. "
+            "Same pages within a family.\n\n"
+            + _table(["shape", "policy", "batch", "context", "µs", "vs same pages unrotated",
+                      "vs k4v4"], table))
+
+
 def _tune(r):
     if not r["tune_splits"]:
         return ""
@@ -132,7 +151,7 @@ def render(r: dict) -> str:
         parts.append("Skipped points: " + "; ".join(f"{n}× {k}" for k, n in reasons.items()) + ".\n")
     if r.get("plots"):
         parts.append("Plots: " + ", ".join(f"`{p}`" for p in r["plots"]) + "\n")
-    for section in (_goals, _decode, _prefill, _write, _tune, _estimates):
+    for section in (_goals, _decode, _prefill, _write, _layer_step, _tune, _estimates):
         if section is not _goals or r["goals"]:
             parts.append(section(r))
     return "\n".join(parts)

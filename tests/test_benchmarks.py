@@ -21,7 +21,7 @@ from benchmarks.model_estimate import capacity  # noqa: E402
 
 TOP_LEVEL = ("schema", "mode", "machine", "timing_meaningful", "dtype", "block_size", "copy_bandwidth_gbs",
              "copy", "gemm", "vllm", "decode", "sdpa_decode", "vllm_decode", "prefill", "sdpa_prefill",
-             "write", "tune_splits", "checks", "skipped", "notes", "errors", "goals", "model_estimates",
+             "write", "layer_step", "tune_splits", "checks", "skipped", "notes", "errors", "goals", "model_estimates",
              "plots", "elapsed_s")
 ROW = ("median_us", "method", "bytes", "breakdown", "gbs", "pct_copy")
 GOALS = ("decode_bandwidth", "long_context_speedup", "batch1_no_slowdown", "prefill_int4_vs_bf16",
@@ -52,7 +52,7 @@ def test_smoke_json_structure(smoke):
     assert r["mode"] == "smoke" and r["timing_meaningful"] is False and r["copy_bandwidth_gbs"] > 0
     assert r["vllm"]["status"].startswith("not measured")
     assert not r["errors"]
-    for table in ("decode", "sdpa_decode", "prefill", "sdpa_prefill", "write"):
+    for table in ("decode", "sdpa_decode", "prefill", "sdpa_prefill", "write", "layer_step"):
         assert r[table], table
         for row in r[table]:
             assert all(k in row for k in ROW), (table, row)
@@ -63,6 +63,9 @@ def test_smoke_json_structure(smoke):
     assert policies == {"k4v4", "k8v4", "k16v4", "k8v8", "k16v16", "k4v4-g32"}
     assert {row["shape"] for row in r["decode"]} == set(SHAPES)
     assert {row["kind"] for row in r["prefill"]} == {"prefill", "chunked_prefill"}
+    steps = {row["policy"]: row for row in r["layer_step"]}
+    assert set(steps) == {"k4v4", "k4v4-rot", "k4v4-g32", "k4v4-g32-rot", "k8v4", "k8v4-rot", "k16v16"}
+    assert steps["k4v4"]["vs_plain"] == 1.0 and steps["k4v4-rot"]["vs_plain"] > 0
     assert r["tune_splits"] and all(row["best"] in (1, 2) for row in r["tune_splits"])
     assert all(set(row["warps_us"]) == {"4", "8"} and row["best_warps"] in (4, 8) for row in r["tune_splits"])
     assert any(c["what"] == "decode_warps" and c["ok"] for c in r["checks"])
@@ -171,7 +174,7 @@ def _synthetic_gpu_results(k4v4_pct=90.0):
     shape, copy_gbs = SHAPES["llama3-8b"], 3000.0
     r = {"copy_bandwidth_gbs": copy_gbs, "gemm": {"tflops": 700.0}, "timing_meaningful": True,
          "decode": [], "sdpa_decode": [], "vllm_decode": [], "prefill": [], "sdpa_prefill": [], "write": [],
-         "tune_splits": [], "checks": [], "skipped": [], "notes": [], "errors": [], "goals": {},
+         "layer_step": [], "tune_splits": [], "checks": [], "skipped": [], "notes": [], "errors": [], "goals": {},
          "model_estimates": [], "machine": {"gpu": "synthetic"}, "mode": "default", "dtype": "bf16",
          "block_size": 16, "copy": {"bytes": 2 << 30}, "vllm": {"status": "measured"}}
     for b in (1, 64):
