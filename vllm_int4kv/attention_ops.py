@@ -18,7 +18,8 @@ import torch
 from . import envs
 from .kernels.page_format import PageLayout
 from .kernels.planes import as_runs
-from .kernels.reference import paged_attention_reference, write_cache_reference
+from .kernels.reference import write_cache_reference
+from .kernels.torch_attention import paged_attention_torch
 from .consensus import AllGather, agree_on_policy
 from .kernels.rotation import rotate, unrotate
 from .policy import KVPolicy, parse_policy
@@ -175,9 +176,8 @@ def attend(query: torch.Tensor, runs: torch.Tensor, layout: PageLayout, meta: In
                                  sm_scale=sm_scale, sliding_window=sliding_window, softcap=softcap,
                                  out=None if rotated else out[:n])
     else:
-        result = paged_attention_reference(q, runs, layout, meta.block_table, meta.seq_lens,
-                                           meta.query_start_loc, sm_scale, sliding_window, softcap,
-                                           kv_dtype=query.dtype)
+        result = paged_attention_torch(q, runs, layout, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                                       sm_scale, sliding_window, softcap, kv_dtype=query.dtype)
     if rotated:  # sum p·(vH) = (sum p·v)·H, and H is its own inverse
         result = unrotate(result.float())
     if result.data_ptr() != out.data_ptr():

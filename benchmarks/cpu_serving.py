@@ -1,0 +1,70 @@
+"""CPU serving throughput: vLLM's own CPU attention against our torch path, on the CPU build of vLLM.
+
+    python benchmarks/cpu_serving.py MODEL_DIR [--policies k4v4,k16v16] [--requests 32] [--tokens 64]
+
+Each engine runs in its own process (in-process engine, eager, fp32), serves the same greedy requests
+once to warm up and once timed, and prints output tokens per second. Not a GPU benchmark: it shows
+what the INT4 pages cost a CPU user, whose attention runs in ``kernels/torch_attention.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+
+def serve_once(model: str, backend: str, requests: int, tokens: int) -> None:
+    from vllm import LLM, SamplingParams
+
+    extra = {} if backend == "native" else {"attention_config": {"backend": "CUSTOM"}}
+    llm = LLM(model, dtype="float32", enforce_eager=True, seed=0, max_model_len=1024, **extra)
+    prompts = [f"Write a short story about the number {i} and a lighthouse keeper." for i in range(requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"RESULT {produced} {seconds:.3f}", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--policies", default="k4v4,k8v4,k16v16")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one engine in this process
+    args = ap.parse_args()
+    if args.worker:
+        serve_once(args.model, args.worker, args.requests, args.tokens)
+        return 0
+    import torch
+    import vllm
+
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; vllm {vllm.__version__}, "
+          f"torch {torch.__version__}; {args.requests} requests x {args.tokens} tokens, fp32, greedy\n")
+    print("| attention | KV cache | output tok/s | seconds |\n|---|---|---|---|")
+    runs = [("native", "vLLM CPU attention", "fp32 (vLLM)")] + [
+        ("custom", "vllm-int4kv torch path", policy) for policy in args.policies.split(",")]
+    for backend, label, policy in runs:
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
+                   VLLM_INT4KV_POLICY=policy, VLLM_INT4KV_IMPL="torch")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        proc = subprocess.run([sys.executable, __file__, args.model, "--worker", backend,
+                               "--requests", str(args.requests), "--tokens", str(args.tokens)],
+                              env=env, capture_output=True, text=True, timeout=900)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"| {label} | {policy} | failed: {proc.stderr.strip().splitlines()[-1:]} | |")
+            continue
+        produced, seconds = int(line.split()[1]), float(line.split()[2])
+        print(f"| {label} | {policy} | {produced / seconds:.1f} | {seconds:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
