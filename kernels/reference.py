@@ -139,7 +139,7 @@ def paged_attention_reference(query: torch.Tensor, cache: torch.Tensor, layout: 
     num_tokens, num_q_heads, head_dim = query.shape
     group = num_q_heads // cache.shape[1]
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
-    out = torch.full((num_tokens, num_q_heads, head_dim), float("nan"))
+    out = torch.full((num_tokens, num_q_heads, head_dim), float("nan"), dtype=torch.float32)
     for s in range(len(seq_lens)):
         q0, q1, seq_len = int(query_start_loc[s]), int(query_start_loc[s + 1]), int(seq_lens[s])
         if q1 == q0:

@@ -16,9 +16,10 @@ import torch
 def _hadamard_on(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if dim < 1 or dim & (dim - 1):
         raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {dim}")
-    # built on the device itself (fill and cat kernels, no host-to-device copy), so that even a first
-    # call inside a CUDA-graph capture would be legal
-    h = torch.ones(1, 1, device=device)
+    # built on the device itself (no host-to-device copy) in fp32 whatever the default dtype. Still, build
+    # it before any CUDA-graph capture (the backend does when it sets a layer's layout): inside a capture
+    # these kernels would only be recorded, and the cached matrix left unfilled until a replay.
+    h = torch.ones(1, 1, device=device, dtype=torch.float32)
     while h.shape[0] < dim:  # Sylvester construction
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return (h / dim ** 0.5).to(dtype)

@@ -16,7 +16,7 @@ import torch
 from .page_format import PageLayout
 from .reference import paged_attention_reference, read_cache_reference
 
-MAX_GATHERED_POSITIONS = 1 << 16  # decode sequences x padded length dequantized at once (bounds memory)
+MAX_GATHERED_VALUES = 1 << 22  # positions x KV heads x head_dim dequantized at once (bounds fp32 temporaries)
 
 
 def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding_window, softcap, kv_dtype):
@@ -56,13 +56,14 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
     num_seqs = seq_lens.shape[0]
     q_lens = query_start_loc[1:num_seqs + 1] - query_start_loc[:num_seqs]
     decode = torch.nonzero(q_lens == 1).flatten()
-    out = torch.full(query.shape, float("nan"))
+    out = torch.full(query.shape, float("nan"), dtype=torch.float32)
     if decode.numel():  # chunks of decode sequences, longest first so each chunk pads little
         decode = decode[seq_lens[decode].argsort(descending=True)]
         start = 0
         while start < decode.numel():
-            per_seq = -(-int(seq_lens[decode[start]]) // layout.block_size) * layout.block_size
-            chunk = decode[start:start + max(1, MAX_GATHERED_POSITIONS // per_seq)]
+            per_seq = (-(-int(seq_lens[decode[start]]) // layout.block_size) * layout.block_size
+                       * cache.shape[1] * layout.head_dim)
+            chunk = decode[start:start + max(1, MAX_GATHERED_VALUES // per_seq)]
             rows = query_start_loc[chunk].long()
             out[rows] = _decode_chunk(query[rows], cache, layout, block_table[chunk], seq_lens[chunk],
                                       sm_scale, sliding_window, softcap, kv_dtype)

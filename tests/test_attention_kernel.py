@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernel_utils import full_precision_attention, make_case
+from vllm_int4kv.kernels import attention
 from vllm_int4kv.kernels.attention import paged_attention
 from vllm_int4kv.kernels.reference import error_ratio, paged_attention_reference
 
@@ -112,6 +113,18 @@ def test_contract_errors_are_clear():
         run_kernel(case, num_splits=3)
     with pytest.raises(ValueError, match="num_warps must be"):
         run_kernel(case, num_warps=3)
+
+
+def test_gpu_tile_choices_run_here_too(monkeypatch):
+    """On a GPU, fp32 queries get 16-token tiles and 16 prefill rows (ptxas spills at the 16-bit sizes);
+    the CPU normally keeps the larger tiles, so run the GPU choices under the interpreter as well."""
+    monkeypatch.setattr(attention, "_is_gpu", lambda device: True)
+    for kw in (dict(num_kv_heads=2, group=4), dict(num_kv_heads=1, group=7, head_dim=128),
+               dict(num_kv_heads=1, group=8, head_dim=256)):
+        case = make_case(**MIXED, **kw)
+        assert error_ratio(run_kernel(case), run_reference(case)) < 1e-6, kw
+    case = make_case(**DECODE)  # num_splits given: choosing it would ask the (absent) GPU for its SMs
+    assert error_ratio(run_kernel(case, num_splits=4), run_reference(case)) < 1e-6
 
 
 @pytest.mark.gpu

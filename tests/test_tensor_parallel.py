@@ -90,6 +90,7 @@ def test_pipeline_parallel_auto_is_shared_and_matches_one_rank(tiny_model_dir, t
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1], log[-3000:]
     assert "decided on rank 0" in log and "2 KV heads on this rank" in log
     single, _ = run_engine(tiny_model_dir, 1, ranks[0], tmp_path)
+    assert len(result["outputs"]) == len(single["outputs"]) == 3
     for ours, ref in zip(result["outputs"], single["outputs"]):
         assert len(ours["tokens"]) == 12 and ours["tokens"][:4] == ref["tokens"][:4]
         n = next((i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"])) if a != b), 12)
