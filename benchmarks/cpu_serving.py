@@ -54,12 +54,17 @@ def main() -> int:
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                    VLLM_INT4KV_POLICY=policy, VLLM_INT4KV_IMPL="torch")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        proc = subprocess.run([sys.executable, __file__, args.model, "--worker", backend,
-                               "--requests", str(args.requests), "--tokens", str(args.tokens)],
-                              env=env, capture_output=True, text=True, timeout=900)
+        try:
+            proc = subprocess.run([sys.executable, __file__, args.model, "--worker", backend,
+                                   "--requests", str(args.requests), "--tokens", str(args.tokens)],
+                                  env=env, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            print(f"| {label} | {policy} | not measured: no result in 900 s | |")
+            continue
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            print(f"| {label} | {policy} | failed: {proc.stderr.strip().splitlines()[-1:]} | |")
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"| {label} | {policy} | failed: {last} | |")
             continue
         produced, seconds = int(line.split()[1]), float(line.split()[2])
         print(f"| {label} | {policy} | {produced / seconds:.1f} | {seconds:.1f} |", flush=True)

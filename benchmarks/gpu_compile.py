@@ -1,4 +1,4 @@
-"""Compile every kernel specialisation our launchers produce for an NVIDIA GPU, on a machine without one.
+"""Compile our kernels, as our launchers specialise them, for an NVIDIA GPU on a machine without one.
 
 Why: the CPU test path runs the kernels in Triton's interpreter, which never runs the GPU compiler. Errors
 only the compiler raises (a plain-float global read inside ``@jit``, a ``tl.dot`` operand below 16, a type
@@ -10,6 +10,8 @@ while the kernel objects are swapped for recorders and the launcher's ``_is_gpu`
 launch (grid, arguments, constexprs) is the one the launcher would make on a GPU (split counts, which
 need the SM count, are given explicitly). Each recorded launch is then specialised by Triton's own binder
 for the target (the same argument specialisation the JIT applies at run time) and compiled to a cubin.
+A case is one representative launch: at run time other integer values (split counts, a batch of one,
+strides) specialise further variants of the same code.
 
     python benchmarks/gpu_compile.py                 # every case for sm_90, table on stdout
     python benchmarks/gpu_compile.py --arch 80 --json out.json
@@ -51,10 +53,14 @@ class Case:
     dtype: str = "bf16"
     softcap: bool = False
     window: bool = False
+    num_warps: int = 4
+    num_seqs: int = 8  # 1: the JIT makes num_seqs a constant
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{flag}" for flag in ("softcap", "window") if getattr(self, flag))
+        extra += f"-w{self.num_warps}" if self.num_warps != 4 else ""
+        extra += f"-b{self.num_seqs}" if self.num_seqs != 8 else ""
         return f"{self.op}/{self.shape}/{self.policy}/{self.dtype}{extra}"
 
 
@@ -87,9 +93,10 @@ def _record(case: Case) -> list:
     shape: ModelShape = SHAPES[case.shape]
     dtype = DTYPES[case.dtype]
     layout = make_layout(shape, case.policy, dtype.itemsize)
-    num_seqs, context = 8, 200
+    num_seqs, context = case.num_seqs, 200
     new_tokens = 1 if case.op.startswith("decode") else 64
-    blocks_per_seq = triton.cdiv(context + new_tokens, BLOCK_SIZE)
+    # block-table rows a multiple of 16 entries wide, as vLLM sizes them (the JIT specialises on it)
+    blocks_per_seq = 16 * triton.cdiv(context + new_tokens, 16 * BLOCK_SIZE)
     cache = torch.zeros(num_seqs * blocks_per_seq, shape.num_kv_heads, layout.run_bytes, dtype=torch.uint8)
     num_tokens = num_seqs * new_tokens
     launches: list = []
@@ -113,7 +120,7 @@ def _record(case: Case) -> list:
                 query, cache, layout, table, seq_lens, starts, max_query_len=new_tokens,
                 max_seq_len=context + new_tokens, softcap=30.0 if case.softcap else None,
                 sliding_window=128 if case.window else None,
-                num_splits=4 if case.op == "decode_split" else 1)
+                num_splits=4 if case.op == "decode_split" else 1, num_warps=case.num_warps)
     finally:
         (attention.paged_attention_kernel, attention._reduce_splits_kernel, cache_write._write_kv_kernel,
          attention._is_gpu) = saved
@@ -179,6 +186,9 @@ def all_cases() -> list[Case]:
         cases += [Case(op, "llama3-8b", policy, dtype) for policy in ("k4v4", "k16v16")
                   for op in ("decode", "prefill", "write")]
     cases += [Case(op, "llama3-8b", "k4v4", softcap=True, window=True) for op in ("decode", "prefill")]
+    cases += [Case(op, s, "k4v4", num_warps=8) for s in SHAPES for op in ("decode", "decode_split", "prefill")]
+    cases += [Case(op, "llama3-8b", p, num_seqs=1) for p in ("k4v4", "k16v16")
+              for op in ("decode", "decode_split")]
     return cases
 
 
@@ -200,7 +210,7 @@ def table(rows: list[Built]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case} | {r.kernel} | FAILED: {r.error.splitlines()[-1][:120]} ||||")
+            lines.append(f"| {r.case} | {r.kernel} | FAILED: {r.error.splitlines()[-1][:120]} |||||")
         else:
             lines.append(f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.registers} | "
                          f"{r.spill_bytes} | {r.shared_bytes} |")
@@ -217,8 +227,9 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: under the interpreter Triton builds nothing to compile")
     rows = build_all(all_cases(), args.arch, args.workers)
     print(f"# Kernel resources on sm_{args.arch} (compiled, not run)\n\n"
-          f"`python benchmarks/gpu_compile.py --arch {args.arch}`: every kernel specialisation our launchers "
-          f"make, compiled by Triton {triton.__version__} with its bundled ptxas on a machine without a GPU; "
+          f"`python benchmarks/gpu_compile.py --arch {args.arch}`: a representative launch of each case "
+          f"(shape, policy, operation, dtype, options), compiled by Triton {triton.__version__} with its "
+          f"bundled ptxas on a machine without a GPU; "
           f"registers and spills per thread, shared memory per block, from cuobjdump. "
           f"{sum(not r.error for r in rows)} kernels built, {sum(bool(r.error) for r in rows)} failed, "
           f"{sum(bool(r.spill_bytes) for r in rows)} spill.\n")

@@ -27,7 +27,11 @@ WORK=$(mktemp -d)
 LOG="$OUT/session.log"
 
 LINK="$REPO/vllm_int4kv/kernels"
-if [ ! -e "$LINK" ]; then ln -s ../kernels "$LINK" && trap 'rm -f "$LINK"' EXIT; fi
+if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+  trap 'rm -rf "$WORK"' EXIT  # a real folder there (an installed layout): use it as it is
+else
+  ln -sfn ../kernels "$LINK" && trap 'rm -f "$LINK"; rm -rf "$WORK"' EXIT  # (-f: also a dangling link)
+fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 py() { "$PY" $PY_FLAGS "$@"; }
 

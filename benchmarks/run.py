@@ -152,8 +152,10 @@ class Runner:
             point = {"kind": p.kind, "shape": shape.name, "num_seqs": p.num_seqs,
                      "new_tokens": p.new_tokens, "context": p.context}
             total = p.context + p.new_tokens
-            need = traffic.sdpa_bytes(shape, p.num_seqs, total, p.new_tokens, eb)["bytes"] * (1 + shape.group)
-            if self.out_of_time() or need > self.usable_bytes():  # (1 + group): expanded K/V when chunked
+            need = traffic.sdpa_bytes(shape, p.num_seqs, total, p.new_tokens, eb)["bytes"]
+            if p.kind == "chunked_prefill":
+                need *= 1 + shape.group  # K/V expanded to the query heads (SdpaCase)
+            if self.out_of_time() or need > self.usable_bytes():
                 self.skip({"table": "sdpa_prefill", **point}, "time budget" if self.out_of_time()
                           else f"needs {need / 2**30:.1f} GiB")
                 continue

@@ -18,10 +18,11 @@ import pytest
 import triton
 
 REPO = Path(__file__).resolve().parent.parent
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on H100/H200
 
-pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
+pytestmark = pytest.mark.skipif(not ((TOOLS / "ptxas").exists() and (TOOLS / "cuobjdump").exists()),
+                                reason="this Triton build ships no ptxas/cuobjdump")
 
 
 def _compile_env() -> dict:
@@ -64,7 +65,7 @@ def test_every_kernel_compiles_for_sm90(built):
 
 def test_no_register_spills_and_shared_memory_fits(built):
     """Spills go to local memory (slow); a block over the shared-memory limit fails to launch."""
-    assert all(r["registers"] and r["registers"] <= 255 for r in built)
+    assert all(r["registers"] for r in built), "cuobjdump reported no register count"
     spilled = [(r["case"], r["spill_bytes"]) for r in built if r["spill_bytes"]]
     assert not spilled, spilled
     too_big = [(r["case"], r["shared_bytes"]) for r in built if r["shared_bytes"] > SM90_SHARED_LIMIT]
