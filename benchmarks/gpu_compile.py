@@ -39,6 +39,7 @@ import triton  # noqa: E402
 
 from benchmarks.config import BLOCK_SIZE, POLICIES, SHAPES, ModelShape, make_layout  # noqa: E402
 from vllm_int4kv.kernels import attention, cache_write  # noqa: E402
+from vllm_int4kv.policy import parse_policy  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -194,8 +195,8 @@ def all_cases() -> list[Case]:
 
 def _skip(shape: str, policy: str) -> bool:
     """Key groups must be narrower than the head (the policy refuses k4v4-g64 on D=64, by design)."""
-    group = re.search(r"-g(\d+)", policy)
-    return bool(group) and int(group.group(1)) >= SHAPES[shape].head_dim
+    group = parse_policy(policy).k_group
+    return bool(group) and group >= SHAPES[shape].head_dim
 
 
 def build_all(cases: list[Case], arch: int, workers: int) -> list[Built]:

@@ -211,7 +211,7 @@ class Runner:
                 case = AttentionCase(pool, b, 1, c, n)
                 tuned = None
                 if self.args.tune or (self.args.smoke and policy in self.grid.tune_policies):
-                    tuned = self.tune_point(case, point, splits)
+                    tuned = self.tune_point(case, point, splits, tile_n)
                 if not self.args.tune:
                     timed = tuned or self.bench(case.fns())  # the sweep already timed the heuristic
                     self.record("decode", {**point, "num_splits": splits, "copies": n}, timed,
@@ -225,9 +225,8 @@ class Runner:
         del pool
         self.save()
 
-    def tune_point(self, case, point, heuristic):
-        shape = case.pool.shape
-        tiles = math.ceil(case.seq_len / tile_tokens(shape.head_dim, self.dtype.itemsize))
+    def tune_point(self, case, point, heuristic, tile_n):
+        tiles = math.ceil(case.seq_len / tile_n)
         sweep = sorted({s for s in self.grid.tune_splits if s <= max(1, tiles)} | {heuristic})
         timed = {}
         for s in sweep:

@@ -29,6 +29,11 @@ def _capture(fns, calls: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def _calls_per_replay(per_call_ms: float, copies: int) -> int:
+    """Enough calls for a replay of TARGET_GRAPH_MS (at least one pass over the copies), capped."""
+    return max(copies, min(MAX_CALLS_PER_GRAPH, math.ceil(TARGET_GRAPH_MS / max(per_call_ms, 1e-4))))
+
+
 def _time_ms(run, start, end) -> float:
     start.record()
     run()
@@ -58,14 +63,14 @@ def bench(fns, device: torch.device) -> dict:
         probe = _capture(fns, len(fns))
         probe.replay()
         per_call_ms = _time_ms(probe.replay, start, end) / len(fns)
-        calls = max(len(fns), min(MAX_CALLS_PER_GRAPH, math.ceil(TARGET_GRAPH_MS / max(per_call_ms, 1e-4))))
+        calls = _calls_per_replay(per_call_ms, len(fns))
         del probe
         replay = _capture(fns, calls).replay
     except Exception as exc:  # noqa: BLE001 - fall back to eager launches, and say so
         method = f"eager ({type(exc).__name__})"
         torch.cuda.synchronize()
         per_call_ms = _time_ms(eager(len(fns)), start, end) / len(fns)  # includes launch overhead
-        calls = max(len(fns), min(MAX_CALLS_PER_GRAPH, math.ceil(TARGET_GRAPH_MS / max(per_call_ms, 1e-4))))
+        calls = _calls_per_replay(per_call_ms, len(fns))
         replay = eager(calls)
     replay()
     replay()
