@@ -6,36 +6,87 @@ dequantizes every row, which is what makes it obvious, and slow to serve with. H
 longest, masked past each length, and attended with batched matmuls on the stored codes. A (scale, zero)
 per row is applied where it costs least: ``q.(s*c + z) = s*(q.c) + z*sum(q)`` on the scores and
 ``sum p*(s*c + z) = sum (p*s)*c + sum p*z`` on the probabilities, so no dequantized copy of the context
-is built; per-group key parameters are applied to the codes. Channels stay as even/odd halves (the two
-nibbles of a byte), as in the Triton kernel. Sequences with several query tokens (prefill) are few and
-long, so they keep the per-sequence reference. The result equals the reference up to fp32 rounding
-(~1e-5 relative: the score-side form rounds in another order).
+is built; per-group parameters are applied to the codes. A 4-bit plane is read as all even channels
+then all odd ones (the two nibbles of a byte, split as in the Triton kernel); the query is put in that
+order and the output back. The gathered pages and their fp32 copies live in reused scratch buffers.
+Sequences with several query tokens (prefill) are few and long, so they keep the per-sequence
+reference. The result equals the reference up to fp32 rounding (~1e-5 relative: the score-side form
+rounds in another order).
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
 from .page_format import PageLayout
 from .reference import _run_views, paged_attention_reference
 
-MAX_GATHERED_VALUES = 1 << 22  # positions x KV heads x head_dim gathered at once (bounds fp32 temporaries)
+MAX_GATHERED_VALUES = 1 << 22  # positions x KV heads x head_dim gathered at once (bounds the scratch)
 
 
-def _halves(rows: torch.Tensor, bits: int, kv_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plane rows ``[B, H, S, row_bytes]`` -> even and odd channels ``[B, H, S, D/2]`` (fp32): the codes,
-    or the values at 16 bits."""
+class _Scratch(threading.local):
+    """Buffers reused from call to call, one per role, grown to the largest chunk seen.
+
+    A fresh multi-megabyte tensor comes from new pages on every call, and faulting them in cost ~20x the
+    copy that fills them (0.9 vs 0.045 ms for 5 MB on the 2-core VM): it was most of this path's time.
+    Each role holds at most ``MAX_GATHERED_VALUES`` values (fp32) or their pages (uint8).
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(role)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self.buffers[role] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
+_scratch = _Scratch()
+
+
+def _plane_values(rows: torch.Tensor, nibbles, bits: int, kv_dtype, role: str) -> torch.Tensor:
+    """A plane ``[B, H, blocks, N, row_bytes]`` (strided view of the gathered pages) -> fp32
+    ``[B, H, S, D]`` in scratch: the codes, or the values at 16 bits.
+
+    4-bit planes come from ``nibbles`` (the same plane of the low and high nibbles) and come out as all
+    even channels then all odd ones; 8- and 16-bit planes keep the model's channel order. Laying out and
+    converting to fp32 happen in one copy.
+    """
+    b, h, blocks, n, row = rows.shape
+    if bits == 16:
+        rows = rows.view(kv_dtype)
+    head_dim = 2 * row if bits == 4 else rows.shape[-1]
+    out = _scratch.get(role, (b, h, blocks, n, head_dim))
     if bits == 4:
-        return (rows & 0xF).float(), (rows >> 4).float()
-    values = rows.contiguous().view(kv_dtype).float() if bits == 16 else rows.float()
-    return values[..., 0::2], values[..., 1::2]
+        out[..., :row].copy_(nibbles[0])
+        out[..., row:].copy_(nibbles[1])
+    else:
+        out.copy_(rows)
+    return out.view(b, h, blocks * n, head_dim)
 
 
-def _dequantize_groups(even, odd, params, group: int):
-    """Apply per-group ``params`` ``[B, H, S, 2 * groups]`` to the halves (channels 2j, 2j+1 share a group)."""
-    scale, zero = (params[..., i::2].repeat_interleave(group // 2, -1) for i in (0, 1))
-    return even * scale + zero, odd * scale + zero
+def _to_plane_order(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Channels ``[..., D]`` in a plane's order (see ``_plane_values``)."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), -1) if bits == 4 else x
+
+
+def _from_plane_order(x: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits != 4:
+        return x
+    half = x.shape[-1] // 2
+    return torch.stack((x[..., :half], x[..., half:]), -1).flatten(-2)
+
+
+def _apply_group_params(x: torch.Tensor, params: torch.Tensor, group: int, bits: int) -> None:
+    """Codes ``x`` ``[B, H, S, D]`` (plane order) -> ``codes * scale + zero`` in place, from per-group
+    ``params`` ``[B, H, S, 2 * groups]``. In plane order a 4-bit group is split over the two halves."""
+    halves = 2 if bits == 4 else 1
+    grouped = x.unflatten(-1, (halves, -1, group // halves))
+    grouped.mul_(params[..., None, 0::2, None]).add_(params[..., None, 1::2, None])
 
 
 def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding_window, softcap, kv_dtype):
@@ -51,21 +102,29 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
     used = valid.view(num_seqs, num_blocks, n).any(-1)
     # entries past a sequence's end (or before its window) may hold anything: read its last block there
     last = ids.gather(1, ((seq_lens.long() - 1) // n)[:, None])
-    ids = torch.where(used, ids, last)
+    ids = torch.where(used, ids, last).flatten()
 
-    def by_sequence(plane):  # [B * blocks, H, N, row] -> [B, H, S, row]
-        return plane.view(num_seqs, num_blocks, num_kv_heads, n, -1).transpose(1, 2).flatten(2, 3)
+    pages = torch.index_select(cache, 0, ids, out=_scratch.get("pages", (ids.numel(), *cache.shape[1:]),
+                                                                cache.dtype))
 
-    k_rows, v_rows, p_rows = (by_sequence(x) for x in _run_views(cache[ids.flatten()], layout))
-    params = p_rows.contiguous().view(torch.float16).float() if layout.param_row_bytes else None
+    def planes(buf):  # [B * blocks, H, run] -> K, V, params planes [B, H, blocks, N, row] (views)
+        return [x.view(num_seqs, num_blocks, num_kv_heads, n, -1).transpose(1, 2)
+                for x in _run_views(buf, layout)]
+
+    k_rows, v_rows, p_rows = planes(pages)
+    low = high = [None, None]
+    if 4 in (layout.k_bits, layout.v_bits):  # bit ops run ~5x faster on the contiguous pages than strided
+        low = planes(torch.bitwise_and(pages, 0xF, out=_scratch.get("low", pages.shape, pages.dtype)))
+        high = planes(torch.bitwise_right_shift(pages, 4, out=_scratch.get("high", pages.shape, pages.dtype)))
+    params = (p_rows.flatten(2, 3).view(torch.float16).float() if layout.param_row_bytes
+              else None)  # [B, H, S, 2 * (k_groups + v_groups)]
     nk = 2 * layout.k_groups
     q = query.float().view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [B, H, G, D]
 
-    k_even, k_odd = _halves(k_rows, layout.k_bits, kv_dtype)
+    k = _plane_values(k_rows, (low[0], high[0]), layout.k_bits, kv_dtype, "k")  # [B, H, S, D]
     if layout.k_bits != 16 and layout.k_groups > 1:
-        k_even, k_odd = _dequantize_groups(k_even, k_odd, params[..., :nk], layout.k_group)
-    scores = (torch.einsum("bhgd,bhsd->bhgs", q[..., 0::2], k_even)
-              + torch.einsum("bhgd,bhsd->bhgs", q[..., 1::2], k_odd))  # [B, H, G, S]
+        _apply_group_params(k, params[..., :nk], layout.k_group, layout.k_bits)
+    scores = torch.matmul(_to_plane_order(q, layout.k_bits), k.transpose(-1, -2))  # [B, H, G, S]
     if layout.k_bits != 16 and layout.k_groups == 1:  # q.(s*c + z) = s*(q.c) + z*sum(q)
         scores = scores * params[..., None, :, 0] + q.sum(-1, keepdim=True) * params[..., None, :, 1]
     scores = scores * sm_scale
@@ -74,19 +133,18 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
     invalid = ~valid[:, None, :]  # [B, 1, S]
     probs = scores.masked_fill(invalid[:, :, None, :], float("-inf")).softmax(-1)  # hides NaN keys too
 
-    v_even, v_odd = _halves(v_rows, layout.v_bits, kv_dtype)
+    v = _plane_values(v_rows, (low[1], high[1]), layout.v_bits, kv_dtype, "v")
     offset = 0.0
     if layout.v_bits == 16 or layout.v_groups > 1:
         if layout.v_bits != 16:
-            v_even, v_odd = _dequantize_groups(v_even, v_odd, params[..., nk:], layout.v_group)
-        v_even, v_odd = (x.masked_fill(invalid[..., None], 0.0) for x in (v_even, v_odd))  # unwritten NaN
+            _apply_group_params(v, params[..., nk:], layout.v_group, layout.v_bits)
+        v.masked_fill_(invalid[..., None], 0.0)  # unwritten slots may hold NaN
     else:  # sum p*(s*c + z) = sum (p*s)*c + sum p*z; zeroed parameters past a length hide unwritten NaN
         v_scale, v_zero = (params[..., nk + i].masked_fill(invalid, 0.0)[:, :, None, :] for i in (0, 1))
         offset = (probs * v_zero).sum(-1, keepdim=True)
         probs = probs * v_scale
-    out_even = torch.einsum("bhgs,bhsd->bhgd", probs, v_even) + offset
-    out_odd = torch.einsum("bhgs,bhsd->bhgd", probs, v_odd) + offset
-    return torch.stack((out_even, out_odd), -1).reshape(num_seqs, num_q_heads, head_dim)
+    out = torch.matmul(probs, v) + offset  # [B, H, G, D], channels in the V plane's order
+    return _from_plane_order(out, layout.v_bits).reshape(num_seqs, num_q_heads, head_dim)
 
 
 def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout,

@@ -33,11 +33,11 @@ class PagedCase:
 
 
 def make_case(seq_lens, q_lens, num_kv_heads=2, group=4, head_dim=64, block_size=16, k_bits=4, v_bits=4,
-              k_group=None, dtype=torch.float32, extra_blocks=7, seed=0, kv_scale=1.0) -> PagedCase:
+              k_group=None, v_group=None, dtype=torch.float32, extra_blocks=7, seed=0, kv_scale=1.0) -> PagedCase:
     """Random sequences whose pages are scattered over a poisoned cache (non-contiguous tables)."""
     gen = torch.Generator().manual_seed(seed)
     elem = torch.empty((), dtype=dtype).element_size()
-    layout = PageLayout(head_dim, block_size, k_bits, v_bits, k_group, None, elem)
+    layout = PageLayout(head_dim, block_size, k_bits, v_bits, k_group, v_group, elem)
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + extra_blocks
     cache = torch.full((num_blocks, num_kv_heads, layout.run_bytes), POISON, dtype=torch.uint8)

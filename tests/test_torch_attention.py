@@ -28,11 +28,14 @@ def _garbage_table_padding(case):
     return case
 
 
-@pytest.mark.parametrize("k_bits,v_bits,k_group", [(4, 4, None), (8, 4, None), (16, 16, None), (4, 4, 16)],
-                         ids=["k4v4", "k8v4", "k16v16", "k4v4_g16"])
+@pytest.mark.parametrize("k_bits,v_bits,k_group,v_group", [
+    (4, 4, None, None), (8, 4, None, None), (16, 16, None, None), (8, 8, None, None), (16, 4, None, None),
+    (4, 4, 16, None), (8, 4, 32, None), (4, 8, None, 16), (8, 4, None, 32)],
+    ids=["k4v4", "k8v4", "k16v16", "k8v8", "k16v4", "k4v4_g16", "k8v4_g32", "k4v8_vg16", "k8v4_vg32"])
 @pytest.mark.parametrize("shape", [MIXED, DECODE, LONG], ids=["mixed", "decode", "long_decode"])
-def test_equals_reference(shape, k_bits, v_bits, k_group):
-    case = _garbage_table_padding(make_case(**shape, k_bits=k_bits, v_bits=v_bits, k_group=k_group))
+def test_equals_reference(shape, k_bits, v_bits, k_group, v_group):
+    case = _garbage_table_padding(make_case(**shape, k_bits=k_bits, v_bits=v_bits, k_group=k_group,
+                                            v_group=v_group))
     ours, ref = _both(case)
     assert not ours.isnan().any(), "a poisoned (unwritten) cache byte reached the output"
     assert error_ratio(ours, ref) < TOLERANCE
@@ -81,3 +84,14 @@ def test_decode_batch_in_several_chunks(monkeypatch):
     chunked = paged_attention_torch(*args)
     assert len(chunks) > 2 and sum(chunks) == len(DECODE["seq_lens"])
     assert error_ratio(chunked, whole) < 1e-6  # padding to another length may reorder fp32 sums
+
+
+def test_scratch_reuse_across_sizes_and_layouts():
+    """The gathered pages and fp32 codes live in buffers reused by the next call: a large call, then a
+    smaller one of another layout, then a larger head size; each is exact, earlier results unchanged."""
+    cases = [make_case(**LONG), make_case(**DECODE, k_bits=8, v_bits=8, seed=1),
+             make_case(**LONG, k_bits=16, v_bits=4, head_dim=128, seed=2)]
+    results = [_both(case) for case in cases]
+    assert torch_attention._scratch.buffers, "the scratch was not used"
+    for ours, ref in results:
+        assert error_ratio(ours, ref) < TOLERANCE
