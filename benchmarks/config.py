@@ -70,6 +70,7 @@ class Grid:
     tune_splits: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     tune_policies: tuple[str, ...] = ("k4v4",)
     tune_warps: tuple[int, ...] = (8,)  # timed besides the launcher's 4, at the best split count
+    tune_stages: tuple[int, ...] = (1, 2)  # timed besides Triton's default (3 on NVIDIA), at 4 warps
     extra: dict = field(default_factory=dict)
 
 
@@ -107,5 +108,6 @@ GRIDS = {
         prefill=(PrefillPoint(1, 24, 0), PrefillPoint(2, 8, 50)),
         write_tokens=(3,),
         tune_splits=(1, 2),
+        tune_stages=(1,),  # the interpreter ignores stages: this only runs the option through
     ),
 }

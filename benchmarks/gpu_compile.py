@@ -55,12 +55,14 @@ class Case:
     softcap: bool = False
     window: bool = False
     num_warps: int = 4
+    num_stages: int | None = None  # None: Triton's default (3 on NVIDIA)
     num_seqs: int = 8  # 1: the JIT makes num_seqs a constant
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{flag}" for flag in ("softcap", "window") if getattr(self, flag))
         extra += f"-w{self.num_warps}" if self.num_warps != 4 else ""
+        extra += f"-s{self.num_stages}" if self.num_stages is not None else ""
         extra += f"-b{self.num_seqs}" if self.num_seqs != 8 else ""
         return f"{self.op}/{self.shape}/{self.policy}/{self.dtype}{extra}"
 
@@ -121,7 +123,8 @@ def _record(case: Case) -> list:
                 query, cache, layout, table, seq_lens, starts, max_query_len=new_tokens,
                 max_seq_len=context + new_tokens, softcap=30.0 if case.softcap else None,
                 sliding_window=128 if case.window else None,
-                num_splits=4 if case.op == "decode_split" else 1, num_warps=case.num_warps)
+                num_splits=4 if case.op == "decode_split" else 1, num_warps=case.num_warps,
+                num_stages=case.num_stages)
     finally:
         (attention.paged_attention_kernel, attention._reduce_splits_kernel, cache_write._write_kv_kernel,
          attention._is_gpu) = saved
@@ -188,6 +191,7 @@ def all_cases() -> list[Case]:
                   for op in ("decode", "prefill", "write")]
     cases += [Case(op, "llama3-8b", "k4v4", softcap=True, window=True) for op in ("decode", "prefill")]
     cases += [Case(op, s, "k4v4", num_warps=8) for s in SHAPES for op in ("decode", "decode_split", "prefill")]
+    cases += [Case(op, s, "k4v4", num_stages=n) for s in SHAPES for op in ("decode", "prefill") for n in (1, 2)]
     cases += [Case(op, "llama3-8b", p, num_seqs=1) for p in ("k4v4", "k16v16")
               for op in ("decode", "decode_split")]
     return cases

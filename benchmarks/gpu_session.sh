@@ -2,7 +2,7 @@
 # One call on the GPU machine (repo root is the cwd, $OUT the folder that comes back):
 #   bash benchmarks/gpu_session.sh          gpu tests, quick benchmark, then the full grid in the time left
 #   bash benchmarks/gpu_session.sh full     only the full grid (all of the time budget)
-#   bash benchmarks/gpu_session.sh tune     only the split-count sweep
+#   bash benchmarks/gpu_session.sh tune     only the split-count, warp and stage sweeps
 #   bash benchmarks/gpu_session.sh imports  only check that everything imports (the test suite runs this)
 # The machine has no pip install of this package: `vllm_int4kv/kernels` is linked to `kernels/` for the
 # session (where setup.py's package_dir puts it), so the checkout imports as installed. Everything fits

@@ -5,7 +5,8 @@
 
 --smoke: tiny sizes on the CPU under the Triton interpreter (no timing meaning): every code path runs
 and every kernel output is checked against the torch reference. --tune: only sweep the split count of
-decode and compare the launcher's heuristic with the best. --budget-s: stop starting new points after
+decode and compare the launcher's heuristic with the best, then warps and pipelining stages for decode
+and prefill. --budget-s: stop starting new points after
 this many seconds (results so far are still written).
 """
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Runner:
                   "block_size": 16, "copy_bandwidth_gbs": None, "copy": None, "gemm": None,
                   "vllm": {"status": vllm_baseline.availability(self.device) or "measured"},
                   "decode": [], "sdpa_decode": [], "vllm_decode": [], "prefill": [], "sdpa_prefill": [],
-                  "write": [], "layer_step": [], "tune_splits": [], "checks": [], "skipped": [], "notes": [], "errors": [],
+                  "write": [], "layer_step": [], "tune_splits": [], "tune_prefill": [], "checks": [], "skipped": [],
+                  "notes": [], "errors": [],
                   "goals": {}, "model_estimates": []}
         self.r["notes"] += [
             "GB/s counts unique bytes (KV rows + scale planes + block table + Q + out); split partials are "
@@ -219,6 +221,9 @@ class Runner:
                     if first or self.args.smoke:  # correctness on the GPU too: the smallest point
                         self.check("decode", point, case.check())
                         first = False
+        smallest = min(self.shapes, key=lambda s: s.num_q_heads * s.head_dim)  # interpreter time: one shape
+        if self.args.tune or (self.args.smoke and policy in self.grid.tune_policies and shape is smallest):
+            self.tune_prefill(shape, policy, layout, pool)
         if not self.args.tune:
             self.prefill(shape, policy, layout, pool)
             self.write(shape, policy, layout, pool)
@@ -235,20 +240,49 @@ class Runner:
                 self.check("decode_splits", {**point, "num_splits": s}, case.check())
         times = {s: t["median_us"] for s, t in timed.items()}
         best = min(times, key=times.get)
-        # warps: the launcher uses 4; ptxas gives the decode kernel ~200-255 registers per thread there
-        # (benchmarks/compile), so 8 warps trade registers per thread for more warps in flight
-        warps = {4: times[best]}
-        for w in self.grid.tune_warps:
-            warps[w] = self.bench(case.fns(best, num_warps=w))["median_us"]
-            if self.args.smoke:
-                self.check("decode_warps", {**point, "num_splits": best, "num_warps": w}, case.check())
+        options = self.launch_options(case, "decode", {**point, "num_splits": best}, times[best],
+                                      num_splits=best)
         row = {**point, "heuristic": heuristic, "best": best, "times_us": {str(k): v for k, v in times.items()},
-               "heuristic_over_best": times[heuristic] / times[best],
-               "warps_us": {str(k): v for k, v in warps.items()}, "best_warps": min(warps, key=warps.get)}
+               "heuristic_over_best": times[heuristic] / times[best], **options}
         self.r["tune_splits"].append(row)
         self.log(f"tune {point}: heuristic {heuristic} ({times[heuristic]:.1f} us), best {best} "
-                 f"({times[best]:.1f} us); warps " + " ".join(f"{k}:{v:.1f}" for k, v in warps.items()))
+                 f"({times[best]:.1f} us); " + _options_text(options))
         return timed[heuristic]
+
+    def launch_options(self, case, what, point, base_us, **launch):
+        """Warps (at Triton's default stages) and pipelining stages (at the launcher's 4 warps) around the
+        launcher's choice, whose time ``base_us`` the caller measured.
+
+        ptxas gives the decode kernel ~200-255 registers per thread at 4 warps and the default 3 stages
+        (benchmarks/compile): 8 warps trade registers per thread for more warps in flight, fewer stages
+        trade prefetching for registers and shared memory.
+        """
+        warps, stages = {4: base_us}, {"default": base_us}
+        for w in self.grid.tune_warps:
+            warps[w] = self.bench(case.fns(num_warps=w, **launch))["median_us"]
+            if self.args.smoke:
+                self.check(f"{what}_warps", {**point, "num_warps": w}, case.check())
+        for n in self.grid.tune_stages:
+            stages[n] = self.bench(case.fns(num_stages=n, **launch))["median_us"]
+            if self.args.smoke:
+                self.check(f"{what}_stages", {**point, "num_stages": n}, case.check())
+        return {"warps_us": {str(k): v for k, v in warps.items()}, "best_warps": min(warps, key=warps.get),
+                "stages_us": {str(k): v for k, v in stages.items()}, "best_stages": min(stages, key=stages.get)}
+
+    def tune_prefill(self, shape, policy, layout, pool):
+        """Warps and stages for prefill and chunked prefill (no splits there)."""
+        for p in self.grid.prefill:
+            point = {"kind": p.kind, "shape": shape.name, "policy": policy, "num_seqs": p.num_seqs,
+                     "new_tokens": p.new_tokens, "context": p.context}
+            total = p.context + p.new_tokens
+            if self.out_of_time() or p.num_seqs * math.ceil(total / layout.block_size) > pool.num_blocks:
+                self.skip({"table": "tune_prefill", **point}, "time budget or memory")
+                continue
+            case = AttentionCase(pool, p.num_seqs, p.new_tokens, total, 1)
+            base = self.bench(case.fns())["median_us"]
+            options = self.launch_options(case, "prefill", point, base)
+            self.r["tune_prefill"].append({**point, **options})
+            self.log(f"tune {point}: " + _options_text(options))
 
     def prefill(self, shape, policy, layout, pool):
         for p in self.grid.prefill:
@@ -341,6 +375,11 @@ class Runner:
         self.log(f"done: {len(self.r['decode'])} decode, {len(self.r['prefill'])} prefill, "
                  f"{len(self.r['write'])} write points; {len(failed)} failed checks; -> {self.out}")
         return failed
+
+
+def _options_text(options: dict) -> str:
+    return ("warps " + " ".join(f"{k}:{v:.1f}" for k, v in options["warps_us"].items())
+            + "; stages " + " ".join(f"{k}:{v:.1f}" for k, v in options["stages_us"].items()))
 
 
 def main(argv=None):

@@ -89,18 +89,28 @@ def _layer_step(r):
                       "vs k4v4"], table))
 
 
+def _options(x) -> list[str]:
+    return [" ".join(f"{k}:{v:.1f}" for k, v in x.get(key, {}).items()) for key in ("warps_us", "stages_us")]
+
+
 def _tune(r):
     if not r["tune_splits"]:
         return ""
     rows = [[x["shape"], x["policy"], x["batch"], x["context"], x["heuristic"], x["best"],
              _f(x["heuristic_over_best"], "{:.2f}"),
-             " ".join(f"{k}:{v:.1f}" for k, v in x["times_us"].items()),
-             " ".join(f"{k}:{v:.1f}" for k, v in x.get("warps_us", {}).items())] for x in r["tune_splits"]]
+             " ".join(f"{k}:{v:.1f}" for k, v in x["times_us"].items()), *_options(x)] for x in r["tune_splits"]]
     worst = max(x["heuristic_over_best"] for x in r["tune_splits"])
-    return (f"## Split-count and warp tuning (choose_num_splits vs best measured; the launcher uses 4 warps)\n\nWorst heuristic/best time "
-            f"ratio: {worst:.2f}\n\n" + _table(["shape", "policy", "batch", "context", "heuristic",
-                                                "best", "heur/best", "µs by splits",
-                                                "µs by warps (best splits)"], rows))
+    text = ("## Split-count, warp and stage tuning (choose_num_splits vs best measured; the launcher uses "
+            "4 warps and Triton's default stages)\n\nWorst heuristic/best time "
+            f"ratio: {worst:.2f}\n\n" + _table(["shape", "policy", "batch", "context", "heuristic", "best",
+                                                "heur/best", "µs by splits", "µs by warps (best splits)",
+                                                "µs by stages (best splits, 4 warps)"], rows))
+    if r.get("tune_prefill"):
+        rows = [[x["kind"], x["shape"], x["policy"], x["num_seqs"], x["new_tokens"], x["context"], *_options(x)]
+                for x in r["tune_prefill"]]
+        text += ("\nPrefill:\n\n" + _table(["kind", "shape", "policy", "seqs", "new tokens", "context",
+                                                "µs by warps", "µs by stages (4 warps)"], rows))
+    return text
 
 
 def _estimates(r):

@@ -82,13 +82,14 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
                     *, max_query_len: int, max_seq_len: int, sm_scale: float | None = None,
                     sliding_window: int | None = None, softcap: float | None = None,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
-                    num_warps: int = 4) -> torch.Tensor:
+                    num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Causal attention of ``query`` ``[T, Hq, D]`` over the paged quantized ``cache``.
 
     Sequence ``s`` owns query rows ``query_start_loc[s]:query_start_loc[s+1]``, the last tokens of its
     ``seq_lens[s]`` tokens, whose pages are ``block_table[s]``. ``max_query_len``/``max_seq_len`` are
     host integers (no device sync here). Returns ``out`` ``[T, Hq, D]`` in the query's dtype.
-    ``num_splits`` (flash-decoding) and ``num_warps`` override the defaults, for tuning.
+    ``num_splits`` (flash-decoding), ``num_warps`` and ``num_stages`` (software pipelining depth; None
+    keeps Triton's default) override the defaults, for tuning.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     planes = plane_views(cache, layout, query.dtype)
@@ -120,6 +121,10 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
+    if num_stages is not None and not 1 <= num_stages <= 8:
+        raise ValueError(f"num_stages must be 1 to 8 (or None for Triton's default), got {num_stages}")
+    # passed only when set: a launch without it compiles exactly as before
+    pipelining = {} if num_stages is None else {"num_stages": num_stages}
     part_acc = part_max = part_sum = out  # unused placeholders when not split
     if num_splits > 1:
         # explicit fp32: the default dtype is whatever the caller set (vLLM changes it to build models)
@@ -142,7 +147,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         K_BITS=layout.k_bits, V_BITS=layout.v_bits, K_GROUP=layout.k_group, V_GROUP=layout.v_group,
         K_ROW=planes.k_row, V_ROW=planes.v_row, P_ROW=planes.p_row, V_PAR_OFFSET=2 * layout.k_groups,
         NUM_SPLITS=num_splits, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
-        IEEE=query.dtype == torch.float32, num_warps=num_warps,
+        IEEE=query.dtype == torch.float32, num_warps=num_warps, **pipelining,
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_tokens, num_q_heads)](

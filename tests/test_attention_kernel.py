@@ -113,6 +113,9 @@ def test_contract_errors_are_clear():
         run_kernel(case, num_splits=3)
     with pytest.raises(ValueError, match="num_warps must be"):
         run_kernel(case, num_warps=3)
+    with pytest.raises(ValueError, match="num_stages must be 1 to 8"):
+        run_kernel(case, num_stages=0)
+    assert error_ratio(run_kernel(case, num_stages=1), run_reference(case)) < 1e-6  # a launch option only
 
 
 def test_gpu_tile_choices_run_here_too(monkeypatch):

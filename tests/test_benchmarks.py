@@ -21,7 +21,7 @@ from benchmarks.model_estimate import capacity  # noqa: E402
 
 TOP_LEVEL = ("schema", "mode", "machine", "timing_meaningful", "dtype", "block_size", "copy_bandwidth_gbs",
              "copy", "gemm", "vllm", "decode", "sdpa_decode", "vllm_decode", "prefill", "sdpa_prefill",
-             "write", "layer_step", "tune_splits", "checks", "skipped", "notes", "errors", "goals", "model_estimates",
+             "write", "layer_step", "tune_splits", "tune_prefill", "checks", "skipped", "notes", "errors", "goals", "model_estimates",
              "plots", "elapsed_s")
 ROW = ("median_us", "method", "bytes", "breakdown", "gbs", "pct_copy")
 GOALS = ("decode_bandwidth", "long_context_speedup", "batch1_no_slowdown", "prefill_int4_vs_bf16",
@@ -70,7 +70,11 @@ def test_smoke_json_structure(smoke):
                for row in r["layer_step"])
     assert r["tune_splits"] and all(row["best"] in (1, 2) for row in r["tune_splits"])
     assert all(set(row["warps_us"]) == {"4", "8"} and row["best_warps"] in (4, 8) for row in r["tune_splits"])
-    assert any(c["what"] == "decode_warps" and c["ok"] for c in r["checks"])
+    assert all(set(row["stages_us"]) == {"default", "1"} for row in r["tune_splits"] + r["tune_prefill"])
+    assert {row["kind"] for row in r["tune_prefill"]} == {"prefill", "chunked_prefill"}
+    assert {row["shape"] for row in r["tune_prefill"]} == {"smollm2-135m"}
+    assert all(any(c["what"] == what and c["ok"] for c in r["checks"])
+               for what in ("decode_warps", "decode_stages", "prefill_warps", "prefill_stages"))
     assert set(r["goals"]) == set(GOALS)
     assert all(g["status"] in ("met", "missed", "not measured") for g in r["goals"].values())
     assert r["model_estimates"] and "[" in stdout  # progress lines
@@ -79,7 +83,8 @@ def test_smoke_json_structure(smoke):
 def test_smoke_kernels_match_reference(smoke):
     _, r, _ = smoke
     whats = {c["what"] for c in r["checks"]}
-    assert whats == {"decode", "decode_splits", "decode_warps", "prefill", "write"}
+    assert whats == {"decode", "decode_splits", "decode_warps", "decode_stages", "prefill", "prefill_warps",
+                     "prefill_stages", "write"}
     bad = [c for c in r["checks"] if not c["ok"]]
     assert not bad
     assert max(c["error"] for c in r["checks"]) < 1e-2
@@ -90,6 +95,7 @@ def test_smoke_outputs(smoke):
     out, r, _ = smoke
     md = (out / "summary.md").read_text()
     for needle in ("## Goals", "## Decode attention", "## Prefill", "## Cache write", "## Split-count",
+                   "µs by stages (4 warps)",
                    "## Model-level estimate", "not measured", *GOALS):
         assert needle in md, needle
     try:

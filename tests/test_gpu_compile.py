@@ -48,6 +48,7 @@ def built():
         cases += [Case("decode", "llama3-8b", p) for p in POLICIES if p not in ("k4v4", "k16v16")]
         cases += [Case(op, "llama3-8b", "k4v4", d) for d in ("fp16", "fp32") for op in ("decode", "prefill")]
         cases += [Case(op, "qwen2.5-7b", "k4v4-g32", softcap=True, window=True) for op in ("decode", "prefill")]
+        cases += [Case(op, "llama3-8b", "k4v4", num_stages=n) for op in ("decode", "prefill") for n in (1, 2)]
         print(json.dumps([r.__dict__ for r in build_all(cases, 90, 2)]))
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,6 +62,14 @@ def test_every_kernel_compiles_for_sm90(built):
     assert kernels == {"paged_attention_kernel", "_reduce_splits_kernel", "_write_kv_kernel"}
     assert sum(r["case"].startswith("decode_split/") and r["kernel"] == "_reduce_splits_kernel"
                for r in built) == 8  # a split decode launches the reduce kernel too
+
+
+def test_stage_count_reaches_the_compiler(built):
+    """``num_stages`` is passed through to Triton; without it the launch compiles at Triton's default."""
+    stages = {r["case"]: r["num_stages"] for r in built if r["kernel"] == "paged_attention_kernel"}
+    for op in ("decode", "prefill"):
+        assert stages[f"{op}/llama3-8b/k4v4/bf16-s1"] == 1 and stages[f"{op}/llama3-8b/k4v4/bf16-s2"] == 2
+        assert stages[f"{op}/llama3-8b/k4v4/bf16"] == 3  # Triton 3.x's default for NVIDIA targets
 
 
 def test_no_register_spills_and_shared_memory_fits(built):

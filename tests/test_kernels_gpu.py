@@ -34,7 +34,7 @@ def _check(case, **kw):
     out = paged_attention(case.query, case.cache, case.layout, case.block_table, case.seq_lens,
                           case.query_start_loc, max_query_len=case.max_query_len,
                           max_seq_len=case.max_seq_len, **kw)
-    for launch_only in ("num_warps", "num_splits"):
+    for launch_only in ("num_warps", "num_splits", "num_stages"):
         kw.pop(launch_only, None)
     ref = paged_attention_reference(case.query.cpu(), case.cache.cpu(), case.layout, case.block_table.cpu(),
                                     case.seq_lens.cpu(), case.query_start_loc.cpu(), **kw)
@@ -59,10 +59,12 @@ def test_shapes_and_split_decode(head_dim, num_kv_heads, group):
         assert _check(case) < TOLERANCE[torch.bfloat16]
 
 
-def test_softcap_sliding_window_and_eight_warps():
+def test_softcap_sliding_window_warps_and_stages():
     case = _on_gpu(make_case(**MIXED, dtype=torch.bfloat16))
     assert _check(case, softcap=20.0, sliding_window=24) < TOLERANCE[torch.bfloat16]
     assert _check(case, num_warps=8) < TOLERANCE[torch.bfloat16]
+    for stages in (1, 2):
+        assert _check(case, num_stages=stages) < TOLERANCE[torch.bfloat16]
     long = _on_gpu(make_case(**LONG_DECODE, dtype=torch.bfloat16))
     assert _check(long, sliding_window=500, num_splits=8) < TOLERANCE[torch.bfloat16]
 
