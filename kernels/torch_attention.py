@@ -9,9 +9,10 @@ per row is applied where it costs least: ``q.(s*c + z) = s*(q.c) + z*sum(q)`` on
 is built; per-group parameters are applied to the codes. A 4-bit plane is read as all even channels
 then all odd ones (the two nibbles of a byte, split as in the Triton kernel); the query is put in that
 order and the output back. The gathered pages and their fp32 copies live in reused scratch buffers.
-Sequences with several query tokens (prefill) are few and long, so they keep the per-sequence
-reference. The result equals the reference up to fp32 rounding (~1e-5 relative: the score-side form
-rounds in another order).
+Sequences with several query tokens (prefill) are few and long: each is dequantized once and attended
+by torch's SDPA (its CPU flash kernel never builds the ``[heads, queries, context]`` scores, which the
+reference does: gigabytes at a few thousand tokens), a bounded number of query rows at a time. The result
+equals the reference up to fp32 rounding (~1e-5 relative: the score-side form rounds in another order).
 """
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
 
 from .page_format import PageLayout
-from .reference import _run_views, paged_attention_reference
+from .reference import _run_views, read_cache_reference
 
 MAX_GATHERED_VALUES = 1 << 22  # positions x KV heads x head_dim gathered at once (bounds the scratch)
+MAX_PREFILL_SCORES = 1 << 24  # query heads x query rows x context per prefill step (bounds the mask and
+#                               any fallback that builds the scores: softcap, or SDPA's math kernel)
 
 
 class _Scratch(threading.local):
@@ -147,6 +151,37 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
     return _from_plane_order(out, layout.v_bits).reshape(num_seqs, num_q_heads, head_dim)
 
 
+def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, sliding_window, softcap,
+                      kv_dtype) -> torch.Tensor:
+    """One sequence's query rows ``[T, Hq, D]`` (its last ``T`` tokens) over its ``seq_len`` tokens."""
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_kv_heads, bs = cache.shape[1], layout.block_size
+    first = 0  # blocks wholly before every row's window are not read (vLLM may point them anywhere)
+    if sliding_window:
+        first = max(0, seq_len - num_tokens - sliding_window + 1) // bs * bs
+    k, v = read_cache_reference(cache, layout, block_row[first // bs: -(-seq_len // bs)], kv_dtype)
+    k, v = (x[:seq_len - first].transpose(0, 1)[None] for x in (k, v))  # [1, Hkv, S, D]
+    q = query.float().transpose(0, 1)[None]  # [1, Hq, T, D]: SDPA's flash kernel wants 4-D inputs
+    out = torch.empty(1, num_q_heads, num_tokens, head_dim)
+    key_pos = torch.arange(first, seq_len)
+    rows = max(1, MAX_PREFILL_SCORES // (num_q_heads * key_pos.numel()))
+    for t0 in range(0, num_tokens, rows):
+        t1 = min(num_tokens, t0 + rows)
+        q_pos = torch.arange(seq_len - num_tokens + t0, seq_len - num_tokens + t1)[:, None]
+        visible = key_pos <= q_pos  # [t, S]
+        if sliding_window:
+            visible &= key_pos > q_pos - sliding_window
+        if not softcap:
+            out[:, :, t0:t1] = F.scaled_dot_product_attention(q[:, :, t0:t1], k, v, attn_mask=visible,
+                                                              scale=sm_scale, enable_gqa=True)
+            continue
+        grouped = q[0, :, t0:t1].unflatten(0, (num_kv_heads, -1))  # [Hkv, G, t, D]
+        scores = torch.matmul(grouped, k[0, :, None].transpose(-1, -2)) * sm_scale  # [Hkv, G, t, S]
+        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~visible, float("-inf"))
+        out[0, :, t0:t1] = torch.matmul(scores.softmax(-1), v[0, :, None]).flatten(0, 1)
+    return out[0].transpose(0, 1)
+
+
 def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
                           block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                           sm_scale: float | None = None, sliding_window: int | None = None,
@@ -169,10 +204,8 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
             out[rows] = _decode_chunk(query[rows], cache, layout, block_table[chunk], seq_lens[chunk],
                                       sm_scale, sliding_window, softcap, kv_dtype)
             start += chunk.numel()
-    for s in torch.nonzero(q_lens > 1).flatten().tolist():  # prefill: the per-sequence path
+    for s in torch.nonzero(q_lens > 1).flatten().tolist():  # prefill: one sequence at a time
         q0, q1 = int(query_start_loc[s]), int(query_start_loc[s + 1])
-        one = torch.tensor([0, q1 - q0], dtype=query_start_loc.dtype)
-        out[q0:q1] = paged_attention_reference(query[q0:q1], cache, layout, block_table[s:s + 1],
-                                               seq_lens[s:s + 1], one, sm_scale, sliding_window, softcap,
-                                               kv_dtype)
+        out[q0:q1] = _prefill_sequence(query[q0:q1], cache, layout, block_table[s], int(seq_lens[s]),
+                                       sm_scale, sliding_window, softcap, kv_dtype)
     return out
