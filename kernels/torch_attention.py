@@ -26,6 +26,7 @@ from .page_format import PageLayout
 from .reference import _run_views, read_cache_reference
 
 MAX_GATHERED_VALUES = 1 << 22  # positions x KV heads x head_dim gathered at once (bounds the scratch)
+PREFILL_ROWS = 256  # query rows per prefill step (see _prefill_sequence)
 MAX_PREFILL_SCORES = 1 << 24  # query heads x query rows x context per prefill step (bounds the mask and
 #                               any fallback that builds the scores: softcap, or SDPA's math kernel)
 
@@ -164,21 +165,26 @@ def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, s
     q = query.float().transpose(0, 1)[None]  # [1, Hq, T, D]: SDPA's flash kernel wants 4-D inputs
     out = torch.empty(1, num_q_heads, num_tokens, head_dim)
     key_pos = torch.arange(first, seq_len)
-    rows = max(1, MAX_PREFILL_SCORES // (num_q_heads * key_pos.numel()))
+    # Rows in steps of at most PREFILL_ROWS, each over the keys its rows can see: causal work is then
+    # about halved (SDPA's mask does not skip the hidden half; measured 40 vs 72 ms at 2048 rows).
+    rows = max(1, min(PREFILL_ROWS, MAX_PREFILL_SCORES // (num_q_heads * key_pos.numel())))
     for t0 in range(0, num_tokens, rows):
         t1 = min(num_tokens, t0 + rows)
         q_pos = torch.arange(seq_len - num_tokens + t0, seq_len - num_tokens + t1)[:, None]
-        visible = key_pos <= q_pos  # [t, S]
+        lo = max(0, int(q_pos[0]) - sliding_window + 1 - first) if sliding_window else 0
+        hi = int(q_pos[-1]) + 1 - first
+        keys, values, pos = k[:, :, lo:hi], v[:, :, lo:hi], key_pos[lo:hi]
+        visible = pos <= q_pos  # [t, keys]
         if sliding_window:
-            visible &= key_pos > q_pos - sliding_window
+            visible &= pos > q_pos - sliding_window
         if not softcap:
-            out[:, :, t0:t1] = F.scaled_dot_product_attention(q[:, :, t0:t1], k, v, attn_mask=visible,
+            out[:, :, t0:t1] = F.scaled_dot_product_attention(q[:, :, t0:t1], keys, values, attn_mask=visible,
                                                               scale=sm_scale, enable_gqa=True)
             continue
         grouped = q[0, :, t0:t1].unflatten(0, (num_kv_heads, -1))  # [Hkv, G, t, D]
-        scores = torch.matmul(grouped, k[0, :, None].transpose(-1, -2)) * sm_scale  # [Hkv, G, t, S]
+        scores = torch.matmul(grouped, keys[0, :, None].transpose(-1, -2)) * sm_scale  # [Hkv, G, t, keys]
         scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~visible, float("-inf"))
-        out[0, :, t0:t1] = torch.matmul(scores.softmax(-1), v[0, :, None]).flatten(0, 1)
+        out[0, :, t0:t1] = torch.matmul(scores.softmax(-1), values[0, :, None]).flatten(0, 1)
     return out[0].transpose(0, 1)
 
 
