@@ -1,8 +1,8 @@
 """Slow, obvious torch references for the page format and the kernels.
 
 Every fast kernel in this package is tested against these functions. They are also the quantizer used by
-calibration (so the policy measures exactly what the cache stores) and the CPU serving path (whole
-tensors at a time, one sequence at a time for attention).
+calibration (so the policy measures exactly what the cache stores) and, for the CPU serving path, the
+cache write and the dequantization of prompts (whole tensors at a time).
 
 Shapes: ``x`` rows are ``[..., D]``; ``cache`` is ``[num_blocks, num_kv_heads, block_size * slot_bytes]``
 uint8; queries ``[num_tokens, num_q_heads, D]``.
