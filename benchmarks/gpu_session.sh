@@ -7,6 +7,8 @@
 # The machine has no pip install of this package: `vllm_int4kv/kernels` is linked to `kernels/` for the
 # session (where setup.py's package_dir puts it), so the checkout imports as installed. Everything fits
 # the device tool's limits: one call under 10 minutes (SESSION_BUDGET_S), at most 8 files in $OUT, flat.
+# vLLM's own kernels (the same-run baseline) come from artifacts/vllm_kernels: stage them here with
+# `python benchmarks/vllm_kernels.py --stage` (setup_env.sh does) and pass carry=["artifacts/vllm_kernels"].
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 REPO=$(pwd)
@@ -38,6 +40,7 @@ py() { "$PY" $PY_FLAGS "$@"; }
 left() { echo $((BUDGET - SECONDS)); }
 {
   echo "== session $(date -u) phase=$PHASE budget=${BUDGET}s"
+  echo "staged vLLM kernels: $(cat "${VLLM_INT4KV_VLLM_KERNELS:-$REPO/artifacts/vllm_kernels}/staged.json" 2>/dev/null | head -c 200 || echo none)"
   nvidia-smi || true
 } >>"$LOG" 2>&1
 # fail fast, and say why, if the checkout does not import (nothing else could run)

@@ -59,7 +59,8 @@ class Runner:
         self.r = {"schema": 1, "mode": self.mode, "tune": bool(args.tune), "machine": header,
                   "timing_meaningful": self.device.type == "cuda", "dtype": str(self.dtype),
                   "block_size": 16, "copy_bandwidth_gbs": None, "copy": None, "gemm": None,
-                  "vllm": {"status": vllm_baseline.availability(self.device) or "measured"},
+                  "vllm": {"status": vllm_baseline.availability(self.device) or "measured",
+                           "source": vllm_baseline.SOURCE},
                   "decode": [], "sdpa_decode": [], "vllm_decode": [], "prefill": [], "sdpa_prefill": [],
                   "write": [], "layer_step": [], "tune_splits": [], "tune_prefill": [], "checks": [], "skipped": [],
                   "notes": [], "errors": [],
@@ -165,6 +166,17 @@ class Runner:
             self.record("sdpa_prefill", point, self.bench(case.fns()),
                         traffic.sdpa_bytes(shape, p.num_seqs, total, p.new_tokens, eb))
         self.save()
+
+    def vllm_checks(self):
+        """vLLM's decode on a small case it wrote itself, against plain attention: the baseline's call
+        computes what it should before it is timed."""
+        for mode in vllm_baseline.MODES:
+            try:
+                error = vllm_baseline.check_decode(mode, self.device, self.dtype)
+            except Exception as exc:  # noqa: BLE001 - recorded; the timed points will say the same
+                self.skip({"table": "vllm_check", "mode": mode}, f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            self.check(f"vllm_{mode}", {"mode": mode}, error, vllm_baseline.TOLERANCE[mode])
 
     def vllm_point(self, shape, b, c):
         for mode in vllm_baseline.MODES:
@@ -343,6 +355,8 @@ class Runner:
         """Baselines first, then our policies rank by rank across shapes (k4v4 and k16v16 lead), so a
         time budget that runs out cuts the least important points."""
         self.peaks()
+        if not self.args.tune and self.r["vllm"]["status"] == "measured":
+            self.guarded({"section": "vllm_checks"}, self.vllm_checks)
         if not self.args.tune:
             for shape in self.shapes:
                 self.guarded({"section": "baselines", "shape": shape.name}, self.baselines, shape)

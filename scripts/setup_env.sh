@@ -27,5 +27,7 @@ else
 fi
 $PIP install -q "lm-eval[api]==0.4.13" pytest hypothesis matplotlib gguf accelerate
 $PIP install -q --no-deps -e .
+# vLLM's Triton kernels, copied for the GPU machine (no vLLM there): carry artifacts/vllm_kernels
+"$VENV/bin/python" benchmarks/vllm_kernels.py --stage || echo "could not stage vLLM's kernels (benchmark baseline only)"
 touch "$STAMP"
 echo "environment ready: $VENV"
