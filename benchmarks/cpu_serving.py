@@ -29,10 +29,10 @@ def serve(model: str, backend: str, requests: int, tokens: int, repeats: int, pr
     llm = LLM(model, dtype="float32", enforce_eager=True, seed=0,
               max_model_len=max(1024, prompt_tokens + tokens), enable_prefix_caching=not prompt_tokens, **extra)
     prompts = [f"Write a short story about the number {i} and a lighthouse keeper." for i in range(requests)]
-    if prompt_tokens:  # distinct from the first token on, so no request shares a block with another
+    if prompt_tokens:  # each entry is ~15 tokens: enough text for N tokens after the request's number
         encode = llm.get_tokenizer().encode
         text = " ".join(f"Entry {j}: the keeper counted {j * 7 % 101} ships and wrote them down." for j in
-                        range(prompt_tokens))
+                        range(prompt_tokens // 8 + 1))
         prompts = [TokensPrompt(prompt_token_ids=encode(f"Request {i}. {text}")[:prompt_tokens])
                    for i in range(requests)]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)

@@ -270,14 +270,16 @@ class Runner:
         trade prefetching for registers and shared memory.
         """
         warps, stages = {4: base_us}, {"default": base_us}
-        for w in self.grid.tune_warps:
-            warps[w] = self.bench(case.fns(num_warps=w, **launch))["median_us"]
+        variants = [(warps, w, "warps", {"num_warps": w}) for w in self.grid.tune_warps]
+        variants += [(stages, n, "stages", {"num_stages": n}) for n in self.grid.tune_stages]
+        for times, key, name, option in variants:
+            try:  # one variant failing to compile or launch is recorded; the others still count
+                times[key] = self.bench(case.fns(**option, **launch))["median_us"]
+            except Exception as exc:  # noqa: BLE001
+                self.skip({"table": f"tune_{what}", **point, **option}, f"{type(exc).__name__}: {exc}"[:300])
+                continue
             if self.args.smoke:
-                self.check(f"{what}_warps", {**point, "num_warps": w}, case.check())
-        for n in self.grid.tune_stages:
-            stages[n] = self.bench(case.fns(num_stages=n, **launch))["median_us"]
-            if self.args.smoke:
-                self.check(f"{what}_stages", {**point, "num_stages": n}, case.check())
+                self.check(f"{what}_{name}", {**point, **option}, case.check())
         return {"warps_us": {str(k): v for k, v in warps.items()}, "best_warps": min(warps, key=warps.get),
                 "stages_us": {str(k): v for k, v in stages.items()}, "best_stages": min(stages, key=stages.get)}
 

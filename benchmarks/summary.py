@@ -94,12 +94,12 @@ def _options(x) -> list[str]:
 
 
 def _tune(r):
-    if not r["tune_splits"]:
+    if not r["tune_splits"] and not r.get("tune_prefill"):
         return ""
     rows = [[x["shape"], x["policy"], x["batch"], x["context"], x["heuristic"], x["best"],
              _f(x["heuristic_over_best"], "{:.2f}"),
              " ".join(f"{k}:{v:.1f}" for k, v in x["times_us"].items()), *_options(x)] for x in r["tune_splits"]]
-    worst = max(x["heuristic_over_best"] for x in r["tune_splits"])
+    worst = max((x["heuristic_over_best"] for x in r["tune_splits"]), default=float("nan"))
     text = ("## Split-count, warp and stage tuning (choose_num_splits vs best measured; the launcher uses "
             "4 warps and Triton's default stages)\n\nWorst heuristic/best time "
             f"ratio: {worst:.2f}\n\n" + _table(["shape", "policy", "batch", "context", "heuristic", "best",

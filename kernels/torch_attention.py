@@ -36,14 +36,20 @@ class _Scratch(threading.local):
 
     A fresh multi-megabyte tensor comes from new pages on every call, and faulting them in cost ~20x the
     copy that fills them (0.9 vs 0.045 ms for 5 MB on the 2-core VM): it was most of this path's time.
-    Each role holds at most ``MAX_GATHERED_VALUES`` values (fp32) or their pages (uint8).
+    A chunk holds at most ``MAX_GATHERED_VALUES`` values (16 MiB in fp32, their pages at most twice that),
+    so buffers up to ``KEEP_BYTES`` are kept; a single sequence longer than a chunk gets fresh tensors,
+    freed after the call, rather than pinning its size for the life of the process.
     """
+
+    KEEP_BYTES = 64 << 20
 
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
 
     def get(self, role: str, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
         numel = math.prod(shape)
+        if numel * dtype.itemsize > self.KEEP_BYTES:
+            return torch.empty(shape, dtype=dtype)
         buf = self.buffers.get(role)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
             buf = self.buffers[role] = torch.empty(numel, dtype=dtype)
@@ -167,7 +173,10 @@ def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, s
     key_pos = torch.arange(first, seq_len)
     # Rows in steps of at most PREFILL_ROWS, each over the keys its rows can see: causal work is then
     # about halved (SDPA's mask does not skip the hidden half; measured 40 vs 72 ms at 2048 rows).
-    rows = max(1, min(PREFILL_ROWS, MAX_PREFILL_SCORES // (num_q_heads * key_pos.numel())))
+    keys_per_step = key_pos.numel()  # with a window, a step's rows see at most rows + window - 1 keys
+    if sliding_window:
+        keys_per_step = min(keys_per_step, PREFILL_ROWS + sliding_window)
+    rows = max(1, min(PREFILL_ROWS, MAX_PREFILL_SCORES // (num_q_heads * keys_per_step)))
     for t0 in range(0, num_tokens, rows):
         t1 = min(num_tokens, t0 + rows)
         q_pos = torch.arange(seq_len - num_tokens + t0, seq_len - num_tokens + t1)[:, None]

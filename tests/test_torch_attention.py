@@ -49,19 +49,25 @@ def test_gqa_and_head_dims(num_kv_heads, group, head_dim):
     assert error_ratio(ours, ref) < TOLERANCE
 
 
+def _poison_before_window(case, window: int) -> int:
+    """Point the blocks wholly before every new row's window out of range (vLLM points them at its null
+    block: reading them is waste, and here an IndexError); how many."""
+    bs = case.layout.block_size
+    q_lens = (case.query_start_loc[1:] - case.query_start_loc[:-1]).tolist()
+    count = 0
+    for s, (n, q) in enumerate(zip(case.seq_lens.tolist(), q_lens)):
+        before = max(0, n - q - window + 1) // bs
+        case.block_table[s, :before] = 10 ** 6
+        count += before if q else 0
+    return count
+
+
 def test_sliding_window_softcap_and_fp16():
-    """Blocks wholly before the window of 24 of every new row are never needed: vLLM points them at its
-    null block. Here they point at a poisoned (never written) block, which must not reach the output."""
+    """Blocks wholly before the window of 24 of every new row are never needed, so never read."""
     case = make_case(**MIXED, dtype=torch.float16)
     ref = paged_attention_reference(case.query, case.cache, case.layout, case.block_table, case.seq_lens,
                                     case.query_start_loc, sliding_window=24, softcap=20.0)
-    bs = case.layout.block_size
-    used = {int(case.block_table[s, i])
-            for s, n in enumerate(case.seq_lens.tolist()) for i in range(-(-n // bs))}
-    poisoned = min(set(range(case.cache.shape[0])) - used)
-    q_lens = (case.query_start_loc[1:] - case.query_start_loc[:-1]).tolist()
-    for s, (n, q) in enumerate(zip(case.seq_lens.tolist(), q_lens)):  # before the first new row's window
-        case.block_table[s, : max(0, n - q - 24 + 1) // bs] = poisoned
+    assert _poison_before_window(case, 24)
     ours = paged_attention_torch(case.query, case.cache, case.layout, case.block_table, case.seq_lens,
                                  case.query_start_loc, sliding_window=24, softcap=20.0)
     assert not ours.isnan().any()
@@ -101,9 +107,11 @@ def test_scratch_reuse_across_sizes_and_layouts():
 def test_long_prefill_in_bounded_steps(monkeypatch, options):
     """A prompt is attended a bounded number of query rows at a time (the reference builds all of its
     ``[heads, rows, context]`` scores at once: gigabytes at a few thousand tokens): the same result."""
-    case = make_case(seq_lens=[300, 90], q_lens=[300, 40], num_kv_heads=2, group=3)
+    case = make_case(seq_lens=[300, 90, 200], q_lens=[300, 40, 30], num_kv_heads=2, group=3)
     args = (case.query, case.cache, case.layout, case.block_table, case.seq_lens, case.query_start_loc)
     ref = paged_attention_reference(*args, **options)
+    if options.get("sliding_window"):  # blocks before every new row's window: poisoned, never read
+        _poison_before_window(case, options["sliding_window"])
     steps, sdpa = [], torch_attention.F.scaled_dot_product_attention
 
     def counted(q, k, v, attn_mask, **kw):
@@ -116,3 +124,15 @@ def test_long_prefill_in_bounded_steps(monkeypatch, options):
     assert error_ratio(ours, ref) < TOLERANCE
     if not options.get("softcap"):  # softcap has no SDPA form: the same steps, written out
         assert len(steps) >= 300 // 32 and max(steps) <= 6 * 300 * 32
+
+
+def test_scratch_keeps_no_buffer_past_its_bound(monkeypatch):
+    """A sequence longer than a chunk gets fresh tensors, freed after the call, not kept for good."""
+    monkeypatch.setattr(torch_attention._Scratch, "KEEP_BYTES", 64 << 10)
+    monkeypatch.setattr(torch_attention._scratch, "buffers", {})
+    case = make_case(**LONG)  # ~800 positions x 2 heads x 64 channels: 400 KiB of fp32 per plane
+    ours, ref = _both(case)
+    assert error_ratio(ours, ref) < TOLERANCE
+    kept = torch_attention._scratch.buffers
+    assert all(b.numel() * b.element_size() <= 64 << 10 for b in kept.values()), \
+        {k: b.numel() for k, b in kept.items()}
