@@ -44,15 +44,17 @@ class _Scratch(threading.local):
     KEEP_BYTES = 64 << 20
 
     def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[tuple[str, bool], torch.Tensor] = {}
 
     def get(self, role: str, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
         numel = math.prod(shape)
         if numel * dtype.itemsize > self.KEEP_BYTES:
             return torch.empty(shape, dtype=dtype)
-        buf = self.buffers.get(role)
+        # a buffer made under torch.inference_mode (as vLLM runs) cannot be written outside it: one each
+        key = (role, torch.is_inference_mode_enabled())
+        buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self.buffers[role] = torch.empty(numel, dtype=dtype)
+            buf = self.buffers[key] = torch.empty(numel, dtype=dtype)
         return buf[:numel].view(shape)
 
 

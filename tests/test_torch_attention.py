@@ -126,6 +126,19 @@ def test_long_prefill_in_bounded_steps(monkeypatch, options):
         assert len(steps) >= 300 // 32 and max(steps) <= 6 * 300 * 32
 
 
+def test_scratch_inside_and_outside_inference_mode():
+    """vLLM calls under torch.inference_mode; buffers made there cannot be written outside it (calibration,
+    tests), and the other way round must work too."""
+    case = make_case(**DECODE)
+    with torch.inference_mode():
+        inside, ref = _both(case)
+    outside, _ = _both(case)
+    with torch.inference_mode():
+        again, _ = _both(case)
+    for out in (inside, outside, again):
+        assert error_ratio(out, ref) < TOLERANCE
+
+
 def test_scratch_keeps_no_buffer_past_its_bound(monkeypatch):
     """A sequence longer than a chunk gets fresh tensors, freed after the call, not kept for good."""
     monkeypatch.setattr(torch_attention._Scratch, "KEEP_BYTES", 64 << 10)
