@@ -283,35 +283,32 @@ class Runner:
         return {"warps_us": {str(k): v for k, v in warps.items()}, "best_warps": min(warps, key=warps.get),
                 "stages_us": {str(k): v for k, v in stages.items()}, "best_stages": min(stages, key=stages.get)}
 
-    def tune_prefill(self, shape, policy, layout, pool):
-        """Warps and stages for prefill and chunked prefill (no splits there)."""
+    def prefill_cases(self, table, shape, policy, layout, pool):
+        """(point, case) for each prefill point of the grid that fits in time and in the pool."""
         for p in self.grid.prefill:
             point = {"kind": p.kind, "shape": shape.name, "policy": policy, "num_seqs": p.num_seqs,
                      "new_tokens": p.new_tokens, "context": p.context}
             total = p.context + p.new_tokens
             if self.out_of_time() or p.num_seqs * math.ceil(total / layout.block_size) > pool.num_blocks:
-                self.skip({"table": "tune_prefill", **point}, "time budget or memory")
+                self.skip({"table": table, **point}, "time budget or memory")
                 continue
-            case = AttentionCase(pool, p.num_seqs, p.new_tokens, total, 1)
+            yield point, AttentionCase(pool, p.num_seqs, p.new_tokens, total, 1)
+
+    def tune_prefill(self, shape, policy, layout, pool):
+        """Warps and stages for prefill and chunked prefill (no splits there)."""
+        for point, case in self.prefill_cases("tune_prefill", shape, policy, layout, pool):
             base = self.bench(case.fns())["median_us"]
             options = self.launch_options(case, "prefill", point, base)
             self.r["tune_prefill"].append({**point, **options})
             self.log(f"tune {point}: " + _options_text(options))
 
     def prefill(self, shape, policy, layout, pool):
-        for p in self.grid.prefill:
-            point = {"kind": p.kind, "shape": shape.name, "policy": policy, "num_seqs": p.num_seqs,
-                     "new_tokens": p.new_tokens, "context": p.context}
-            total = p.context + p.new_tokens
-            if self.out_of_time() or p.num_seqs * math.ceil(total / layout.block_size) > pool.num_blocks:
-                self.skip({"table": "prefill", **point}, "time budget or memory")
-                continue
-            if self.args.smoke and policy not in ("k4v4", "k16v16"):
-                continue  # interpreter time: the bit widths are covered by decode, the prefill tiling here
-            case = AttentionCase(pool, p.num_seqs, p.new_tokens, total, 1)
+        if self.args.smoke and policy not in ("k4v4", "k16v16"):
+            return  # interpreter time: the bit widths are covered by decode, the prefill tiling here
+        for point, case in self.prefill_cases("prefill", shape, policy, layout, pool):
             self.record("prefill", point, self.bench(case.fns()),
-                        traffic.prefill_bytes(shape, layout, p.num_seqs, p.new_tokens, p.context,
-                                              self.dtype.itemsize))
+                        traffic.prefill_bytes(shape, layout, point["num_seqs"], point["new_tokens"],
+                                              point["context"], self.dtype.itemsize))
             if self.args.smoke:
                 self.check("prefill", point, case.check())
 
