@@ -21,27 +21,44 @@ def _key(r, *fields):
 
 
 def derive_speedups(results: dict) -> None:
-    """Add ``speedup_vs_*`` (baseline time / our time, >1 = we are faster) to decode and prefill rows."""
+    """Add ``speedup_vs_*`` (baseline time / our time, >1 = we are faster) to decode, prefill and write
+    rows."""
     dk = ("shape", "batch", "context")
     ours = {(*_key(r, *dk), r["policy"]): r for r in results["decode"]}
     sdpa = {_key(r, *dk): r for r in results["sdpa_decode"]}
-    vllm = {(*_key(r, *dk), r["mode"]): r for r in results["vllm_decode"]}
+    vllm = _by_mode(results["vllm_decode"], dk)
     for r in results["decode"]:
         k = _key(r, *dk)
         base = ours.get((*k, BASELINE_POLICY))
         r["speedup_vs_k16v16"] = base["median_us"] / r["median_us"] if base else None
         r["speedup_vs_sdpa"] = sdpa[k]["median_us"] / r["median_us"] if k in sdpa else None
-        for (*vk, mode), v in vllm.items():
-            if tuple(vk) == k:
-                r[f"speedup_vs_vllm_{mode}"] = v["median_us"] / r["median_us"]
+        _vs_vllm(r, vllm.get(k, {}))
     pk = ("kind", "shape", "num_seqs", "new_tokens", "context")
     ours_p = {(*_key(r, *pk), r["policy"]): r for r in results["prefill"]}
     sdpa_p = {_key(r, *pk): r for r in results["sdpa_prefill"]}
+    vllm_p = _by_mode(results.get("vllm_prefill", []), pk)
     for r in results["prefill"]:
         k = _key(r, *pk)
         base = ours_p.get((*k, BASELINE_POLICY))
         r["speedup_vs_k16v16"] = base["median_us"] / r["median_us"] if base else None
         r["speedup_vs_sdpa"] = sdpa_p[k]["median_us"] / r["median_us"] if k in sdpa_p else None
+        _vs_vllm(r, vllm_p.get(k, {}))
+    vllm_w = _by_mode(results.get("vllm_write", []), ("shape", "tokens"))
+    for r in results["write"]:
+        _vs_vllm(r, vllm_w.get(_key(r, "shape", "tokens"), {}))
+
+
+def _by_mode(rows, fields) -> dict:
+    """vLLM baseline rows as {point: {mode: row}}."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(_key(r, *fields), {})[r["mode"]] = r
+    return out
+
+
+def _vs_vllm(row, by_mode: dict) -> None:
+    for mode, v in by_mode.items():
+        row[f"speedup_vs_vllm_{mode}"] = v["median_us"] / row["median_us"]
 
 
 def _verdict(ok: bool | None, rows: int) -> str:

@@ -62,6 +62,7 @@ class Runner:
                   "vllm": {"status": vllm_baseline.availability(self.device) or "measured",
                            "source": vllm_baseline.SOURCE},
                   "decode": [], "sdpa_decode": [], "vllm_decode": [], "prefill": [], "sdpa_prefill": [],
+                  "vllm_prefill": [], "vllm_write": [],
                   "write": [], "layer_step": [], "tune_splits": [], "tune_prefill": [], "checks": [], "skipped": [],
                   "notes": [], "errors": [],
                   "goals": {}, "model_estimates": []}
@@ -149,7 +150,7 @@ class Runner:
                 case = SdpaCase(shape, b, 1, c, n, self.device, self.dtype)
                 self.record("sdpa_decode", {**point, "copies": n}, self.bench(case.fns()), need)
                 del case
-                if self.r["vllm"]["status"] == "measured":
+                if self.with_vllm(shape):
                     self.vllm_point(shape, b, c)
         for p in self.grid.prefill:
             point = {"kind": p.kind, "shape": shape.name, "num_seqs": p.num_seqs,
@@ -165,34 +166,72 @@ class Runner:
             case = SdpaCase(shape, p.num_seqs, p.new_tokens, total, 1, self.device, self.dtype)
             self.record("sdpa_prefill", point, self.bench(case.fns()),
                         traffic.sdpa_bytes(shape, p.num_seqs, total, p.new_tokens, eb))
+            if self.with_vllm(shape):
+                self.vllm_prefill_point(shape, point)
+        if self.with_vllm(shape):
+            self.vllm_write(shape)
         self.save()
 
+    def smallest_shape(self):
+        return min(self.shapes, key=lambda s: s.num_q_heads * s.head_dim)
+
+    def with_vllm(self, shape) -> bool:
+        """vLLM's kernels as baselines here; under the interpreter (smoke) on the smallest shape only."""
+        return self.r["vllm"]["status"] == "measured" and (not self.args.smoke or shape is self.smallest_shape())
+
     def vllm_checks(self):
-        """vLLM's decode on a small case it wrote itself, against plain attention: the baseline's call
-        computes what it should before it is timed."""
+        """vLLM's attention (decode, chunked prefill) on a small case it wrote itself, against plain
+        attention: the baseline's calls compute what they should before they are timed."""
         for mode in vllm_baseline.MODES:
-            try:
-                error = vllm_baseline.check_decode(mode, self.device, self.dtype)
-            except Exception as exc:  # noqa: BLE001 - recorded; the timed points will say the same
-                self.skip({"table": "vllm_check", "mode": mode}, f"{type(exc).__name__}: {exc}"[:300])
-                continue
-            self.check(f"vllm_{mode}", {"mode": mode}, error, vllm_baseline.TOLERANCE[mode])
+            for new_tokens in (1, 16):
+                point = {"mode": mode, "new_tokens": new_tokens}
+                try:
+                    error = vllm_baseline.check(mode, self.device, self.dtype, new_tokens=new_tokens)
+                except Exception as exc:  # noqa: BLE001 - recorded; the timed points will say the same
+                    self.skip({"table": "vllm_check", **point}, f"{type(exc).__name__}: {exc}"[:300])
+                    continue
+                self.check(f"vllm_{mode}", point, error, vllm_baseline.TOLERANCE[mode])
+
+    def vllm_timed(self, table, point, make_fns, nbytes: dict):
+        """Time one vLLM baseline point (``make_fns(copies)``); a failure is recorded as a skip."""
+        n = self.copies(nbytes["bytes"])
+        if n * nbytes["bytes"] > self.usable_bytes():
+            self.skip({"table": table, **point}, "memory")
+            return
+        try:
+            self.record(table, {**point, "copies": n}, self.bench(make_fns(n)), nbytes)
+        except Exception as exc:  # noqa: BLE001 - a baseline failing must not stop our numbers
+            self.skip({"table": table, **point}, f"{type(exc).__name__}: {exc}"[:300])
+
+    def vllm_attention_bytes(self, mode, shape, num_seqs, seq_len, tokens):
+        kv = vllm_baseline.cache_bytes_per_token(mode, shape) * num_seqs * seq_len
+        io = traffic._io_bytes(tokens, shape, self.dtype.itemsize)
+        return {"bytes": kv + sum(io.values()), "breakdown": {"kv": kv, **io}}
 
     def vllm_point(self, shape, b, c):
         for mode in vllm_baseline.MODES:
-            point = {"shape": shape.name, "mode": mode, "batch": b, "context": c}
-            kv = vllm_baseline.cache_bytes_per_token(mode, shape) * b * c
-            n = self.copies(kv)
-            if n * kv > self.usable_bytes():
-                self.skip({"table": "vllm_decode", **point}, "memory")
-                continue
-            try:
-                fns = vllm_baseline.decode_fns(mode, shape, b, c, n, self.device, self.dtype)
-                io = traffic._io_bytes(b, shape, self.dtype.itemsize)
-                self.record("vllm_decode", {**point, "copies": n}, self.bench(fns),
-                            {"bytes": kv + sum(io.values()), "breakdown": {"kv": kv, **io}})
-            except Exception as exc:  # noqa: BLE001 - a baseline failing must not stop our numbers
-                self.skip({"table": "vllm_decode", **point}, f"{type(exc).__name__}: {exc}"[:300])
+            self.vllm_timed("vllm_decode", {"shape": shape.name, "mode": mode, "batch": b, "context": c},
+                            lambda n: vllm_baseline.decode_fns(mode, shape, b, c, n, self.device, self.dtype),
+                            self.vllm_attention_bytes(mode, shape, b, c, b))
+
+    def vllm_prefill_point(self, shape, point):
+        seqs, new = point["num_seqs"], point["new_tokens"]
+        total = point["context"] + new
+        for mode in vllm_baseline.MODES:
+            self.vllm_timed("vllm_prefill", {**point, "mode": mode},
+                            lambda n: vllm_baseline.attention_fns(mode, shape, seqs, new, total, n, self.device,
+                                                                  self.dtype),
+                            self.vllm_attention_bytes(mode, shape, seqs, total, seqs * new))
+
+    def vllm_write(self, shape):
+        """vLLM's INT4 write only: its bf16/fp8 writes are CUDA ops the staged kernels lack."""
+        mode = "int4_per_token_head"
+        for t in sorted(set(self.grid.write_tokens) | set(self.grid.batches)):
+            parts = {"kv_in": 2 * t * shape.num_kv_heads * shape.head_dim * self.dtype.itemsize,
+                     "slot_mapping": 8 * t, "slots_out": vllm_baseline.cache_bytes_per_token(mode, shape) * t}
+            self.vllm_timed("vllm_write", {"shape": shape.name, "mode": mode, "tokens": t},
+                            lambda n: vllm_baseline.write_fns(shape, t, n, self.device, self.dtype),
+                            {"bytes": sum(parts.values()), "breakdown": parts})
 
     def pool_for(self, shape, layout):
         """One pool big enough for every point of this (shape, policy) that fits in memory."""
@@ -233,8 +272,8 @@ class Runner:
                     if first or self.args.smoke:  # correctness on the GPU too: the smallest point
                         self.check("decode", point, case.check())
                         first = False
-        smallest = min(self.shapes, key=lambda s: s.num_q_heads * s.head_dim)  # interpreter time: one shape
-        if self.args.tune or (self.args.smoke and policy in self.grid.tune_policies and shape is smallest):
+        if self.args.tune or (self.args.smoke and policy in self.grid.tune_policies
+                              and shape is self.smallest_shape()):  # interpreter time: one shape
             self.tune_prefill(shape, policy, layout, pool)
         if not self.args.tune:
             self.prefill(shape, policy, layout, pool)
