@@ -71,6 +71,7 @@ class Grid:
     tune_policies: tuple[str, ...] = ("k4v4",)
     tune_warps: tuple[int, ...] = (8,)  # timed besides the launcher's 4, at the best split count
     tune_stages: tuple[int, ...] = (1, 2)  # timed besides Triton's default (3 on NVIDIA), at 4 warps
+    vllm_prefill_and_write: bool = True  # vLLM baselines beyond decode (the quick grid keeps its time for ours)
     extra: dict = field(default_factory=dict)
 
 
@@ -97,6 +98,7 @@ GRIDS = {
         prefill=(PrefillPoint(1, 4096, 0), PrefillPoint(1, 2048, 14336)),
         write_tokens=(1, 128, 4096),
         tune_splits=(1, 4, 16, 64),
+        vllm_prefill_and_write=False,
     ),
     # CPU interpreter: tiny sizes that still cross block, tile and split boundaries.
     "smoke": Grid(

@@ -166,9 +166,9 @@ class Runner:
             case = SdpaCase(shape, p.num_seqs, p.new_tokens, total, 1, self.device, self.dtype)
             self.record("sdpa_prefill", point, self.bench(case.fns()),
                         traffic.sdpa_bytes(shape, p.num_seqs, total, p.new_tokens, eb))
-            if self.with_vllm(shape):
+            if self.with_vllm(shape) and self.grid.vllm_prefill_and_write:
                 self.vllm_prefill_point(shape, point)
-        if self.with_vllm(shape):
+        if self.with_vllm(shape) and self.grid.vllm_prefill_and_write:
             self.vllm_write(shape)
         self.save()
 
