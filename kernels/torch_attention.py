@@ -199,6 +199,13 @@ def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, s
     return out[0].transpose(0, 1)
 
 
+def _fits_one_chunk(seq_lens: torch.Tensor, cache: torch.Tensor, layout: PageLayout) -> bool:
+    if seq_lens.numel() == 0:
+        return False
+    padded = -(-int(seq_lens.max()) // layout.block_size) * layout.block_size
+    return seq_lens.numel() * padded * cache.shape[1] * layout.head_dim <= MAX_GATHERED_VALUES
+
+
 def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
                           block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                           sm_scale: float | None = None, sliding_window: int | None = None,
@@ -208,6 +215,10 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(query.shape[-1])
     num_seqs = seq_lens.shape[0]
     q_lens = query_start_loc[1:num_seqs + 1] - query_start_loc[:num_seqs]
+    if query.shape[0] == num_seqs and bool((q_lens == 1).all()) and _fits_one_chunk(seq_lens, cache, layout):
+        # the common decode step: rows are the sequences in order, no sorting or scattering needed
+        return _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding_window, softcap,
+                             kv_dtype)
     decode = torch.nonzero(q_lens == 1).flatten()
     out = torch.full(query.shape, float("nan"), dtype=torch.float32)
     if decode.numel():  # chunks of decode sequences, longest first so each chunk pads little
