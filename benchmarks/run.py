@@ -32,7 +32,7 @@ import time  # noqa: E402
 
 from vllm_int4kv.kernels.attention import choose_num_splits, tile_tokens  # noqa: E402
 
-from . import layer_step, timing, traffic, vllm_baseline  # noqa: E402
+from . import layer_step, timing, traffic, tuning, vllm_baseline, vllm_points  # noqa: E402
 from .analysis import derive  # noqa: E402
 from .config import GRIDS, POLICIES, SHAPES, make_layout  # noqa: E402
 from .workloads import AttentionCase, Pool, SdpaCase, WriteCase  # noqa: E402
@@ -151,7 +151,7 @@ class Runner:
                 self.record("sdpa_decode", {**point, "copies": n}, self.bench(case.fns()), need)
                 del case
                 if self.with_vllm(shape):
-                    self.vllm_point(shape, b, c)
+                    vllm_points.decode_point(self, shape, b, c)
         for p in self.grid.prefill:
             point = {"kind": p.kind, "shape": shape.name, "num_seqs": p.num_seqs,
                      "new_tokens": p.new_tokens, "context": p.context}
@@ -167,9 +167,9 @@ class Runner:
             self.record("sdpa_prefill", point, self.bench(case.fns()),
                         traffic.sdpa_bytes(shape, p.num_seqs, total, p.new_tokens, eb))
             if self.with_vllm(shape) and self.grid.vllm_prefill_and_write:
-                self.vllm_prefill_point(shape, point)
+                vllm_points.prefill_point(self, shape, point)
         if self.with_vllm(shape) and self.grid.vllm_prefill_and_write:
-            self.vllm_write(shape)
+            vllm_points.write_points(self, shape)
         self.save()
 
     def smallest_shape(self):
@@ -178,60 +178,6 @@ class Runner:
     def with_vllm(self, shape) -> bool:
         """vLLM's kernels as baselines here; under the interpreter (smoke) on the smallest shape only."""
         return self.r["vllm"]["status"] == "measured" and (not self.args.smoke or shape is self.smallest_shape())
-
-    def vllm_checks(self):
-        """vLLM's attention (decode, chunked prefill) on a small case it wrote itself, against plain
-        attention: the baseline's calls compute what they should before they are timed."""
-        for mode in vllm_baseline.MODES:
-            for new_tokens in (1, 16):
-                point = {"mode": mode, "new_tokens": new_tokens}
-                try:
-                    error = vllm_baseline.check(mode, self.device, self.dtype, new_tokens=new_tokens)
-                except Exception as exc:  # noqa: BLE001 - recorded; the timed points will say the same
-                    self.skip({"table": "vllm_check", **point}, f"{type(exc).__name__}: {exc}"[:300])
-                    continue
-                self.check(f"vllm_{mode}", point, error, vllm_baseline.TOLERANCE[mode])
-
-    def vllm_timed(self, table, point, make_fns, nbytes: dict):
-        """Time one vLLM baseline point (``make_fns(copies)``); a failure is recorded as a skip."""
-        n = self.copies(nbytes["bytes"])
-        if n * nbytes["bytes"] > self.usable_bytes():
-            self.skip({"table": table, **point}, "memory")
-            return
-        try:
-            self.record(table, {**point, "copies": n}, self.bench(make_fns(n)), nbytes)
-        except Exception as exc:  # noqa: BLE001 - a baseline failing must not stop our numbers
-            self.skip({"table": table, **point}, f"{type(exc).__name__}: {exc}"[:300])
-
-    def vllm_attention_bytes(self, mode, shape, num_seqs, seq_len, tokens):
-        kv = vllm_baseline.cache_bytes_per_token(mode, shape) * num_seqs * seq_len
-        io = traffic._io_bytes(tokens, shape, self.dtype.itemsize)
-        return {"bytes": kv + sum(io.values()), "breakdown": {"kv": kv, **io}}
-
-    def vllm_point(self, shape, b, c):
-        for mode in vllm_baseline.MODES:
-            self.vllm_timed("vllm_decode", {"shape": shape.name, "mode": mode, "batch": b, "context": c},
-                            lambda n: vllm_baseline.decode_fns(mode, shape, b, c, n, self.device, self.dtype),
-                            self.vllm_attention_bytes(mode, shape, b, c, b))
-
-    def vllm_prefill_point(self, shape, point):
-        seqs, new = point["num_seqs"], point["new_tokens"]
-        total = point["context"] + new
-        for mode in vllm_baseline.MODES:
-            self.vllm_timed("vllm_prefill", {**point, "mode": mode},
-                            lambda n: vllm_baseline.attention_fns(mode, shape, seqs, new, total, n, self.device,
-                                                                  self.dtype),
-                            self.vllm_attention_bytes(mode, shape, seqs, total, seqs * new))
-
-    def vllm_write(self, shape):
-        """vLLM's INT4 write only: its bf16/fp8 writes are CUDA ops the staged kernels lack."""
-        mode = "int4_per_token_head"
-        for t in sorted(set(self.grid.write_tokens) | set(self.grid.batches)):
-            parts = {"kv_in": 2 * t * shape.num_kv_heads * shape.head_dim * self.dtype.itemsize,
-                     "slot_mapping": 8 * t, "slots_out": vllm_baseline.cache_bytes_per_token(mode, shape) * t}
-            self.vllm_timed("vllm_write", {"shape": shape.name, "mode": mode, "tokens": t},
-                            lambda n: vllm_baseline.write_fns(shape, t, n, self.device, self.dtype),
-                            {"bytes": sum(parts.values()), "breakdown": parts})
 
     def pool_for(self, shape, layout):
         """One pool big enough for every point of this (shape, policy) that fits in memory."""
@@ -264,7 +210,7 @@ class Runner:
                 case = AttentionCase(pool, b, 1, c, n)
                 tuned = None
                 if self.args.tune or (self.args.smoke and policy in self.grid.tune_policies):
-                    tuned = self.tune_point(case, point, splits, tile_n)
+                    tuned = tuning.split_sweep(self, case, point, splits, tile_n)
                 if not self.args.tune:
                     timed = tuned or self.bench(case.fns())  # the sweep already timed the heuristic
                     self.record("decode", {**point, "num_splits": splits, "copies": n}, timed,
@@ -274,53 +220,12 @@ class Runner:
                         first = False
         if self.args.tune or (self.args.smoke and policy in self.grid.tune_policies
                               and shape is self.smallest_shape()):  # interpreter time: one shape
-            self.tune_prefill(shape, policy, layout, pool)
+            tuning.prefill(self, shape, policy, layout, pool)
         if not self.args.tune:
             self.prefill(shape, policy, layout, pool)
             self.write(shape, policy, layout, pool)
         del pool
         self.save()
-
-    def tune_point(self, case, point, heuristic, tile_n):
-        tiles = math.ceil(case.seq_len / tile_n)
-        sweep = sorted({s for s in self.grid.tune_splits if s <= max(1, tiles)} | {heuristic})
-        timed = {}
-        for s in sweep:
-            timed[s] = self.bench(case.fns(s))
-            if self.args.smoke:  # the split path and the reduce kernel against the reference
-                self.check("decode_splits", {**point, "num_splits": s}, case.check())
-        times = {s: t["median_us"] for s, t in timed.items()}
-        best = min(times, key=times.get)
-        options = self.launch_options(case, "decode", {**point, "num_splits": best}, times[best],
-                                      num_splits=best)
-        row = {**point, "heuristic": heuristic, "best": best, "times_us": {str(k): v for k, v in times.items()},
-               "heuristic_over_best": times[heuristic] / times[best], **options}
-        self.r["tune_splits"].append(row)
-        self.log(f"tune {point}: heuristic {heuristic} ({times[heuristic]:.1f} us), best {best} "
-                 f"({times[best]:.1f} us); " + _options_text(options))
-        return timed[heuristic]
-
-    def launch_options(self, case, what, point, base_us, **launch):
-        """Warps (at Triton's default stages) and pipelining stages (at the launcher's 4 warps) around the
-        launcher's choice, whose time ``base_us`` the caller measured.
-
-        ptxas gives the decode kernel ~200-255 registers per thread at 4 warps and the default 3 stages
-        (benchmarks/compile): 8 warps trade registers per thread for more warps in flight, fewer stages
-        trade prefetching for registers and shared memory.
-        """
-        warps, stages = {4: base_us}, {"default": base_us}
-        variants = [(warps, w, "warps", {"num_warps": w}) for w in self.grid.tune_warps]
-        variants += [(stages, n, "stages", {"num_stages": n}) for n in self.grid.tune_stages]
-        for times, key, name, option in variants:
-            try:  # one variant failing to compile or launch is recorded; the others still count
-                times[key] = self.bench(case.fns(**option, **launch))["median_us"]
-            except Exception as exc:  # noqa: BLE001
-                self.skip({"table": f"tune_{what}", **point, **option}, f"{type(exc).__name__}: {exc}"[:300])
-                continue
-            if self.args.smoke:
-                self.check(f"{what}_{name}", {**point, **option}, case.check())
-        return {"warps_us": {str(k): v for k, v in warps.items()}, "best_warps": min(warps, key=warps.get),
-                "stages_us": {str(k): v for k, v in stages.items()}, "best_stages": min(stages, key=stages.get)}
 
     def prefill_cases(self, table, shape, policy, layout, pool):
         """(point, case) for each prefill point of the grid that fits in time and in the pool."""
@@ -332,14 +237,6 @@ class Runner:
                 self.skip({"table": table, **point}, "time budget or memory")
                 continue
             yield point, AttentionCase(pool, p.num_seqs, p.new_tokens, total, 1)
-
-    def tune_prefill(self, shape, policy, layout, pool):
-        """Warps and stages for prefill and chunked prefill (no splits there)."""
-        for point, case in self.prefill_cases("tune_prefill", shape, policy, layout, pool):
-            base = self.bench(case.fns())["median_us"]
-            options = self.launch_options(case, "prefill", point, base)
-            self.r["tune_prefill"].append({**point, **options})
-            self.log(f"tune {point}: " + _options_text(options))
 
     def prefill(self, shape, policy, layout, pool):
         if self.args.smoke and policy not in ("k4v4", "k16v16"):
@@ -394,7 +291,7 @@ class Runner:
         time budget that runs out cuts the least important points."""
         self.peaks()
         if not self.args.tune and self.r["vllm"]["status"] == "measured":
-            self.guarded({"section": "vllm_checks"}, self.vllm_checks)
+            self.guarded({"section": "vllm_checks"}, vllm_points.checks, self)
         if not self.args.tune:
             for shape in self.shapes:
                 self.guarded({"section": "baselines", "shape": shape.name}, self.baselines, shape)
@@ -427,11 +324,6 @@ class Runner:
         self.log(f"done: {len(self.r['decode'])} decode, {len(self.r['prefill'])} prefill, "
                  f"{len(self.r['write'])} write points; {len(failed)} failed checks; -> {self.out}")
         return failed
-
-
-def _options_text(options: dict) -> str:
-    return ("warps " + " ".join(f"{k}:{v:.1f}" for k, v in options["warps_us"].items())
-            + "; stages " + " ".join(f"{k}:{v:.1f}" for k, v in options["stages_us"].items()))
 
 
 def main(argv=None):

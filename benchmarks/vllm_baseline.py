@@ -115,10 +115,6 @@ def attention_fns(mode: str, shape, num_seqs: int, new_tokens: int, seq_len: int
     return fns
 
 
-def decode_fns(mode: str, shape, batch: int, context: int, copies: int, device, dtype):
-    return attention_fns(mode, shape, batch, 1, context, copies, device, dtype)
-
-
 def write_fns(shape, tokens: int, copies: int, device, dtype, block_size: int = 16):
     """vLLM's INT4 cache write (rotation, packing, scales: Triton) of ``tokens`` new tokens per call. Its
     bf16/fp8 writes are CUDA ops of ``vllm._C``, which the staged kernels do not have."""

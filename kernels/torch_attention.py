@@ -199,11 +199,15 @@ def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, s
     return out[0].transpose(0, 1)
 
 
+def _values_per_seq(longest: int, cache: torch.Tensor, layout: PageLayout) -> int:
+    """Values gathered per sequence of a chunk whose longest sequence has ``longest`` tokens."""
+    return -(-longest // layout.block_size) * layout.block_size * cache.shape[1] * layout.head_dim
+
+
 def _fits_one_chunk(seq_lens: torch.Tensor, cache: torch.Tensor, layout: PageLayout) -> bool:
     if seq_lens.numel() == 0:
         return False
-    padded = -(-int(seq_lens.max()) // layout.block_size) * layout.block_size
-    return seq_lens.numel() * padded * cache.shape[1] * layout.head_dim <= MAX_GATHERED_VALUES
+    return seq_lens.numel() * _values_per_seq(int(seq_lens.max()), cache, layout) <= MAX_GATHERED_VALUES
 
 
 def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
@@ -225,8 +229,7 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
         decode = decode[seq_lens[decode].argsort(descending=True)]
         start = 0
         while start < decode.numel():
-            per_seq = (-(-int(seq_lens[decode[start]]) // layout.block_size) * layout.block_size
-                       * cache.shape[1] * layout.head_dim)
+            per_seq = _values_per_seq(int(seq_lens[decode[start]]), cache, layout)
             chunk = decode[start:start + max(1, MAX_GATHERED_VALUES // per_seq)]
             rows = query_start_loc[chunk].long()
             out[rows] = _decode_chunk(query[rows], cache, layout, block_table[chunk], seq_lens[chunk],
