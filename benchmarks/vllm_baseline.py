@@ -20,6 +20,11 @@ SEGMENTS = 16
 
 SOURCE: str | None = None  # where the kernels came from, once availability() found them
 TOLERANCE = {"bf16": 2e-2, "fp8": 8e-2, "int4_per_token_head": 0.25}  # check() vs plain attention
+CHECK_MODES = MODES + ("int8_per_token_head", "fp8_per_token_head")
+# cache element type and stored width for head size D of the per-(token, head) modes, as vLLM allocates
+PER_TOKEN_HEAD_CACHE = {"int4_per_token_head": (torch.uint8, lambda d: d // 2),
+                        "int8_per_token_head": (torch.int8, lambda d: d),
+                        "fp8_per_token_head": (torch.float8_e4m3fn, lambda d: d)}
 
 
 def availability(device: torch.device) -> str | None:
@@ -73,8 +78,8 @@ def _call(mode: str, q, k, v, out, table, seq_lens, new_tokens: int, max_seq_len
     num_seqs, device = seq_lens.shape[0], q.device
     num_kv_heads, head_dim = k.shape[2], q.shape[2]
     extra = {}
-    if mode == "int4_per_token_head":
-        extra = {"kv_quant_mode": KVQuantMode.INT4_PER_TOKEN_HEAD, "k_scale_cache": scales[0],
+    if mode.endswith("per_token_head"):
+        extra = {"kv_quant_mode": KVQuantMode[mode.upper()], "k_scale_cache": scales[0],
                  "v_scale_cache": scales[1]}
     descale = torch.ones(1, device=device, dtype=torch.float32).expand(num_seqs, num_kv_heads)
     return partial(unified_attention, q=q, k=k, v=v, out=out,
@@ -141,9 +146,13 @@ def cache_bytes_per_token(mode: str, shape) -> int:
 
 
 def check(mode: str, device, dtype, new_tokens: int = 1, num_kv_heads: int = 2, group: int = 3,
-          head_dim: int = 64, seq_len: int = 40, num_seqs: int = 2, block_size: int = 16) -> float:
+          head_dim: int = 64, seq_len: int = 40, num_seqs: int = 2, block_size: int = 16,
+          emulated: bool = False) -> float:
     """Error ratio of vLLM's attention (cache written as vLLM writes it) against plain causal attention on
-    the unquantized K/V: shows the baseline's call computes attention (INT4 error is ~0.1, garbage ~1)."""
+    the unquantized K/V: shows the baseline's call computes attention (INT4 error is ~0.1, garbage ~1).
+
+    ``emulated``: attend over K/V passed through ``vllm_formats`` instead, which must then agree with
+    vLLM's kernels to rounding (the check of those emulations). Modes: ``CHECK_MODES``."""
     gen = torch.Generator().manual_seed(0)
     h, hq, d = num_kv_heads, num_kv_heads * group, head_dim
     bps = math.ceil(seq_len / block_size)
@@ -152,15 +161,17 @@ def check(mode: str, device, dtype, new_tokens: int = 1, num_kv_heads: int = 2, 
     query = torch.randn(num_seqs, new_tokens, hq, d, generator=gen)
     tables = torch.randperm(nb, generator=gen).view(num_seqs, bps).to(torch.int32)
     scales = None
-    if mode == "int4_per_token_head":
-        from vllm.v1.attention.ops.int4_per_token_head import reshape_and_cache_int4
+    if mode.endswith("per_token_head"):  # vLLM's own Triton write kernels
+        from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
+            triton_reshape_and_cache_flash_per_token_head_quant as write)
+        from vllm.v1.kv_cache_interface import KVQuantMode
 
-        k = torch.zeros(nb, block_size, h, d // 2, dtype=torch.uint8, device=device)
+        cache_dtype, width = PER_TOKEN_HEAD_CACHE[mode]
+        k = torch.zeros(nb, block_size, h, width(d), dtype=cache_dtype, device=device)
         v = torch.zeros_like(k)
         scales = [torch.zeros(nb, block_size, h, device=device) for _ in range(2)]
-        reshape_and_cache_int4(key.to(device, dtype), value.to(device, dtype), k, v,
-                               torch.arange(nb * block_size, device=device), k_scale_cache=scales[0],
-                               v_scale_cache=scales[1])
+        write(key.to(device, dtype), value.to(device, dtype), k, v, scales[0], scales[1],
+              torch.arange(nb * block_size, device=device), KVQuantMode[mode.upper()])
     else:
         cache_dtype = torch.float8_e4m3fn if mode == "fp8" else dtype
         k, v = (x.view(nb, block_size, h, d).to(device, cache_dtype) for x in (key, value))
@@ -169,6 +180,10 @@ def check(mode: str, device, dtype, new_tokens: int = 1, num_kv_heads: int = 2, 
     seq_lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device=device)
     _call(mode, q, k, v, out, tables.to(device), seq_lens, new_tokens, seq_len, scales)()
     slots = (tables.long()[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :seq_len]
+    if emulated and mode != "bf16":  # bf16: the cache stores K/V in the model's dtype, unchanged
+        from .vllm_formats import FORMATS
+
+        key, value = (x.float() for x in FORMATS[mode].fake_quantize_kv(key.to(dtype), value.to(dtype)))
     k_seq, v_seq = (x[slots].repeat_interleave(group, 2) for x in (key, value))  # [B, S, Hq, D]
     scores = torch.einsum("bthd,bshd->bhts", query, k_seq) * d ** -0.5
     visible = torch.arange(seq_len)[None, :] <= torch.arange(seq_len - new_tokens, seq_len)[:, None]

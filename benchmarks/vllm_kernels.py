@@ -29,7 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "artifacts" / "vllm_kernels"
 FILES = ("v1/attention/ops/triton_unified_attention.py", "v1/attention/ops/triton_attention_helpers.py",
-         "v1/attention/ops/int4_per_token_head.py", "utils/math_utils.py")
+         "v1/attention/ops/int4_per_token_head.py", "v1/attention/ops/triton_reshape_and_cache_flash.py",
+         "utils/math_utils.py")
 MANIFEST = "staged.json"
 
 
@@ -117,6 +118,14 @@ def install(src: Path | None = None) -> str:
     _module("vllm.platforms", current_platform=_Platform())
     _module("vllm.triton_utils", triton=triton, tl=tl)
     _module("vllm.v1.kv_cache_interface", KVQuantMode=IntEnum("KVQuantMode", manifest["kv_quant_mode"]))
+    # the cache-write file's imports: the fp8 range, and which cache dtypes are quantized
+    import torch
+
+    fp8 = torch.finfo(torch.float8_e4m3fn)
+    _module("vllm.model_executor.layers.quantization.utils.quant_utils", FP8_DTYPE=torch.float8_e4m3fn,
+            get_fp8_min_max=lambda: (fp8.min, fp8.max))
+    _module("vllm.utils.torch_utils", is_quantized_kv_cache=lambda name: (
+        name.startswith(("fp8", "nvfp4")) or name.endswith("per_token_head")))
     return f"vLLM {manifest['vllm_version']} Triton kernels staged from its installed package (no vllm._C)"
 
 

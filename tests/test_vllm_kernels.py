@@ -2,6 +2,7 @@
 which has no vLLM), compute attention: run here under the Triton interpreter against plain attention."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -31,14 +32,19 @@ def test_staged_kernels_run_without_vllm(tmp_path):
         cpu = torch.device("cpu")
         errors = {f"{m}/{n}": vllm_baseline.check(m, cpu, torch.float32, new_tokens=n)
                   for m in vllm_baseline.MODES for n in (1, 16)}  # decode (3D launch), chunked prefill
+        emulated = {m: vllm_baseline.check(m, cpu, torch.float32, emulated=True)
+                    for m in vllm_baseline.CHECK_MODES}
+        codes = fp8_codes_vs_emulation()
         from benchmarks.config import SHAPES
         timed = [fn() for m in vllm_baseline.MODES  # what the harness times runs, here one call each
                  for fn in vllm_baseline.attention_fns(m, SHAPES["smollm2-135m"], 2, 8, 40, 1, cpu,
                                                        torch.float32)]
         timed += [fn() for fn in vllm_baseline.write_fns(SHAPES["smollm2-135m"], 5, 2, cpu, torch.float32)]
         print(json.dumps({"status": status, "source": vllm_baseline.SOURCE, "errors": errors,
+                          "emulated": emulated, "fp8_codes": codes,
                           "staged": getattr(sys.modules["vllm"], "_int4kv_staged", False)}))
     """)
+    script = textwrap.dedent(inspect.getsource(fp8_codes_vs_emulation)) + script
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
            "VLLM_INT4KV_VLLM_KERNELS": str(tmp_path), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
@@ -52,6 +58,53 @@ def test_staged_kernels_run_without_vllm(tmp_path):
         assert errors["bf16"] < 1e-5, n  # fp32 here: vLLM's kernel is exact
         assert 1e-3 < errors["fp8"] < 0.08, n  # e4m3 rounding of K and V, not garbage (~1)
         assert 1e-2 < errors["int4_per_token_head"] < 0.25, n
+    # benchmarks/vllm_formats.py (the quality comparison with vLLM's formats) is vLLM's arithmetic: vLLM's
+    # write and attention kernels agree with plain attention over the emulated K/V to fp32 rounding
+    emulated = result["emulated"]
+    assert set(emulated) == {"bf16", "fp8", "int4_per_token_head", "int8_per_token_head", "fp8_per_token_head"}
+    for mode, error in emulated.items():
+        if mode != "fp8_per_token_head":  # see fp8_codes_vs_emulation
+            assert error < 1e-5, (mode, error)
+    codes = result["fp8_codes"]
+    assert codes["scales_equal"] and codes["codes"] == 2 * 40 * 2 * 64
+    assert codes["equal"] + codes["interpreter_quirk"] == codes["codes"] and codes["equal"] > 0.9 * codes["codes"]
+
+
+def fp8_codes_vs_emulation() -> dict:
+    """vLLM's fp8_per_token_head write kernel against the emulation, code by code.
+
+    Its scales must be equal. Its e4m3 codes are equal except where the Triton interpreter's fp32 -> e4m3
+    cast goes wrong: rounding up to a power of two loses the exponent carry (124.3 -> 64 instead of 128),
+    and subnormal results are flushed to 0. CPU interpreter bugs (a GPU converts in hardware), so those,
+    and only those, may differ. The read side is the path int8_per_token_head takes (code x scale), checked
+    end to end above.
+    """
+    import torch
+    from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
+        triton_reshape_and_cache_flash_per_token_head_quant as write)
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    from benchmarks.vllm_formats import E4M3_MAX
+
+    gen = torch.Generator().manual_seed(1)
+    key, value = (torch.randn(40, 2, 64, generator=gen) * 3 for _ in range(2))
+    caches = [torch.zeros(40, 1, 2, 64, dtype=torch.float8_e4m3fn) for _ in range(2)]
+    scales = [torch.zeros(40, 1, 2) for _ in range(2)]
+    write(key, value, *caches, *scales, torch.arange(40), KVQuantMode.FP8_PER_TOKEN_HEAD)
+    report = {"scales_equal": True, "codes": 0, "equal": 0, "interpreter_quirk": 0}
+    for x, cache, scale in zip((key, value), caches, scales):
+        mine_scale = (x.abs().amax(-1) / E4M3_MAX).clamp_min(1e-6)
+        report["scales_equal"] &= torch.equal(mine_scale, scale[:, 0])
+        mine = (x * (1.0 / mine_scale[..., None])).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+        theirs = cache[:, 0].float()
+        equal = mine == theirs
+        power_of_two = torch.frexp(mine.abs())[0] == 0.5
+        report["codes"] += mine.numel()
+        report["equal"] += int(equal.sum())
+        carry = (mine == 2 * theirs) & power_of_two
+        flushed = (theirs == 0) & (mine.abs() < torch.finfo(torch.float8_e4m3fn).smallest_normal)
+        report["interpreter_quirk"] += int((~equal & (carry | flushed)).sum())
+    return report
 
 
 def test_install_says_how_to_stage(tmp_path):
