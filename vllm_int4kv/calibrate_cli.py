@@ -41,19 +41,6 @@ def add_parser(parser) -> None:
     parser.set_defaults(run=run)
 
 
-def _eval_chunks(model, path, n, args, size=512) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model, revision=args.revision,
-                                              trust_remote_code=args.trust_remote_code)
-    with open(path, encoding="utf-8") as f:
-        ids = tokenizer(f.read())["input_ids"]
-    chunks = [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)][:n]
-    if not chunks:
-        raise SystemExit(f"{path} holds fewer than {size} tokens")
-    return chunks
-
-
 def _table(result: calibration.Calibration, ppl: dict) -> str:
     base = ppl.get("fp")
     head = (f"{'candidate':<14}{'B/tok/head':>11}{'mean KL':>11}{'top-1':>8}{'est. ppl Δ':>12}"
@@ -89,7 +76,12 @@ def run(args) -> int:
         result = calibration.calibrate(session, head_dim, settings, elem_bytes=elem_bytes,
                                        measure_all=args.all or bool(args.eval_text))
         if args.eval_text:
-            chunks = _eval_chunks(args.model, args.eval_text, args.eval_chunks, args)
+            try:
+                chunks = calibration.text_chunks(args.model, args.eval_text, args.eval_chunks,
+                                                 revision=args.revision,
+                                                 trust_remote_code=args.trust_remote_code)
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from exc
             ppl["fp"] = session.perplexity(chunks, None)
             for m in result.measurements:
                 spec = ((6, 4, None, False) if m.name == "k6v4"

@@ -26,6 +26,7 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -143,18 +144,36 @@ def prompt_token_ids(model: str, prompts: list[str], max_tokens: int, *, revisio
     return [x for x in ids if len(x) >= 2]
 
 
+def text_chunks(model: str, path: str, n: int, size: int = 512, *, revision=None,
+                trust_remote_code=False) -> list[list[int]]:
+    """The first ``n`` whole ``size``-token chunks of a held-out text file, tokenized for ``model``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    with open(path, encoding="utf-8") as f:
+        ids = tokenizer(f.read())["input_ids"]
+    chunks = [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)][:n]
+    if not chunks:
+        raise ValueError(f"{path} holds fewer than {size} tokens")
+    return chunks
+
+
 def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()
 
 
 # -- the quantizing attention function --------------------------------------------------------------
-_ACTIVE: tuple | None = None  # (k_bits, v_bits, k_group, rotate) or None for full precision
+# (k_bits, v_bits, k_group, rotate), a function (key, value) -> (key, value) for another cache format
+# (benchmarks/vllm_formats.py: vLLM's own), or None for full precision
+_ACTIVE: tuple | Callable | None = None
 
 
 def _quantizing_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if _ACTIVE is not None:
+    if callable(_ACTIVE):
+        key, value = _ACTIVE(key, value)
+    elif _ACTIVE is not None:
         k_bits, v_bits, k_group, rotate = _ACTIVE
         d = key.shape[-1]
         key, value = fake_quantize_kv(key, value, k_bits, v_bits, min(k_group or d, d), d, rotate)
@@ -170,7 +189,7 @@ def _register_attention() -> None:
 
 
 @contextlib.contextmanager
-def quantized(spec: tuple | None):
+def quantized(spec: tuple | Callable | None):
     """Within the block, every attention layer sees K/V through the cache format ``spec``."""
     global _ACTIVE
     previous, _ACTIVE = _ACTIVE, spec
@@ -233,13 +252,13 @@ class Session:
         return session
 
     @torch.inference_mode()
-    def _logprobs(self, ids: torch.Tensor, spec: tuple | None) -> torch.Tensor:
+    def _logprobs(self, ids: torch.Tensor, spec: tuple | Callable | None) -> torch.Tensor:
         with quantized(spec):
             logits = self.model(input_ids=ids, use_cache=False).logits[0]
         return logits.float().log_softmax(-1)  # [S, V]
 
     @torch.inference_mode()
-    def measure(self, name: str, spec: tuple, bytes_per_token: int | None = None) -> Measurement:
+    def measure(self, name: str, spec: tuple | Callable, bytes_per_token: int | None = None) -> Measurement:
         kl = agree = dnll = 0.0
         n_next = 0
         for ids, ref in zip(self.inputs, self.reference):
@@ -254,7 +273,7 @@ class Session:
                            dnll / max(n_next, 1))
 
     @torch.inference_mode()
-    def perplexity(self, chunks: list[list[int]], spec: tuple | None) -> float:
+    def perplexity(self, chunks: list[list[int]], spec: tuple | Callable | None) -> float:
         """Perplexity of the model through the cache format ``spec`` on held-out token chunks."""
         nll, count = 0.0, 0
         for chunk in chunks:

@@ -1,0 +1,127 @@
+"""Quality of vLLM's own quantized KV caches beside ours, measured the same way on the same model.
+
+    python benchmarks/vllm_quality.py MODEL --eval-text FILE [--eval-chunks 6] [--out DIR]
+
+One calibration session (HF transformers, the prompts ``auto`` calibrates on): every candidate layout of
+ours (which also gives ``auto``'s decision), then vLLM 0.32's ``fp8``, ``fp8_per_token_head``,
+``int8_per_token_head`` and ``int4_per_token_head`` caches through the emulations in ``vllm_formats.py``
+(checked against vLLM's own kernels in ``tests/test_vllm_kernels.py``). Per layout: bytes per token per
+KV head (16-bit model), mean next-token KL against full precision and top-1 agreement on the calibration
+prompts, and perplexity on held-out text. Writes ``vllm-formats.json`` and ``vllm-formats.md``.
+
+vLLM's fp8 cache is measured with its default per-tensor scale of 1.0 (what ``--kv-cache-dtype fp8``
+gives a checkpoint without KV scales).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.vllm_formats import FORMATS  # noqa: E402
+from vllm_int4kv import auto, calibration  # noqa: E402
+from vllm_int4kv.policy import parse_policy  # noqa: E402
+
+BF16_BYTES = 2  # sizes are for a 16-bit model, the usual serving dtype
+
+
+def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calibration.Settings,
+            device: str | None = None) -> dict:
+    """Every layout of ours and every vLLM format on one loaded model; a JSON-ready dict."""
+    prompts = calibration.load_prompts(settings.n_prompts)
+    from transformers import AutoConfig
+
+    head_dim = calibration.head_dim_of(AutoConfig.from_pretrained(model))
+    token_ids = calibration.prompt_token_ids(model, prompts, settings.max_tokens)
+    chunks = calibration.text_chunks(model, eval_text, eval_chunks) if eval_text else []
+    start = time.perf_counter()
+    rows = []
+    with calibration.Session.load(model, token_ids, device=device) as session:
+        result = calibration.calibrate(session, head_dim, settings, elem_bytes=BF16_BYTES, measure_all=True)
+        base = session.perplexity(chunks, None) if chunks else None
+        for m in result.measurements:
+            if m.bytes_per_token is None:  # k6v4: the ratio classifier's measurement, not a layout
+                continue
+            spec = calibration.spec_of(parse_policy(m.name))
+            rows.append({"cache": m.name, "by": "vllm-int4kv", "bytes_per_token": m.bytes_per_token,
+                         "kl": m.kl, "top1": m.top1, "auto": m.name == result.policy.name,
+                         "ppl": (base if m.exact else session.perplexity(chunks, spec)) if chunks else None})
+        for fmt in FORMATS.values():
+            m = session.measure(fmt.name, fmt.fake_quantize_kv, fmt.bytes_per_token(head_dim))
+            rows.append({"cache": fmt.name, "by": "vLLM 0.32", "bytes_per_token": m.bytes_per_token,
+                         "kl": m.kl, "top1": m.top1, "auto": False,
+                         "ppl": session.perplexity(chunks, fmt.fake_quantize_kv) if chunks else None})
+        dtype = str(next(session.model.parameters()).dtype).removeprefix("torch.")
+        dev = str(session.device)
+    for row in rows:
+        row["within_budget"] = row["kl"] <= settings.budget
+        row["ppl_delta"] = row["ppl"] / base - 1 if base else None
+    rows.sort(key=lambda r: (r["bytes_per_token"], r["by"] != "vLLM 0.32"))
+    import transformers
+
+    return {"model": model, "head_dim": head_dim, "budget": settings.budget, "decision": result.policy.name,
+            "ratio": result.ratio, "rows": rows, "full_precision_ppl": base,
+            "calibration": {"prompts": len(token_ids), "tokens": sum(map(len, token_ids))},
+            "eval": {"text": eval_text, "chunks": len(chunks), "tokens_per_chunk": 512},
+            "seconds": round(time.perf_counter() - start, 1),
+            "machine": {"device": dev, "dtype": dtype, "cpu": platform.processor() or platform.machine(),
+                        "python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__}}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# KV-cache quality: vLLM's formats beside vllm-int4kv, {Path(report['model']).name}", "",
+             f"{report['calibration']['prompts']} calibration prompts ({report['calibration']['tokens']} "
+             f"tokens) for KL and top-1; held-out perplexity on {report['eval']['chunks']} x 512 tokens of "
+             f"`{report['eval']['text']}`. {m['device']} {m['dtype']}, {m['cpu']}; Python {m['python']}, "
+             f"torch {m['torch']}, transformers {m['transformers']}; {report['seconds']} s. Bytes per token "
+             f"per KV head for a 16-bit model (head_dim {report['head_dim']}). Budget: mean KL ≤ "
+             f"{report['budget']:g} nats.", "",
+             "| cache | by | B/token/KV head | mean KL (nats) | top-1 | within budget | held-out ppl | ppl Δ |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        name = f"**{r['cache']} ← auto**" if r["auto"] else r["cache"]
+        ppl = "—" if r["ppl"] is None else f"{r['ppl']:.3f}"
+        delta = "—" if r["ppl_delta"] is None else f"{r['ppl_delta']:+.2%}"
+        lines.append(f"| {name} | {r['by']} | {r['bytes_per_token']} | {r['kl']:.5f} | {r['top1']:.1%} | "
+                     f"{'yes' if r['within_budget'] else 'no'} | {ppl} | {delta} |")
+    if report["full_precision_ppl"]:
+        lines += ["", f"Full precision: perplexity {report['full_precision_ppl']:.3f}."]
+    lines += ["", f"auto's decision: {report['decision']} (INT6/INT8 ratio {report['ratio']:.2f})."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="HF model folder")
+    ap.add_argument("--eval-text", default=None, help="held-out text for perplexity")
+    ap.add_argument("--eval-chunks", type=int, default=6, help="512-token chunks of --eval-text")
+    ap.add_argument("--prompts", type=int, default=calibration.DEFAULT_PROMPTS)
+    ap.add_argument("--max-tokens", type=int, default=calibration.DEFAULT_MAX_TOKENS)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "quality")
+    args = ap.parse_args(argv)
+    settings = calibration.Settings(n_prompts=args.prompts, max_tokens=args.max_tokens,
+                                    budget=auto.settings_from_env().budget)
+    report = measure(args.model, args.eval_text, args.eval_chunks, settings, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vllm-formats.json").write_text(json.dumps(report, indent=1))
+    text = markdown(report)
+    (args.out / "vllm-formats.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

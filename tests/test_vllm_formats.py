@@ -1,0 +1,112 @@
+"""vLLM's own KV-cache formats beside ours (benchmarks/vllm_formats.py, benchmarks/vllm_quality.py).
+
+The emulations are checked against vLLM's kernels in test_vllm_kernels.py; here: their sizes against
+vLLM's page arithmetic, the comparison runner end to end, and the claim the README makes from it (on
+models whose keys break vLLM's INT4 cache, auto stays within its budget).
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_calibration import HEAD_DIM, tiny_model, token_ids
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import vllm_formats, vllm_quality  # noqa: E402
+from benchmarks.vllm_formats import FORMATS  # noqa: E402
+from vllm_int4kv.calibration import DEFAULT_KL_BUDGET, Session, Settings, calibrate  # noqa: E402
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+def test_sizes_are_vllms_page_sizes(head_dim):
+    kv_cache = pytest.importorskip("vllm.v1.kv_cache_interface")
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    for fmt in FORMATS.values():
+        spec = kv_cache.FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=head_dim,
+                                          dtype=STR_DTYPE_TO_TORCH_DTYPE[fmt.name],
+                                          kv_quant_mode=kv_cache.get_kv_quant_mode(fmt.name))
+        page = TritonAttentionBackend.customize_spec(spec).page_size_bytes
+        assert fmt.bytes_per_token(head_dim) == page / (16 * 2), fmt.name
+
+
+def test_emulations_quantize_and_keep_shape_and_dtype():
+    x = torch.randn(3, 2, 40, 64) * 4
+    for fmt in FORMATS.values():
+        y = fmt.quantize(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        error = ((y - x).norm() / x.norm()).item()
+        assert 0 < error < (0.12 if fmt.data_bits == 4 else 0.05), (fmt.name, error)
+    # int4: 16 levels per (token, head) in the rotated basis, not in the original one
+    codes = vllm_formats._rht(FORMATS["int4_per_token_head"].quantize(x))
+    assert all(len(torch.unique(row.round(decimals=3))) <= 16 for row in codes.flatten(0, 2)[:8])
+
+
+def test_rht_is_its_own_inverse_up_to_block_scale():
+    for d in (64, 80, 96):  # 80 and 96: block-diagonal in blocks of 16 and 32, as vLLM does
+        x = torch.randn(5, d)
+        assert torch.allclose(vllm_formats._rht(vllm_formats._rht(x), inverse=True), x, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def hard_models():
+    """Tiny models whose keys vLLM's INT4 cache cannot hold: a large key offset, outlier channels."""
+    out = {}
+    for label, model in (("offset", tiny_model(key_bias=20.0)), ("outliers", tiny_model(outlier_scale=14.0))):
+        with Session(model, token_ids()) as session:
+            result = calibrate(session, HEAD_DIM, Settings(), measure_all=True)
+            vllm = {f.name: session.measure(f.name, f.fake_quantize_kv) for f in FORMATS.values()}
+        out[label] = (result, vllm)
+    return out
+
+
+@pytest.mark.parametrize("label", ["offset", "outliers"])
+def test_auto_keeps_the_budget_where_vllm_int4_breaks_it(hard_models, label):
+    result, vllm = hard_models[label]
+    chosen = result.measured(result.policy.name)
+    print(f"\n{label}: vLLM int4_per_token_head KL {vllm['int4_per_token_head'].kl:.4f}, fp8 "
+          f"{vllm['fp8'].kl:.4f}; auto -> {chosen.name} KL {chosen.kl:.4f}, {chosen.bytes_per_token} B")
+    assert vllm["int4_per_token_head"].kl > DEFAULT_KL_BUDGET
+    assert chosen.kl <= DEFAULT_KL_BUDGET
+
+
+def test_outlier_keys_cost_auto_one_scale_per_group_over_vllm_int4(hard_models):
+    """With outlier key channels, rotation plus 32-channel key groups fit where vLLM's rotated per-head
+    INT4 does not: 76 B per token and head against its 72 (4 more bytes of scales)."""
+    result, vllm = hard_models["outliers"]
+    assert result.policy.name == "k4v4-g32-rot"
+    assert result.measured("k4v4-g32-rot").bytes_per_token == \
+        FORMATS["int4_per_token_head"].bytes_per_token(HEAD_DIM) + 4
+
+
+def test_fp8_with_unit_scale_breaks_on_a_key_offset(hard_models):
+    """vLLM's default fp8 cache keeps e4m3's relative step (1/16) of a +20 offset: over budget."""
+    _, vllm = hard_models["offset"]
+    assert vllm["fp8"].kl > DEFAULT_KL_BUDGET
+    assert vllm["int8_per_token_head"].kl <= DEFAULT_KL_BUDGET
+
+
+def test_runner_writes_a_complete_comparison(tmp_path, monkeypatch):
+    build_tiny_llama = pytest.importorskip("vllm_int4kv.tiny_model").build_tiny_llama
+    folder = build_tiny_llama(tmp_path / "tiny", seed=0)
+    tiny_model().save_pretrained(folder)
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(400)))
+    monkeypatch.delenv("VLLM_INT4KV_KL_BUDGET", raising=False)
+    vllm_quality.main([str(folder), "--eval-text", str(text), "--eval-chunks", "2", "--prompts", "2",
+                       "--max-tokens", "96", "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "vllm-formats.json").read_text())
+    rows = {r["cache"]: r for r in report["rows"]}
+    assert set(FORMATS) <= set(rows) and {"k4v4", "k8v4", "k16v16"} <= set(rows)
+    assert [r["bytes_per_token"] for r in report["rows"]] == sorted(r["bytes_per_token"] for r in report["rows"])
+    assert sum(r["auto"] for r in report["rows"]) == 1 and rows[report["decision"]]["auto"]
+    assert rows["k16v16"]["kl"] == 0 and rows["k16v16"]["ppl_delta"] == 0
+    assert rows["int8_per_token_head"]["kl"] < rows["int4_per_token_head"]["kl"]
+    assert all(r["ppl"] > 1 and r["within_budget"] == (r["kl"] <= report["budget"]) for r in rows.values())
+    markdown = (tmp_path / "out" / "vllm-formats.md").read_text()
+    assert "int4_per_token_head | vLLM 0.32 | 72 |" in markdown and "← auto" in markdown
