@@ -8,12 +8,13 @@ prompts, same held-out text. Written from vLLM's kernels (``triton_reshape_and_c
 ``tests/test_vllm_kernels.py`` writes random K/V with vLLM's own write kernels, attends with vLLM's own
 attention kernel, and compares with plain attention over these emulations (fp32: equal to ~1e-6).
 
-| ``--kv-cache-dtype`` | what vLLM stores per (token, KV head) |
-|---|---|
-| ``fp8`` | K/V / scale as e4m3 (saturating), one scale per tensor; 1.0 unless the checkpoint has scales |
-| ``fp8_per_token_head`` | e4m3 of x / (absmax / 448), plus that fp32 scale |
-| ``int8_per_token_head`` | round-half-away of x / (absmax / 127), plus that fp32 scale |
-| ``int4_per_token_head`` | a randomized Hadamard transform (fixed signs), then asymmetric 4-bit codes with an integer zero-point hidden in the low 4 mantissa bits of one fp32 scale |
+What vLLM stores per (token, KV head), by ``--kv-cache-dtype``:
+
+- ``fp8``: x / scale as e4m3 (saturating), one scale per tensor: 1.0 unless the checkpoint has scales.
+- ``fp8_per_token_head``: e4m3 of x / (absmax / 448), plus that fp32 scale.
+- ``int8_per_token_head``: round-half-away of x / (absmax / 127), plus that fp32 scale.
+- ``int4_per_token_head``: a randomized Hadamard transform (fixed signs), then asymmetric 4-bit codes
+  with an integer zero-point hidden in the low 4 mantissa bits of one fp32 scale.
 """
 from __future__ import annotations
 

@@ -82,13 +82,15 @@ def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calib
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# KV-cache quality: vLLM's formats beside vllm-int4kv, {Path(report['model']).name}", "",
+             f"`{report.get('command', '')}`", "",
              f"{report['calibration']['prompts']} calibration prompts ({report['calibration']['tokens']} "
              f"tokens) for KL and top-1; held-out perplexity on {report['eval']['chunks']} x 512 tokens of "
              f"`{report['eval']['text']}`. {m['device']} {m['dtype']}, {m['cpu']}; Python {m['python']}, "
              f"torch {m['torch']}, transformers {m['transformers']}; {report['seconds']} s. Bytes per token "
              f"per KV head for a 16-bit model (head_dim {report['head_dim']}). Budget: mean KL ≤ "
              f"{report['budget']:g} nats.", "",
-             "| cache | by | B/token/KV head | mean KL (nats) | top-1 | within budget | held-out ppl | ppl Δ |",
+             "| cache | by | B/token/KV head | mean KL (nats) | top-1 | within budget | held-out ppl "
+             "| ppl Δ |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         name = f"**{r['cache']} ← auto**" if r["auto"] else r["cache"]
@@ -115,6 +117,8 @@ def main(argv=None) -> int:
     settings = calibration.Settings(n_prompts=args.prompts, max_tokens=args.max_tokens,
                                     budget=auto.settings_from_env().budget)
     report = measure(args.model, args.eval_text, args.eval_chunks, settings, args.device)
+    argv = sys.argv[1:] if argv is None else argv
+    report["command"] = "python benchmarks/vllm_quality.py " + " ".join(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vllm-formats.json").write_text(json.dumps(report, indent=1))
     text = markdown(report)

@@ -208,3 +208,25 @@ def test_budget_comes_from_the_environment(monkeypatch):
     assert auto.settings_from_env().budget == 0.03
     monkeypatch.delenv("VLLM_INT4KV_KL_BUDGET")
     assert auto.settings_from_env().budget == calibration.DEFAULT_KL_BUDGET
+
+
+def test_calibrate_command_measures_held_out_perplexity(folder, tmp_path, capsys):
+    from vllm_int4kv.cli import main
+
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(f"Sentence {i} of a held-out text about the weather." for i in range(300)))
+    out = tmp_path / "evidence.json"
+    assert main(["calibrate", folder, "--prompts", "2", "--max-tokens", "96", "--eval-text", str(text),
+                 "--eval-chunks", "1", "--json", str(out), "--no-cache"]) == 0
+    evidence = json.loads(out.read_text())
+    ppl = evidence["eval"]["perplexity"]
+    assert ppl["k16v16"] == ppl["fp"] and ppl["k4v4"] != ppl["fp"]
+    assert {c["name"] for c in evidence["candidates"]} <= set(ppl)
+    assert "eval ppl" in capsys.readouterr().out
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(SystemExit, match="fewer than 512 tokens"):
+        main(["calibrate", folder, "--prompts", "1", "--max-tokens", "32", "--eval-text", str(short),
+              "--no-cache"])
+    with pytest.raises(SystemExit, match="--eval-text: .*No such file"):
+        main(["calibrate", folder, "--eval-text", str(tmp_path / "missing.txt"), "--no-cache"])

@@ -103,7 +103,8 @@ def test_runner_writes_a_complete_comparison(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "out" / "vllm-formats.json").read_text())
     rows = {r["cache"]: r for r in report["rows"]}
     assert set(FORMATS) <= set(rows) and {"k4v4", "k8v4", "k16v16"} <= set(rows)
-    assert [r["bytes_per_token"] for r in report["rows"]] == sorted(r["bytes_per_token"] for r in report["rows"])
+    sizes = [r["bytes_per_token"] for r in report["rows"]]
+    assert sizes == sorted(sizes)
     assert sum(r["auto"] for r in report["rows"]) == 1 and rows[report["decision"]]["auto"]
     assert rows["k16v16"]["kl"] == 0 and rows["k16v16"]["ppl_delta"] == 0
     assert rows["int8_per_token_head"]["kl"] < rows["int4_per_token_head"]["kl"]

@@ -70,18 +70,19 @@ def run(args) -> int:
     head_dim, elem_bytes = auto._model_facts(args.model, args.revision, args.dtype, args.trust_remote_code)
     token_ids = calibration.prompt_token_ids(args.model, prompts, settings.max_tokens, revision=args.revision,
                                              trust_remote_code=args.trust_remote_code)
+    chunks = []
+    if args.eval_text:  # before the model loads: a bad file fails at once
+        try:
+            chunks = calibration.text_chunks(args.model, args.eval_text, args.eval_chunks,
+                                             revision=args.revision, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--eval-text: {exc}") from exc
     ppl = {}
     with calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code, device=args.device) as session:
         result = calibration.calibrate(session, head_dim, settings, elem_bytes=elem_bytes,
                                        measure_all=args.all or bool(args.eval_text))
-        if args.eval_text:
-            try:
-                chunks = calibration.text_chunks(args.model, args.eval_text, args.eval_chunks,
-                                                 revision=args.revision,
-                                                 trust_remote_code=args.trust_remote_code)
-            except ValueError as exc:
-                raise SystemExit(str(exc)) from exc
+        if chunks:
             ppl["fp"] = session.perplexity(chunks, None)
             for m in result.measurements:
                 spec = ((6, 4, None, False) if m.name == "k6v4"
