@@ -106,13 +106,13 @@ def test_quality_command_end_to_end(tmp_path):
     model = build_tiny_llama(tmp_path / "tiny")
     tasks, corpus = _write_inputs(tmp_path)
     out = tmp_path / "report"
-    code = main(["quality", str(model), "--policies", "k16v16,k4v4", "--tasks", "tiny_mc",
+    code = main(["quality", str(model), "--policies", "k16v16,k4v4,vllm:fp8", "--tasks", "tiny_mc",
                  "--include-path", str(tasks), "--corpus", str(corpus), "--ppl-chunks", "2",
                  "--chunk-tokens", "128", "--long-prompts", "1", "--long-tokens", "600",
                  "--gen-lengths", "16,300", "--gen-tokens", "8", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert list(report["policies"]) == ["k16v16", "k4v4"]
+    assert list(report["policies"]) == ["k16v16", "k4v4", "vllm:fp8"]
     assert {"cpu", "torch", "vllm", "lm_eval", "vllm_int4kv", "date"} <= report["machine"].keys()
     assert report["settings"]["ppl_tokens"] == 2 * 128  # BOS prepended: every chunk token scored
     for name, entry in report["policies"].items():
@@ -131,6 +131,10 @@ def test_quality_command_end_to_end(tmp_path):
     assert k4v4["bytes_per_token"] == 72 and ref["bytes_per_token"] == 256  # head_dim 64
     assert 0 < k4v4["vs_reference"]["mean_kl"] < 5 and 0 <= k4v4["vs_reference"]["top1_agreement"] < 1
 
+    fp8 = report["policies"]["vllm:fp8"]  # vLLM's own CPU attention over its fp8 cache, for comparison
+    assert fp8["resolved"]["source"].startswith("vLLM's own") and fp8["bytes_per_token"] == 128
+    assert 0 < fp8["vs_reference"]["mean_kl"] < k4v4["vs_reference"]["mean_kl"]
+
     md = (out / "report.md").read_text()
     assert "| k16v16 | k16v16 | 256 |" in md and "16-bit basis" in md and "| k4v4 | k4v4 | 72 |" in md
     assert "## What the numbers mean" in md and "+0.77 %" in md
@@ -148,3 +152,12 @@ def test_a_silent_worker_is_killed_at_the_timeout(tmp_path, monkeypatch):
     result = quality.run_policy("k16v16", {}, tmp_path, timeout=1.0)
     assert time.monotonic() - started < 30
     assert result["ok"] is False and "killed after 1 s" in result["error"]
+
+
+def test_unknown_policy_names_fail_before_any_engine_starts(tmp_path):
+    from vllm_int4kv.cli import main
+
+    for bad, message in (("k5v4", "unknown KV policy"), ("vllm:int3", "no size known")):
+        with pytest.raises(SystemExit, match=message):
+            main(["quality", str(tmp_path / "no-model"), "--policies", bad, "--corpus", str(tmp_path / "c"),
+                  "--out", str(tmp_path / "out")])

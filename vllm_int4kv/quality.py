@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from .quality_worker import VLLM_PREFIX
+
 REFERENCE = "k16v16"
 PLOT_NAME = "quality.png"
 HEARTBEAT_S = 60  # echo the worker's latest log line when it printed no progress line for this long
@@ -27,7 +29,8 @@ def add_parser(parser) -> None:
     parser.add_argument("model", help="Hugging Face model folder (or a name in the local HF cache)")
     parser.add_argument("--policies", default="k16v16,k8v4,k4v4,auto",
                         help="comma-separated VLLM_INT4KV_POLICY values; k16v16 (the reference) is added "
-                             "first if missing")
+                             "first if missing. vllm:DTYPE runs vLLM's own attention with "
+                             "--kv-cache-dtype DTYPE instead (e.g. vllm:auto, vllm:fp8), for comparison")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (empty: none)")
     parser.add_argument("--include-path", help="folder of lm-eval task YAMLs (lm-eval --include_path)")
     parser.add_argument("--limit", type=float, help="lm-eval limit: documents per task (< 1: a fraction)")
@@ -92,6 +95,8 @@ def build_prompts(args, out: Path) -> dict:
 def worker_env(policy: str) -> dict:
     env = dict(os.environ, VLLM_INT4KV_POLICY=policy, VLLM_ENABLE_V1_MULTIPROCESSING="0",
                TOKENIZERS_PARALLELISM="false")
+    if policy.startswith(VLLM_PREFIX):  # our backend stays unused; it must not try to resolve this name
+        env.pop("VLLM_INT4KV_POLICY")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     return env
@@ -162,6 +167,22 @@ def run_policy(policy: str, spec: dict, out: Path, timeout: float, reuse: bool =
 
 
 # -- comparison with the reference ------------------------------------------------------------------
+def vllm_cache_bytes(kv_cache_dtype: str, head_dim: int) -> int:
+    """Bytes per token per KV head of a vLLM 0.32 cache (BF16 basis), as its Triton backend sizes pages:
+    per-(token, head) modes add one fp32 scale each to K and V."""
+    if kv_cache_dtype in ("auto", "bfloat16", "float16"):
+        return 4 * head_dim
+    if kv_cache_dtype in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+        return 2 * head_dim
+    if kv_cache_dtype in ("int8_per_token_head", "fp8_per_token_head"):
+        return 2 * head_dim + 8
+    if kv_cache_dtype == "int4_per_token_head":
+        return head_dim + 8
+    raise ValueError(f"{VLLM_PREFIX}{kv_cache_dtype}: no size known for this vLLM cache dtype; use one of "
+                     "auto, fp8, fp8_e4m3, fp8_e5m2, int8_per_token_head, fp8_per_token_head, "
+                     "int4_per_token_head")
+
+
 def _bytes_per_token(resolved: str, model: str) -> int | None:
     """Bytes per token per KV head of the policy that ran (BF16 basis for 16-bit planes)."""
     from transformers import AutoConfig
@@ -170,6 +191,8 @@ def _bytes_per_token(resolved: str, model: str) -> int | None:
 
     config = AutoConfig.from_pretrained(model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if resolved.startswith(VLLM_PREFIX):
+        return vllm_cache_bytes(resolved.removeprefix(VLLM_PREFIX), head_dim)
     return parse_policy(resolved).slot_bytes(head_dim, 2)
 
 
@@ -230,6 +253,20 @@ def worker_spec(args, out: Path, prompts: dict) -> dict:
             "limit": (int(args.limit) if args.limit and args.limit >= 1 else args.limit)}
 
 
+def check_policy_names(policies: list[str]) -> None:
+    """Fail before any engine starts on a name no worker could run."""
+    from .policy import parse_policy
+
+    for name in policies:
+        try:
+            if name.startswith(VLLM_PREFIX):
+                vllm_cache_bytes(name.removeprefix(VLLM_PREFIX), 64)
+            elif name != "auto":
+                parse_policy(name)
+        except ValueError as exc:
+            raise SystemExit(f"--policies: {exc}") from exc
+
+
 def run(args) -> int:
     from . import quality_report
 
@@ -239,6 +276,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     policies = [p.strip().lower() for p in args.policies.split(",") if p.strip()]
     policies = [REFERENCE] + [p for p in policies if p != REFERENCE]
+    check_policy_names(policies)
     prompts = build_prompts(args, out)
     spec = worker_spec(args, out, prompts)
     say(f"{args.model}: {len(policies)} policies ({', '.join(policies)}), one engine process each; "

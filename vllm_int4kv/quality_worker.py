@@ -43,10 +43,17 @@ def vllm_version_shim() -> str:
     return cpu_version
 
 
+VLLM_PREFIX = "vllm:"  # a policy "vllm:fp8" runs vLLM's own attention with --kv-cache-dtype fp8
+
+
 def engine_kwargs(spec: dict) -> dict:
-    return dict(dtype=spec["dtype"], attention_backend="CUSTOM", enforce_eager=True,
-                enable_prefix_caching=False, max_logprobs=spec["top_k"], seed=spec["seed"],
-                max_model_len=spec["max_model_len"])
+    policy = spec["policy"]
+    if policy.startswith(VLLM_PREFIX):  # vLLM's own backend for this platform, and its own cache
+        cache = {"kv_cache_dtype": policy.removeprefix(VLLM_PREFIX)}
+    else:
+        cache = {"attention_backend": "CUSTOM"}
+    return dict(dtype=spec["dtype"], enforce_eager=True, enable_prefix_caching=False,
+                max_logprobs=spec["top_k"], seed=spec["seed"], max_model_len=spec["max_model_len"], **cache)
 
 
 def build_engine(spec: dict):
@@ -63,11 +70,15 @@ def build_engine(spec: dict):
     return LLM(spec["model"], **engine_kwargs(spec)), None
 
 
-def resolved_policy() -> dict:
+def resolved_policy(requested: str) -> dict:
     """What our backend actually ran with (in-process engine: the module state is this process's)."""
     from . import attention_ops
 
     policy = attention_ops.current_policy()
+    if requested.startswith(VLLM_PREFIX):
+        if policy is not None:
+            raise RuntimeError(f"{requested} was to run vLLM's own attention, but vllm-int4kv's backend ran")
+        return {"name": requested, "source": "vLLM's own attention backend and KV cache"}
     if policy is None:
         raise RuntimeError("the engine ran without the vllm-int4kv backend (no policy was resolved): "
                            "is the plugin installed and attention_backend='CUSTOM' honoured?")
@@ -138,7 +149,7 @@ def main(spec_path: str) -> int:
     t0 = time.perf_counter()
     log(policy, f"starting the engine for {spec['model']} (dtype {spec['dtype']})")
     llm, lm = build_engine(spec)
-    result["resolved"] = resolved_policy()
+    result["resolved"] = resolved_policy(policy)
     stage("engine_start", t0)
     log(policy, f"backend policy: {result['resolved']['name']} ({result['resolved']['source']})")
 
