@@ -1,14 +1,15 @@
 """CPU serving throughput: vLLM's own CPU attention against our torch path, on the CPU build of vLLM.
 
-    python benchmarks/cpu_serving.py MODEL_DIR [--policies k4v4,k16v16] [--requests 32] [--tokens 64]
-                                     [--prompt-tokens N]
+    python benchmarks/cpu_serving.py MODEL_DIR [--policies k4v4,k16v16] [--vllm-caches auto,fp8]
+                                     [--requests 32] [--tokens 64] [--prompt-tokens N]
 
 Each engine runs in its own process (in-process engine, eager, fp32), serves the same greedy requests
 once to warm up, then ``--repeats`` timed times, and prints the median output tokens per second (the
 2-core VM this was written on varies by +-15 % from run to run). Not a GPU benchmark: it shows
 what the INT4 pages cost a CPU user, whose attention runs in ``kernels/torch_attention.py``.
 ``--prompt-tokens N`` gives every request an N-token prompt of its own (prefix caching off, so every
-pass prefills them all): with ``--tokens 1`` it measures prefill.
+pass prefills them all): with ``--tokens 1`` it measures prefill. ``--vllm-caches`` lists the
+``--kv-cache-dtype`` values vLLM's own CPU attention runs with (``auto``: the model dtype; ``fp8``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def serve(model: str, backend: str, requests: int, tokens: int, repeats: int, pr
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    extra = {} if backend == "native" else {"attention_config": {"backend": "CUSTOM"}}
+    if backend.startswith("native:"):  # vLLM's own CPU attention, with the cache dtype after the colon
+        extra = {"kv_cache_dtype": backend.removeprefix("native:")}
+    else:
+        extra = {"attention_config": {"backend": "CUSTOM"}}
     llm = LLM(model, dtype="float32", enforce_eager=True, seed=0,
               max_model_len=max(1024, prompt_tokens + tokens), enable_prefix_caching=not prompt_tokens, **extra)
     prompts = [f"Write a short story about the number {i} and a lighthouse keeper." for i in range(requests)]
@@ -51,6 +55,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--policies", default="k4v4,k8v4,k16v16")
+    ap.add_argument("--vllm-caches", default="auto", help="vLLM's own attention with these --kv-cache-dtype")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -68,7 +73,8 @@ def main() -> int:
           f"{f'{args.prompt_tokens}-token prompts x ' if args.prompt_tokens else ''}{args.tokens} tokens, "
           f"fp32, greedy; median of {args.repeats} timed passes\n")
     print("| attention | KV cache | output tok/s | prompt tok/s | seconds |\n|---|---|---|---|---|")
-    runs = [("native", "vLLM CPU attention", "fp32 (vLLM)")] + [
+    runs = [(f"native:{cache}", "vLLM CPU attention", "fp32 (vLLM)" if cache == "auto" else f"{cache} (vLLM)")
+            for cache in args.vllm_caches.split(",")] + [
         ("custom", "vllm-int4kv torch path", policy) for policy in args.policies.split(",")]
     for backend, label, policy in runs:
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",

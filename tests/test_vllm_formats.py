@@ -111,3 +111,22 @@ def test_runner_writes_a_complete_comparison(tmp_path, monkeypatch):
     assert all(r["ppl"] > 1 and r["within_budget"] == (r["kl"] <= report["budget"]) for r in rows.values())
     markdown = (tmp_path / "out" / "vllm-formats.md").read_text()
     assert "int4_per_token_head | vLLM 0.32 | 72 |" in markdown and "← auto" in markdown
+
+
+def test_vllm_cpu_fp8_cache_truncates_the_mantissa():
+    """docs/quality/notes.md explains vLLM's CPU fp8 KL by this: its CPU cache write truncates e4m3
+    mantissas (the GPU write rounds to nearest, as vllm_formats.fp8_per_tensor does)."""
+    ops = pytest.importorskip("vllm._custom_ops")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 64, generator=gen) * 3
+    caches = [torch.zeros(1, 1, 32, 64, dtype=torch.uint8) for _ in range(2)]
+    try:
+        ops.cpu_attn_reshape_and_cache(x, x.clone(), *caches, torch.arange(32), "vec", k_scale=1.0,
+                                       v_scale=1.0, kv_cache_dtype="fp8")
+    except (AttributeError, NotImplementedError, RuntimeError) as exc:  # no CPU kernel here (no AVX-512)
+        pytest.skip(f"vLLM's CPU fp8 cache write is not available: {exc}")
+    stored = caches[0].view(torch.float8_e4m3fn).float().flatten().sort().values  # layout aside: as a set
+    rounded = vllm_formats.fp8_per_tensor(x).flatten().sort().values
+    truncated = (x.view(torch.int32) & -(1 << 20)).view(torch.float32).flatten().sort().values  # 3-bit mantissa
+    assert (stored == truncated).float().mean() > 0.99
+    assert (stored == rounded).float().mean() < 0.7
