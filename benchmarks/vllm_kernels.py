@@ -103,6 +103,10 @@ def install(src: Path | None = None) -> str:
     if not manifest_path.exists():
         raise FileNotFoundError(f"no staged vLLM kernels in {src}: run `python benchmarks/vllm_kernels.py "
                                 "--stage` on a machine with vLLM, and carry that folder")
+    missing = [rel for rel in FILES if not (src / "vllm" / rel).exists()]
+    if missing:
+        raise FileNotFoundError(f"staged vLLM kernels in {src} lack {', '.join(missing)} (staged by an older "
+                                "version of this script): run `python benchmarks/vllm_kernels.py --stage` again")
     if "vllm" in sys.modules and not getattr(sys.modules["vllm"], "_int4kv_staged", False):
         raise RuntimeError("a real vllm is already imported; use it instead of the staged kernels")
     manifest = json.loads(manifest_path.read_text())

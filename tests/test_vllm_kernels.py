@@ -112,3 +112,10 @@ def fp8_codes_vs_emulation() -> dict:
 def test_install_says_how_to_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="--stage"):
         vllm_kernels.install(tmp_path / "nothing")
+
+
+def test_install_refuses_an_incomplete_stage(tmp_path):
+    vllm_kernels.stage(tmp_path)
+    (tmp_path / "vllm" / vllm_kernels.FILES[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match="--stage` again"):
+        vllm_kernels.install(tmp_path)
