@@ -13,6 +13,8 @@ from functools import partial
 
 import torch
 
+from vllm_int4kv.quality import vllm_cache_bytes
+
 MODES = ("bf16", "fp8", "int4_per_token_head")
 MIN_GRID_2D = 128  # vLLM's threshold: fewer sequences than 128 // kv_heads take the 3D launch
 SEGMENTS = 16
@@ -140,9 +142,7 @@ def write_fns(shape, tokens: int, copies: int, device, dtype, block_size: int = 
 
 def cache_bytes_per_token(mode: str, shape) -> int:
     """KV bytes per token (all KV heads) each mode reads: the numerator of its GB/s."""
-    d = shape.head_dim
-    per_head = {"bf16": 4 * d, "fp8": 2 * d, "int4_per_token_head": d + 8}[mode]
-    return per_head * shape.num_kv_heads
+    return vllm_cache_bytes("auto" if mode == "bf16" else mode, shape.head_dim) * shape.num_kv_heads
 
 
 def check(mode: str, device, dtype, new_tokens: int = 1, num_kv_heads: int = 2, group: int = 3,

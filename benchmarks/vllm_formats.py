@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from vllm_int4kv.quality import vllm_cache_bytes
+
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: vLLM's FP8_MAX on CUDA
 SCALE_FLOOR = 1e-6  # vLLM's lower bound on a per-(token, head) scale (an all-zero row)
 RHT_SEED = 0x9E3779B9  # the seed of vLLM's fixed RHT sign vector (round 0)
@@ -104,20 +106,18 @@ def int4_per_token_head(x: torch.Tensor) -> torch.Tensor:
 class VllmFormat:
     name: str  # vLLM's --kv-cache-dtype
     quantize: Callable[[torch.Tensor], torch.Tensor]  # applied to K and to V alike
-    data_bits: int
-    scale_bytes: int  # per (token, KV head), K and V together
 
     def bytes_per_token(self, head_dim: int) -> int:
         """Bytes per token per KV head, K and V, as vLLM's Triton backend sizes the page."""
-        return 2 * head_dim * self.data_bits // 8 + self.scale_bytes
+        return vllm_cache_bytes(self.name, head_dim)
 
     def fake_quantize_kv(self, key: torch.Tensor, value: torch.Tensor):
         return self.quantize(key), self.quantize(value)
 
 
 FORMATS = {f.name: f for f in (
-    VllmFormat("fp8", fp8_per_tensor, 8, 0),
-    VllmFormat("fp8_per_token_head", fp8_per_token_head, 8, 8),
-    VllmFormat("int8_per_token_head", int8_per_token_head, 8, 8),
-    VllmFormat("int4_per_token_head", int4_per_token_head, 4, 8),
+    VllmFormat("fp8", fp8_per_tensor),
+    VllmFormat("fp8_per_token_head", fp8_per_token_head),
+    VllmFormat("int8_per_token_head", int8_per_token_head),
+    VllmFormat("int4_per_token_head", int4_per_token_head),
 )}
