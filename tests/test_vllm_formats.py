@@ -36,15 +36,16 @@ def test_sizes_are_vllms_page_sizes(head_dim):
 
 
 def test_emulations_quantize_and_keep_shape_and_dtype():
-    x = torch.randn(3, 2, 40, 64) * 4
+    x = torch.randn(3, 2, 40, 64, generator=torch.Generator().manual_seed(0)) * 4
     for fmt in FORMATS.values():
         y = fmt.quantize(x)
         assert y.shape == x.shape and y.dtype == x.dtype
         error = ((y - x).norm() / x.norm()).item()
         assert 0 < error < (0.12 if fmt.name.startswith("int4") else 0.05), (fmt.name, error)
-    # int4: 16 levels per (token, head) in the rotated basis, not in the original one
-    codes = vllm_formats._rht(FORMATS["int4_per_token_head"].quantize(x))
-    assert all(len(torch.unique(row.round(decimals=3))) <= 16 for row in codes.flatten(0, 2)[:8])
+    # int4: at most 16 levels per (token, head) in the rotated basis (apart up to fp32 rounding)
+    for row in vllm_formats._rht(FORMATS["int4_per_token_head"].quantize(x)).flatten(0, 2)[:8]:
+        values = row.sort().values
+        assert 1 + int((values.diff() > 1e-4 * values.abs().max()).sum()) <= 16
 
 
 def test_rht_is_its_own_inverse_up_to_block_scale():
