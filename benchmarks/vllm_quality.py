@@ -38,10 +38,10 @@ BF16_BYTES = 2  # sizes are for a 16-bit model, the usual serving dtype
 def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calibration.Settings,
             device: str | None = None) -> dict:
     """Every layout of ours and every vLLM format on one loaded model; a JSON-ready dict."""
-    prompts = calibration.load_prompts(settings.n_prompts)
-    from transformers import AutoConfig
+    import transformers
 
-    head_dim = calibration.head_dim_of(AutoConfig.from_pretrained(model))
+    prompts = calibration.load_prompts(settings.n_prompts)
+    head_dim = calibration.head_dim_of(transformers.AutoConfig.from_pretrained(model))
     token_ids = calibration.prompt_token_ids(model, prompts, settings.max_tokens)
     chunks = calibration.text_chunks(model, eval_text, eval_chunks) if eval_text else []
     start = time.perf_counter()
@@ -67,8 +67,6 @@ def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calib
         row["within_budget"] = row["kl"] <= settings.budget
         row["ppl_delta"] = row["ppl"] / base - 1 if base else None
     rows.sort(key=lambda r: (r["bytes_per_token"], r["by"] != "vLLM 0.32"))
-    import transformers
-
     return {"model": model, "head_dim": head_dim, "budget": settings.budget, "decision": result.policy.name,
             "ratio": result.ratio, "rows": rows, "full_precision_ppl": base,
             "calibration": {"prompts": len(token_ids), "tokens": sum(map(len, token_ids))},
