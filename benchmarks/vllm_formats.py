@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from vllm_int4kv.kernels.rotation import hadamard
 from vllm_int4kv.quality import vllm_cache_bytes
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: vLLM's FP8_MAX on CUDA
@@ -45,15 +46,26 @@ def fp8_per_tensor(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return _to_e4m3(x.float() / scale).mul(scale).to(x.dtype)
 
 
-def fp8_per_token_head(x: torch.Tensor) -> torch.Tensor:
+def _absmax_scale(xf: torch.Tensor, code_max: float) -> torch.Tensor:
+    """vLLM's symmetric per-(token, head) scale, ``[..., 1]``."""
+    return (xf.abs().amax(-1, keepdim=True) / code_max).clamp_min(SCALE_FLOOR)
+
+
+def fp8_per_token_head_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 codes as fp32, fp32 scale ``[..., 1]``): what vLLM's cache holds."""
     xf = x.float()
-    scale = (xf.abs().amax(-1, keepdim=True) / E4M3_MAX).clamp_min(SCALE_FLOOR)
-    return (_to_e4m3(xf * (1.0 / scale)) * scale).to(x.dtype)
+    scale = _absmax_scale(xf, E4M3_MAX)
+    return _to_e4m3(xf * (1.0 / scale)), scale
+
+
+def fp8_per_token_head(x: torch.Tensor) -> torch.Tensor:
+    codes, scale = fp8_per_token_head_codes(x)
+    return (codes * scale).to(x.dtype)
 
 
 def int8_per_token_head(x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
-    scale = (xf.abs().amax(-1, keepdim=True) / 127.0).clamp_min(SCALE_FLOOR)
+    scale = _absmax_scale(xf, 127.0)
     codes = _round_half_away(xf * (1.0 / scale)).clamp(-128, 127)
     return (codes * scale).to(x.dtype)
 
@@ -65,15 +77,6 @@ def _rht_signs(block: int) -> torch.Tensor:
     return 2.0 * torch.bernoulli(torch.full((block,), 0.5), generator=gen) - 1.0
 
 
-@functools.lru_cache(maxsize=None)
-def _sylvester(block: int) -> torch.Tensor:
-    """The unnormalized, symmetric Hadamard matrix (H @ H = block * I)."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < block:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h
-
-
 def _rht_block(d: int) -> int:
     """vLLM rotates block-diagonally in blocks of the largest power of two dividing the head size."""
     return d & -d
@@ -83,7 +86,8 @@ def _rht(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """vLLM's single randomized Hadamard transform, fp32: ``H(x * s)``; inverse ``H(y) * s / block``."""
     d = x.shape[-1]
     block = _rht_block(d)
-    h, s = _sylvester(block).to(x.device), _rht_signs(block).to(x.device)
+    # vLLM's H is unnormalized (H @ H = block * I): the signs of our orthonormal one, exactly ±1
+    h, s = hadamard(block, device=x.device).sign(), _rht_signs(block).to(x.device)
     xb = x.float().unflatten(-1, (d // block, block))
     y = (xb @ h) * s / block if inverse else (xb * s) @ h
     return y.flatten(-2)
