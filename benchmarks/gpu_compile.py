@@ -3,7 +3,9 @@
 Why: the CPU test path runs the kernels in Triton's interpreter, which never runs the GPU compiler. Errors
 only the compiler raises (a plain-float global read inside ``@jit``, a ``tl.dot`` operand below 16, a type
 the target lacks) and resource use (registers, spills to local memory, shared memory) stay invisible
-until a GPU session, and GPU time is short. Triton ships ``ptxas``, so the cubins can be built here.
+until a GPU session, and GPU time is short. Triton ships ``ptxas``, so the cubins can be built here, and
+``cuobjdump``, so their main loops can be counted: instructions per KV byte bound the bandwidth a decode
+kernel can reach (``benchmarks/sass.py``).
 
 How: each case calls the real launcher (``paged_attention``, ``write_kv_cache``) with small CPU tensors
 while the kernel objects are swapped for recorders and the launcher's ``_is_gpu`` answers yes, so the
@@ -37,6 +39,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a script from
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from benchmarks import sass  # noqa: E402
 from benchmarks.config import BLOCK_SIZE, POLICIES, SHAPES, ModelShape, make_layout  # noqa: E402
 from vllm_int4kv.kernels import attention, cache_write  # noqa: E402
 from vllm_int4kv.policy import parse_policy  # noqa: E402
@@ -79,6 +82,15 @@ class Built:
     spill_bytes: int | None  # stack frame per thread: > 0 means registers spilled
     shared_bytes: int
     error: str | None = None
+    loop_instructions: int | None = None  # SASS instructions per iteration of the main loop, per warp
+    kv_bytes_per_iteration: int | None = None  # attention kernels: KV bytes of one head one iteration reads
+
+    @property
+    def instructions_per_kv_byte(self) -> float | None:
+        """Warp-instructions the SM issues per KV byte (every warp runs the loop body once per tile)."""
+        if not (self.loop_instructions and self.kv_bytes_per_iteration):
+            return None
+        return self.loop_instructions * self.num_warps / self.kv_bytes_per_iteration
 
 
 class _Recorder:
@@ -177,8 +189,14 @@ def build_case(case: Case, arch: int = 90) -> list[Built]:
                               f"{type(exc).__name__}: {str(exc)[-2000:]}"))
             continue
         regs, local = _resource_usage(compiled.asm["cubin"])
+        loop = sass.main_loop(sass.parse(sass.disassemble(compiled.asm["cubin"])))
+        tile_bytes = None
+        if "TILE_N" in kwargs:  # the attention kernel: one iteration reads TILE_N slots of one KV head
+            shape = SHAPES[case.shape]
+            tile_bytes = kwargs["TILE_N"] * make_layout(shape, case.policy, DTYPES[case.dtype].itemsize).slot_bytes
         rows.append(Built(case.name, kernel.__name__, options.num_warps, options.num_stages, regs, local,
-                          compiled.metadata.shared))
+                          compiled.metadata.shared, loop_instructions=len(loop) or None,
+                          kv_bytes_per_iteration=tile_bytes))
     return rows
 
 
@@ -211,14 +229,17 @@ def build_all(cases: list[Case], arch: int, workers: int) -> list[Built]:
 
 
 def table(rows: list[Built]) -> str:
-    lines = ["| case | kernel | warps | stages | registers | spill B | shared B |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| case | kernel | warps | stages | registers | spill B | shared B | loop instr. | instr./KV B "
+             "| issue bound, H100 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case} | {r.kernel} | FAILED: {r.error.splitlines()[-1][:120]} |||||")
-        else:
-            lines.append(f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.registers} | "
-                         f"{r.spill_bytes} | {r.shared_bytes} |")
+            lines.append(f"| {r.case} | {r.kernel} | FAILED: {r.error.splitlines()[-1][:120]} ||||||||")
+            continue
+        per_byte = r.instructions_per_kv_byte
+        bound = f"{sass.issue_bound_gbs(per_byte) / 1000:.2f} TB/s" if per_byte else ""
+        lines.append(f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.registers} | "
+                     f"{r.spill_bytes} | {r.shared_bytes} | {r.loop_instructions or ''} | "
+                     f"{f'{per_byte:.3f}' if per_byte else ''} | {bound} |")
     return "\n".join(lines)
 
 
@@ -236,11 +257,17 @@ def main(argv=None) -> int:
           f"(shape, policy, operation, dtype, options), compiled by Triton {triton.__version__} with its "
           f"bundled ptxas on a machine without a GPU; "
           f"registers and spills per thread, shared memory per block, from cuobjdump. "
+          f"`loop instr.`: SASS instructions one warp issues per iteration of the kernel's main loop (one "
+          f"KV tile); `instr./KV B`: warp-instructions per KV byte of one head; `issue bound`: the most "
+          f"bandwidth that allows with every scheduler of {sass.H100_SMS} SMs issuing every cycle at "
+          f"{sass.H100_BOOST_GHZ} GHz (an upper bound, not a timing; H100 HBM3: "
+          f"{sass.H100_DATASHEET_GBS / 1000:.2f} TB/s). "
           f"{sum(not r.error for r in rows)} kernels built, {sum(bool(r.error) for r in rows)} failed, "
           f"{sum(bool(r.spill_bytes) for r in rows)} spill.\n")
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        args.json.write_text(json.dumps([dict(asdict(r), instructions_per_kv_byte=r.instructions_per_kv_byte)
+                                          for r in rows], indent=1))
     failed = [r for r in rows if r.error]
     for r in failed:
         print(f"\n{r.case} ({r.kernel}):\n{r.error}", file=sys.stderr)

@@ -1,0 +1,76 @@
+"""Read a kernel's machine code (SASS) without a GPU: how many instructions its main loop issues.
+
+Why: a decode kernel over INT4 pages moves 3.8x fewer bytes than over BF16 pages, so it must also issue
+3.8x fewer instructions per tile to stay memory-bound. An SM issues at most one instruction per cycle on
+each of its 4 schedulers, so ``instructions per KV byte`` bounds the bandwidth a kernel can reach however
+well its loads are overlapped: SMs x 4 x clock / (instructions per byte). ptxas and cuobjdump ship with
+Triton, so this bound is known before any GPU time is spent. It is an upper bound from compiler output,
+not a timing: latency, occupancy and the memory system can only lower it.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+
+ISSUE_PER_SM_CYCLE = 4  # warp schedulers per SM (Volta through Hopper), one instruction each per cycle
+# H100 SXM5 (the device tool's machine): 132 SMs, 1.98 GHz boost, 3.35 TB/s HBM3 (datasheet)
+H100_SMS, H100_BOOST_GHZ, H100_DATASHEET_GBS = 132, 1.98, 3350.0
+
+_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str  # with modifiers, e.g. LDG.E.128
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+
+def disassemble(cubin: bytes) -> str:
+    """The SASS text of every kernel in ``cubin`` (``cuobjdump -sass``)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def parse(sass: str) -> list[Instruction]:
+    return [Instruction(int(m.group(1), 16), m.group(2), m.group(3).strip()) for m in _LINE.finditer(sass)]
+
+
+def main_loop(code: list[Instruction]) -> list[Instruction]:
+    """The body of the longest loop: from the target of a backward branch to the branch itself.
+
+    Triton does not unroll ``for`` loops, so one pass over this body is one iteration (one KV tile).
+    Empty when the kernel has no loop.
+    """
+    best: list[Instruction] = []
+    for end, ins in enumerate(code):
+        target = re.match(r"(?:`\(.*?\)\s*)?0x([0-9a-f]+)", ins.operands) if ins.base == "BRA" else None
+        if target and int(target.group(1), 16) < ins.address:
+            body = [i for i in code[:end + 1] if i.address >= int(target.group(1), 16)]
+            if len(body) > len(best):
+                best = body
+    return best
+
+
+def census(code: list[Instruction]) -> Counter:
+    """Instructions by opcode without modifiers (IMAD.MOV.U32 counts as IMAD)."""
+    return Counter(i.base for i in code)
+
+
+def issue_bound_gbs(instructions_per_byte: float, sms: int = H100_SMS, ghz: float = H100_BOOST_GHZ) -> float:
+    """The most GB/s a kernel issuing this many warp-instructions per byte can move (every scheduler busy
+    every cycle at boost clock)."""
+    return sms * ISSUE_PER_SM_CYCLE * ghz / instructions_per_byte
