@@ -84,6 +84,7 @@ class Built:
     error: str | None = None
     loop_instructions: int | None = None  # SASS instructions per iteration of the main loop, per warp
     kv_bytes_per_iteration: int | None = None  # attention kernels: KV bytes of one head one iteration reads
+    loop_opcodes: dict | None = None  # the main loop's instructions by opcode (no modifiers)
 
     @property
     def instructions_per_kv_byte(self) -> float | None:
@@ -196,7 +197,7 @@ def build_case(case: Case, arch: int = 90) -> list[Built]:
             tile_bytes = kwargs["TILE_N"] * make_layout(shape, case.policy, DTYPES[case.dtype].itemsize).slot_bytes
         rows.append(Built(case.name, kernel.__name__, options.num_warps, options.num_stages, regs, local,
                           compiled.metadata.shared, loop_instructions=len(loop) or None,
-                          kv_bytes_per_iteration=tile_bytes))
+                          kv_bytes_per_iteration=tile_bytes, loop_opcodes=dict(sass.census(loop))))
     return rows
 
 

@@ -8,6 +8,12 @@ slice of the context and writes (max, sum, acc) partials that ``_reduce_splits_k
 
 Channels travel as even/odd halves (the two nibbles of an INT4 byte), so no interleave is ever needed:
 ``q.k = q_even.k_even + q_odd.k_odd`` and the output's even/odd channels are accumulated separately.
+
+Decode tiles (launcher's K_FOLD/V_FOLD) feed the stored codes to ``tl.dot`` and apply each token's
+(scale, zero) to its scores, ``scale * q.code + zero * sum(q)``, and to its probabilities,
+``(p * scale).code + p.zero``: per token instead of per channel. That, and codes turned into floats with
+integer ops (``_code_values``), is what lets a decode loop over 4-bit pages issue few enough instructions
+per byte to keep up with memory (``benchmarks/sass.py`` counts them).
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals read inside @jit must be constexpr on the GPU
+BF16_128 = tl.constexpr(0x4300)  # the bits of 128.0 in bf16: OR-ing a code < 128 in gives 128 + code
+FP16_1024 = tl.constexpr(0x6400)  # the bits of 1024.0 in fp16: OR-ing a code < 1024 in gives 1024 + code
 
 
 @triton.jit
@@ -31,33 +39,62 @@ def _split_channels(x):
 
 
 @triton.jit
-def _load_dequant(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, P_ROW: tl.constexpr):
-    """Even and odd channels ``[TILE_N, HEAD_DIM // 2]`` (fp32) of a tile of cache rows.
+def _code_values(codes, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """uint8 codes -> ``codes + CODE_BIAS`` in the dot's dtype, exactly.
+
+    With a bias the code is OR-ed into the mantissa of the bias (``BF16_128``, ``FP16_1024``): one integer
+    op per value instead of an int->float conversion, which runs at a quarter of the rate of integer ops,
+    and a float->16-bit pack.
+    """
+    if CODE_BIAS == 0:  # (if/else, not an early return: Triton compiles the code after a return too)
+        values = codes.to(DOT_DTYPE)
+    else:
+        bits = codes.to(tl.uint16) | (BF16_128 if CODE_BIAS == 128 else FP16_1024)
+        values = bits.to(DOT_DTYPE, bitcast=True)
+    return values
+
+
+@triton.jit
+def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+               FOLD: tl.constexpr, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Even and odd channels ``[TILE_N, HEAD_DIM // 2]`` of a tile of cache rows, in ``DOT_DTYPE``, and
+    the ``[TILE_N]`` (scale, zero) the caller still has to apply.
 
     ``plane_ptrs``/``par_ptrs`` ``[TILE_N]`` point at each token's plane row and its parameter row.
+    16-bit planes: the stored values (scale 1, zero 0). ``FOLD`` (one (scale, zero) per row):
+    ``codes + CODE_BIAS`` and the row's scale and ``zero - CODE_BIAS * scale`` (the same values,
+    ``scale * code + zero``), which the caller applies once per score or probability instead of once per
+    channel. Otherwise (channel groups, prefill tiles, fp16 values): the values, dequantized here in fp32.
     """
     offs_j = tl.arange(0, HEAD_DIM // 2)
     mask = valid[:, None]
     rows = plane_ptrs[:, None]
     if BITS == 4:
         packed = tl.load(rows + offs_j[None, :], mask=mask, other=0)
-        even = (packed & 0xF).to(tl.float32)
-        odd = (packed >> 4).to(tl.float32)
+        even = packed & 0xF
+        odd = packed >> 4
     else:  # contiguous row load (vectorizes on the GPU), then split into even/odd channels
-        full = tl.load(rows + tl.arange(0, HEAD_DIM)[None, :], mask=mask, other=0).to(tl.float32)
-        even, odd = _split_channels(full)
-    if BITS != 16:
-        if GROUP == HEAD_DIM:  # one (scale, zero) per token: load it once and broadcast
+        even, odd = _split_channels(tl.load(rows + tl.arange(0, HEAD_DIM)[None, :], mask=mask, other=0))
+    row_scale = tl.full(valid.shape, 1.0, tl.float32)
+    row_zero = tl.zeros(valid.shape, tl.float32)
+    if BITS == 16:
+        pass
+    elif FOLD:
+        row_scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)
+        row_zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32) - CODE_BIAS * row_scale
+        even = _code_values(even, CODE_BIAS, DOT_DTYPE)
+        odd = _code_values(odd, CODE_BIAS, DOT_DTYPE)
+    else:
+        if GROUP == HEAD_DIM:  # one (scale, zero) per row: load it once and broadcast
             scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)[:, None]
             zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32)[:, None]
         else:  # channels 2j and 2j+1 share group 2j // GROUP
             group_ptrs = par_ptrs[:, None] + 2 * ((2 * offs_j[None, :]) // GROUP)
             scale = tl.load(group_ptrs, mask=mask, other=0).to(tl.float32)
             zero = tl.load(group_ptrs + 1, mask=mask, other=0).to(tl.float32)
-        even = even * scale + zero
-        odd = odd * scale + zero
-    return even, odd
+        even = (even.to(tl.float32) * scale + zero).to(DOT_DTYPE)
+        odd = (odd.to(tl.float32) * scale + zero).to(DOT_DTYPE)
+    return even, odd, row_scale, row_zero
 
 
 @triton.jit
@@ -86,6 +123,7 @@ def paged_attention_kernel(
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     K_ROW: tl.constexpr, V_ROW: tl.constexpr, P_ROW: tl.constexpr, V_PAR_OFFSET: tl.constexpr,
+    K_FOLD: tl.constexpr, V_FOLD: tl.constexpr, K_CODE_BIAS: tl.constexpr, V_CODE_BIAS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -126,6 +164,8 @@ def paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_even = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
     acc_odd = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
+    acc_zero = tl.zeros([BLOCK_M], tl.float32)  # sum of p * (V zero point), the same for every channel
+    q_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
     k_head_ptr = k_plane_ptr + kv_head * stride_k_head
     v_head_ptr = v_plane_ptr + kv_head * stride_v_head
     p_head_ptr = par_ptr + kv_head * stride_p_head
@@ -136,11 +176,14 @@ def paged_attention_kernel(
                         mask=n_valid, other=0).to(tl.int64)
         slot = offs_n % BLOCK_SIZE
         par_rows = p_head_ptr + block * stride_p_block + slot * P_ROW
-        k_even, k_odd = _load_dequant(k_head_ptr + block * stride_k_block + slot * K_ROW, par_rows,
-                                      n_valid, K_BITS, K_GROUP, HEAD_DIM, P_ROW)
+        k_even, k_odd, k_scale, k_zero = _load_tile(k_head_ptr + block * stride_k_block + slot * K_ROW,
+                                                     par_rows, n_valid, K_BITS, K_GROUP, HEAD_DIM, K_FOLD,
+                                                     K_CODE_BIAS, dot_dtype)
         # [BLOCK_M, D/2] @ [D/2, TILE_N] -> [BLOCK_M, TILE_N], twice (even and odd channels)
-        scores = _dot(q_even, tl.trans(k_even.to(dot_dtype)), IEEE)
-        scores += _dot(q_odd, tl.trans(k_odd.to(dot_dtype)), IEEE)
+        scores = _dot(q_even, tl.trans(k_even), IEEE)
+        scores += _dot(q_odd, tl.trans(k_odd), IEEE)
+        if K_FOLD:  # q.(scale * code + zero) = scale * q.code + zero * sum(q)
+            scores = scores * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
         scores *= sm_scale
         if USE_SOFTCAP:  # softcap * tanh(s / softcap), with tanh from exp (no libdevice needed)
             scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
@@ -154,16 +197,21 @@ def paged_attention_kernel(
         p = tl.exp2((scores - m_safe[:, None]) * LOG2E)
         alpha = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_even, v_odd = _load_dequant(v_head_ptr + block * stride_v_block + slot * V_ROW,
-                                      par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP, HEAD_DIM, P_ROW)
+        v_even, v_odd, v_scale, v_zero = _load_tile(v_head_ptr + block * stride_v_block + slot * V_ROW,
+                                                     par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP,
+                                                     HEAD_DIM, V_FOLD, V_CODE_BIAS, dot_dtype)
+        if V_FOLD:  # sum p * (scale * code + zero) = (p * scale).code + p.zero
+            acc_zero = acc_zero * alpha + tl.sum(p * v_zero[None, :], axis=1)
+            p *= v_scale[None, :]
         p = p.to(dot_dtype)
         # [BLOCK_M, TILE_N] @ [TILE_N, D/2] -> [BLOCK_M, D/2]
-        acc_even = acc_even * alpha[:, None] + _dot(p, v_even.to(dot_dtype), IEEE)
-        acc_odd = acc_odd * alpha[:, None] + _dot(p, v_odd.to(dot_dtype), IEEE)
+        acc_even = acc_even * alpha[:, None] + _dot(p, v_even, IEEE)
+        acc_odd = acc_odd * alpha[:, None] + _dot(p, v_odd, IEEE)
         m_i = m_new
 
     tok = (q_start + q_tok).to(tl.int64)
     acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_DIM))  # interleave channels back
+    acc += acc_zero[:, None]
     if NUM_SPLITS == 1:
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = out_ptr + tok[:, None] * stride_o_t + q_head[:, None] * stride_o_h

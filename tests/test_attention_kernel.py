@@ -24,11 +24,13 @@ def run_reference(case, **kw):
                                      case.seq_lens, case.query_start_loc, **kw)
 
 
+# A decode-only batch takes the other path of the kernel: (scale, zero) applied to scores and probabilities.
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
 @pytest.mark.parametrize("k_bits,v_bits,k_group", [(4, 4, None), (8, 4, None), (16, 4, None), (8, 8, None),
                                                    (16, 16, None), (4, 4, 16)],
                          ids=["k4v4", "k8v4", "k16v4", "k8v8", "k16v16", "k4v4_g16"])
-def test_matches_reference_on_the_dequantized_cache(k_bits, v_bits, k_group):
-    case = make_case(**MIXED, k_bits=k_bits, v_bits=v_bits, k_group=k_group)
+def test_matches_reference_on_the_dequantized_cache(k_bits, v_bits, k_group, shape):
+    case = make_case(**shape, k_bits=k_bits, v_bits=v_bits, k_group=k_group)
     out = run_kernel(case)
     assert not out.isnan().any(), "a poisoned (unwritten) cache byte was read"
     assert error_ratio(out, run_reference(case)) < 1e-6
@@ -67,8 +69,10 @@ def test_sliding_window_and_softcap():
         assert error_ratio(split, out) < 1e-6, kw
 
 
-def test_fp16_queries_and_output():
-    case = make_case(**MIXED, dtype=torch.float16)
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (8, 8)], ids=["k4v4", "k8v8"])
+def test_fp16_queries_and_output(shape, k_bits, v_bits):
+    case = make_case(**shape, dtype=torch.float16, k_bits=k_bits, v_bits=v_bits)
     out = run_kernel(case)
     assert out.dtype == torch.float16
     assert error_ratio(out.float(), run_reference(case)) < 2e-3  # fp16 operands of tl.dot
@@ -140,3 +144,19 @@ def test_bf16_on_gpu():
                                     case.block_table.cpu(), case.seq_lens.cpu(),
                                     case.query_start_loc.cpu())
     assert error_ratio(out.float().cpu(), ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, 4), (torch.float16, 4), (torch.float16, 8)])
+def test_codes_become_floats_by_or_ing_them_into_the_bias(dtype, bits):
+    """The kernel turns a code into ``bias + code`` in the dot's dtype with one OR (no int->float
+    conversion) and folds ``-bias * scale`` into the zero point: the constant must hold every code exactly.
+    """
+    from vllm_int4kv.kernels.attention_kernels import BF16_128, FP16_1024
+
+    bias = attention.code_bias(bits, dtype)
+    pattern = {128: BF16_128, 1024: FP16_1024}[bias].value
+    assert torch.tensor(pattern, dtype=torch.int16).view(dtype).item() == bias
+    codes = torch.arange(2 ** bits, dtype=torch.int16)
+    assert torch.equal((codes | pattern).view(dtype).double(), bias + codes.double())
+    assert attention.code_bias(8, torch.bfloat16) == 0  # 128 + 255 needs 9 significant bits: converted
+    assert attention.code_bias(4, torch.float32) == 0  # exact fp32 dot: converted

@@ -73,12 +73,36 @@ def test_stage_count_reaches_the_compiler(built):
 
 
 def test_no_register_spills_and_shared_memory_fits(built):
-    """Spills go to local memory (slow); a block over the shared-memory limit fails to launch."""
+    """Spills go to local memory (slow); a block over the shared-memory limit fails to launch.
+
+    The launcher's own choices must not spill. A pipelining depth set for tuning (``-s1``/``-s2``) may
+    spill a few bytes (ptxas stops at 128 registers there): the sweep times it and the report shows it.
+    """
     assert all(r["registers"] for r in built), "cuobjdump reported no register count"
-    spilled = [(r["case"], r["spill_bytes"]) for r in built if r["spill_bytes"]]
+    spilled = [(r["case"], r["spill_bytes"]) for r in built if r["spill_bytes"] and "-s" not in r["case"]]
     assert not spilled, spilled
+    tuned = [(r["case"], r["spill_bytes"]) for r in built if r["spill_bytes"] and r["spill_bytes"] > 16]
+    assert not tuned, tuned
     too_big = [(r["case"], r["shared_bytes"]) for r in built if r["shared_bytes"] > SM90_SHARED_LIMIT]
     assert not too_big, too_big
+
+
+def test_int4_decode_loop_issues_few_instructions_per_byte(built):
+    """INT4 pages hold 3.8x fewer bytes per token than BF16, so decode reads them only as fast as it can
+    issue the instructions that unpack them (``benchmarks/sass.py``). The bf16 K4V4 decode loop turns codes
+    into bf16 with integer ops (no I2F int->float conversions, a quarter-rate unit) and applies each
+    token's (scale, zero) to its scores and probabilities, not to each channel: 0.475 warp-instructions per
+    KV byte on Llama-3-8B's shape (an issue bound of 2.2 TB/s on an H100), where dequantizing every value
+    took 0.725 (1.4 TB/s). BF16 pages: 0.084.
+    """
+    rows = {r["case"]: r for r in built if r["kernel"] == "paged_attention_kernel"}
+    k4v4 = rows["decode/llama3-8b/k4v4/bf16"]
+    assert k4v4["loop_opcodes"].get("HMMA", 0) >= 8  # QK and PV on the tensor cores
+    assert "I2F" not in k4v4["loop_opcodes"], k4v4["loop_opcodes"]
+    per_byte = k4v4["loop_instructions"] * k4v4["num_warps"] / k4v4["kv_bytes_per_iteration"]
+    assert per_byte < 0.55, per_byte
+    bf16 = rows["decode/llama3-8b/k16v16/bf16"]
+    assert bf16["loop_instructions"] * bf16["num_warps"] / bf16["kv_bytes_per_iteration"] < 0.15
 
 
 def test_the_check_catches_what_the_interpreter_accepts(tmp_path):
