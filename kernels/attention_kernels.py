@@ -165,7 +165,9 @@ def paged_attention_kernel(
     acc_even = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
     acc_odd = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
     acc_zero = tl.zeros([BLOCK_M], tl.float32)  # sum of p * (V zero point), the same for every channel
-    q_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
+    q_sum = acc_zero
+    if K_FOLD:
+        q_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
     k_head_ptr = k_plane_ptr + kv_head * stride_k_head
     v_head_ptr = v_plane_ptr + kv_head * stride_v_head
     p_head_ptr = par_ptr + kv_head * stride_p_head
@@ -211,7 +213,8 @@ def paged_attention_kernel(
 
     tok = (q_start + q_tok).to(tl.int64)
     acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_DIM))  # interleave channels back
-    acc += acc_zero[:, None]
+    if V_FOLD:
+        acc += acc_zero[:, None]
     if NUM_SPLITS == 1:
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = out_ptr + tok[:, None] * stride_o_t + q_head[:, None] * stride_o_h
