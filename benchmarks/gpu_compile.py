@@ -26,9 +26,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,15 +143,8 @@ def _record(case: Case) -> list:
 
 
 def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
-    """(registers, stack-frame bytes) per thread from ``cuobjdump --dump-resource-usage`` (Triton ships it)."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        return None, None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
-                              text=True).stdout
+    """(registers, stack-frame bytes) per thread from ``cuobjdump --dump-resource-usage``."""
+    text = sass.cuobjdump(cubin, "--dump-resource-usage")
     regs = re.search(r"REG:(\d+)", text)
     stack = re.search(r"STACK:(\d+)", text)  # spilled registers live in the stack frame
     return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)

@@ -36,13 +36,22 @@ class Instruction:
         return self.opcode.split(".")[0]
 
 
-def disassemble(cubin: bytes) -> str:
-    """The SASS text of every kernel in ``cubin`` (``cuobjdump -sass``)."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def cuobjdump(cubin: bytes, option: str) -> str:
+    """``cuobjdump OPTION`` on ``cubin`` (Triton ships the tool); empty if this Triton build lacks it."""
+    if not CUOBJDUMP.exists():
+        return ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(CUOBJDUMP), option, f.name], capture_output=True, text=True).stdout
+
+
+def disassemble(cubin: bytes) -> str:
+    """The SASS text of every kernel in ``cubin``."""
+    return cuobjdump(cubin, "-sass")
 
 
 def parse(sass: str) -> list[Instruction]:

@@ -165,7 +165,7 @@ def paged_attention_kernel(
     acc_even = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
     acc_odd = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
     acc_zero = tl.zeros([BLOCK_M], tl.float32)  # sum of p * (V zero point), the same for every channel
-    q_sum = acc_zero
+    q_sum = tl.zeros([BLOCK_M], tl.float32)  # (used by K_FOLD only)
     if K_FOLD:
         q_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
     k_head_ptr = k_plane_ptr + kv_head * stride_k_head
