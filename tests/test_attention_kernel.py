@@ -60,8 +60,9 @@ def test_split_kv_equals_unsplit(shape, num_splits):
     assert error_ratio(split, unsplit) < 1e-6
 
 
-def test_sliding_window_and_softcap():
-    case = make_case(**MIXED)
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_sliding_window_and_softcap(shape):
+    case = make_case(**shape)
     for kw in (dict(sliding_window=16), dict(softcap=5.0), dict(sliding_window=8, softcap=2.0)):
         out = run_kernel(case, **kw)
         assert error_ratio(out, run_reference(case, **kw)) < 1e-6, kw
