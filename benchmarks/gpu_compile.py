@@ -91,6 +91,10 @@ class Built:
             return None
         return self.loop_instructions * self.num_warps / self.kv_bytes_per_iteration
 
+    def as_dict(self) -> dict:
+        """The fields and the derived ``instructions_per_kv_byte``, for JSON."""
+        return dict(asdict(self), instructions_per_kv_byte=self.instructions_per_kv_byte)
+
 
 class _Recorder:
     """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kw)`` records the launch."""
@@ -258,8 +262,7 @@ def main(argv=None) -> int:
           f"{sum(bool(r.spill_bytes) for r in rows)} spill.\n")
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps([dict(asdict(r), instructions_per_kv_byte=r.instructions_per_kv_byte)
-                                          for r in rows], indent=1))
+        args.json.write_text(json.dumps([r.as_dict() for r in rows], indent=1))
     failed = [r for r in rows if r.error]
     for r in failed:
         print(f"\n{r.case} ({r.kernel}):\n{r.error}", file=sys.stderr)
