@@ -19,6 +19,11 @@ def _is_gpu(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _has_ptx(device: torch.device) -> bool:
+    """NVIDIA GPUs run the kernels' inline PTX; the interpreter and ROCm take the generic code."""
+    return _is_gpu(device) and torch.version.hip is None
+
+
 def _sm_count(device: torch.device) -> int:
     if not _is_gpu(device):
         return 1
@@ -108,6 +113,9 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     planes = plane_views(cache, layout, query.dtype)
     num_kv_heads = planes.k.shape[1]
     _check(query, block_table, seq_lens, query_start_loc, num_kv_heads, layout)
+    if max(planes.k.stride(0), planes.v.stride(0), planes.params.stride(0)) >= 2 ** 31:
+        # the kernel multiplies block numbers by these strides as unsigned 32-bit values
+        raise ValueError(f"a KV cache block of {cache.stride(0)} bytes is too large (at most 2 GiB)")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if softcap is not None and softcap <= 0:
@@ -148,8 +156,11 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
 
     # Decode tiles (16 rows) apply (scale, zero) to scores and probabilities; prefill tiles (64 rows)
     # dequantize each value, which is fewer instructions when a tile has more rows than channels to fix
-    # (SASS per loop iteration on sm_90, Llama-3-8B K4V4: decode 1577 -> 1034, prefill 1261 -> 1707).
-    fold = max_query_len <= 1
+    # (SASS per loop iteration on sm_90, Llama-3-8B K4V4: decode 1577 -> 1034 (now 710, README), prefill
+    # 1261 -> 1707).
+    # ``max_query_len`` must be exact (vLLM's is): DECODE also drops the causal mask, which one query
+    # token per sequence, its last, does not need.
+    decode = max_query_len <= 1
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     paged_attention_kernel[grid](
         query, out, part_acc, part_max, part_sum,
@@ -163,12 +174,13 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         BLOCK_Q=block_q, BLOCK_M=max(16, block_q * group_pad), TILE_N=tile_n,
         K_BITS=layout.k_bits, V_BITS=layout.v_bits, K_GROUP=layout.k_group, V_GROUP=layout.v_group,
         K_ROW=planes.k_row, V_ROW=planes.v_row, P_ROW=planes.p_row, V_PAR_OFFSET=2 * layout.k_groups,
-        K_FOLD=fold and layout.k_bits != 16 and layout.k_groups == 1,
+        DECODE=decode, K_FOLD=decode and layout.k_bits != 16 and layout.k_groups == 1,
         # (fp16: p * scale would lose its low bits in fp16's subnormal range, so V is dequantized)
-        V_FOLD=fold and layout.v_bits != 16 and layout.v_groups == 1 and query.dtype != torch.float16,
+        V_FOLD=decode and layout.v_bits != 16 and layout.v_groups == 1 and query.dtype != torch.float16,
         K_CODE_BIAS=code_bias(layout.k_bits, query.dtype), V_CODE_BIAS=code_bias(layout.v_bits, query.dtype),
         NUM_SPLITS=num_splits, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
-        IEEE=query.dtype == torch.float32, num_warps=num_warps, **pipelining,
+        IEEE=query.dtype == torch.float32, PTX_UNPACK=_has_ptx(query.device),
+        num_warps=num_warps, **pipelining,
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_tokens, num_q_heads)](

@@ -12,8 +12,9 @@ Channels travel as even/odd halves (the two nibbles of an INT4 byte), so no inte
 Decode tiles (launcher's K_FOLD/V_FOLD) feed the stored codes to ``tl.dot`` and apply each token's
 (scale, zero) to its scores, ``scale * q.code + zero * sum(q)``, and to its probabilities,
 ``(p * scale).code + p.zero``: per token instead of per channel. That, and codes turned into floats with
-integer ops (``_code_values``), is what lets a decode loop over 4-bit pages issue few enough instructions
-per byte to keep up with memory (``benchmarks/sass.py`` counts them).
+integer ops (``_code_values``; on NVIDIA GPUs inline PTX, ``_biased_nibbles_ptx``), is what lets a decode
+loop over 4-bit pages issue few enough instructions per byte to keep up with memory (``benchmarks/sass.py``
+counts them). Scores are kept in log2 units (``exp2``); split partials carry their maxima in those units.
 """
 from __future__ import annotations
 
@@ -54,9 +55,45 @@ def _code_values(codes, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     return values
 
 
+def _nibbles_ptx(bias_high_byte: int) -> str:
+    """PTX for 4 packed bytes ``$4`` -> low nibbles ``$0, $1`` and high nibbles ``$2, $3`` as 16-bit floats
+    whose high byte is ``bias_high_byte`` (two per register, element i in byte/lane i)."""
+    bias = "0x" + f"{bias_high_byte:02X}" * 4
+    return ("{ .reg .b32 lo, hi;\n"
+            "and.b32 lo, $4, 0x0F0F0F0F;\n"
+            "shr.u32 hi, $4, 4;\n"
+            "and.b32 hi, hi, 0x0F0F0F0F;\n"
+            f"prmt.b32 $0, lo, {bias}, 0x4140;\n"  # bytes (lo.0, bias, lo.1, bias): two values
+            f"prmt.b32 $1, lo, {bias}, 0x4342;\n"
+            f"prmt.b32 $2, hi, {bias}, 0x4140;\n"
+            f"prmt.b32 $3, hi, {bias}, 0x4342; }}")
+
+
+NIBBLES_TO_BF16_PTX = tl.constexpr(_nibbles_ptx(BF16_128.value >> 8))
+NIBBLES_TO_FP16_PTX = tl.constexpr(_nibbles_ptx(FP16_1024.value >> 8))
+
+
+@triton.jit
+def _biased_nibbles_ptx(packed, CODE_BIAS: tl.constexpr):
+    """uint8 ``packed`` -> (low nibble + CODE_BIAS, high nibble + CODE_BIAS) in bf16 (128) or fp16 (1024).
+
+    The values ``_code_values`` gives for ``packed & 0xF`` and ``packed >> 4``, in 7 instructions per 4
+    bytes instead of ~22 (sm_90): the nibbles of 4 bytes are masked at once and one byte permute per two
+    codes writes the bias's high byte (its low byte is 0) above each code. NVIDIA only (the launcher's
+    PTX_UNPACK); the interpreter runs the generic code, ``tests`` run this PTX through an emulator.
+    """
+    if CODE_BIAS == 128:
+        even, odd = tl.inline_asm_elementwise(NIBBLES_TO_BF16_PTX, "=r,=r,=r,=r,r", [packed],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        even, odd = tl.inline_asm_elementwise(NIBBLES_TO_FP16_PTX, "=r,=r,=r,=r,r", [packed],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    return even, odd
+
+
 @triton.jit
 def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               FOLD: tl.constexpr, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+               FOLD: tl.constexpr, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr):
     """Even and odd channels ``[TILE_N, HEAD_DIM // 2]`` of a tile of cache rows, in ``DOT_DTYPE``, and
     the ``[TILE_N]`` (scale, zero) the caller still has to apply.
 
@@ -71,8 +108,11 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
     rows = plane_ptrs[:, None]
     if BITS == 4:
         packed = tl.load(rows + offs_j[None, :], mask=mask, other=0)
-        even = packed & 0xF
-        odd = packed >> 4
+        if FOLD and PTX and CODE_BIAS != 0:
+            even, odd = _biased_nibbles_ptx(packed, CODE_BIAS)
+        else:
+            even = packed & 0xF
+            odd = packed >> 4
     else:  # contiguous row load (vectorizes on the GPU), then split into even/odd channels
         even, odd = _split_channels(tl.load(rows + tl.arange(0, HEAD_DIM)[None, :], mask=mask, other=0))
     row_scale = tl.full(valid.shape, 1.0, tl.float32)
@@ -80,10 +120,19 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
     if BITS == 16:
         pass
     elif FOLD:
-        row_scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)
-        row_zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32) - CODE_BIAS * row_scale
-        even = _code_values(even, CODE_BIAS, DOT_DTYPE)
-        odd = _code_values(odd, CODE_BIAS, DOT_DTYPE)
+        if HEAD_DIM <= 128:
+            # (scale, zero) as one 4-byte load per token: Triton pipelines it with the tile's async
+            # copies, where two 2-byte loads are plain loads the loop waits for (sm_90 SASS; at D 256 the
+            # extra registers spill, so it keeps the two loads)
+            pair = tl.load(par_ptrs[:, None] + tl.arange(0, 2)[None, :], mask=valid[:, None], other=0)
+            row_scale, row_zero = tl.split(pair.to(tl.float32))
+        else:
+            row_scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)
+            row_zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32)
+        row_zero -= CODE_BIAS * row_scale
+        if not (BITS == 4 and PTX and CODE_BIAS != 0):  # (else already values)
+            even = _code_values(even, CODE_BIAS, DOT_DTYPE)
+            odd = _code_values(odd, CODE_BIAS, DOT_DTYPE)
     else:
         if GROUP == HEAD_DIM:  # one (scale, zero) per row: load it once and broadcast
             scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)[:, None]
@@ -123,9 +172,10 @@ def paged_attention_kernel(
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     K_ROW: tl.constexpr, V_ROW: tl.constexpr, P_ROW: tl.constexpr, V_PAR_OFFSET: tl.constexpr,
-    K_FOLD: tl.constexpr, V_FOLD: tl.constexpr, K_CODE_BIAS: tl.constexpr, V_CODE_BIAS: tl.constexpr,
+    DECODE: tl.constexpr, K_FOLD: tl.constexpr, V_FOLD: tl.constexpr,
+    K_CODE_BIAS: tl.constexpr, V_CODE_BIAS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, PTX_UNPACK: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -165,43 +215,62 @@ def paged_attention_kernel(
     acc_even = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
     acc_odd = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
     acc_zero = tl.zeros([BLOCK_M], tl.float32)  # sum of p * (V zero point), the same for every channel
+    # Scores are kept in log2 units (exp2 is the hardware's exponential): without softcap the scale
+    # sm_scale * log2(e) is folded into each token's K scale and into q_sum, once per token, not per score.
+    qk_scale = sm_scale * LOG2E
+    if USE_SOFTCAP:
+        qk_scale = sm_scale
     q_sum = tl.zeros([BLOCK_M], tl.float32)  # (used by K_FOLD only)
     if K_FOLD:
-        q_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
+        q_sum = (tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)) * qk_scale
     k_head_ptr = k_plane_ptr + kv_head * stride_k_head
     v_head_ptr = v_plane_ptr + kv_head * stride_v_head
     p_head_ptr = par_ptr + kv_head * stride_p_head
+    block_table_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    # (strides are below 2**31: the launcher checks; zero-extended they multiply in one IMAD.WIDE.U32)
+    k_block_stride = stride_k_block.to(tl.uint32).to(tl.uint64)
+    v_block_stride = stride_v_block.to(tl.uint32).to(tl.uint64)
+    p_block_stride = stride_p_block.to(tl.uint32).to(tl.uint64)
     for tile in range(tile_begin, tile_end):
         offs_n = tile * TILE_N + tl.arange(0, TILE_N)  # logical KV positions
         n_valid = (offs_n < kv_hi) & (offs_n >= kv_lo)
-        block = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + offs_n // BLOCK_SIZE,
-                        mask=n_valid, other=0).to(tl.int64)
-        slot = offs_n % BLOCK_SIZE
-        par_rows = p_head_ptr + block * stride_p_block + slot * P_ROW
-        k_even, k_odd, k_scale, k_zero = _load_tile(k_head_ptr + block * stride_k_block + slot * K_ROW,
+        # Unsigned index math: // and % by BLOCK_SIZE become a shift and a mask, and block numbers
+        # widen to 64 bits for free (signed: ~4 more instructions per token per use on sm_90).
+        pos = offs_n.to(tl.uint32)
+        block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=n_valid, other=0)
+        block = block.to(tl.uint32).to(tl.uint64)
+        slot = pos % BLOCK_SIZE
+        par_rows = p_head_ptr + block * p_block_stride + slot * P_ROW
+        k_even, k_odd, k_scale, k_zero = _load_tile(k_head_ptr + block * k_block_stride + slot * K_ROW,
                                                      par_rows, n_valid, K_BITS, K_GROUP, HEAD_DIM, K_FOLD,
-                                                     K_CODE_BIAS, dot_dtype)
+                                                     K_CODE_BIAS, dot_dtype, PTX_UNPACK)
         # [BLOCK_M, D/2] @ [D/2, TILE_N] -> [BLOCK_M, TILE_N], twice (even and odd channels)
         scores = _dot(q_even, tl.trans(k_even), IEEE)
         scores += _dot(q_odd, tl.trans(k_odd), IEEE)
         if K_FOLD:  # q.(scale * code + zero) = scale * q.code + zero * sum(q)
-            scores = scores * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
-        scores *= sm_scale
+            scores = scores * (k_scale * qk_scale)[None, :] + q_sum[:, None] * k_zero[None, :]
+        else:
+            scores *= qk_scale
         if USE_SOFTCAP:  # softcap * tanh(s / softcap), with tanh from exp (no libdevice needed)
-            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
-        visible = row_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0)) * LOG2E
+        if DECODE:
+            # A decode row's token is its sequence's last, so it sees every valid position. Rows that
+            # hold no query token (padding) see finite values and are never stored.
+            visible = n_valid[None, :]
+        else:
+            visible = row_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible &= offs_n[None, :] > q_pos[:, None] - sliding_window
         scores = tl.where(visible, scores, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        p = tl.exp2((scores - m_safe[:, None]) * LOG2E)
-        alpha = tl.exp2((m_i - m_safe) * LOG2E)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_even, v_odd, v_scale, v_zero = _load_tile(v_head_ptr + block * stride_v_block + slot * V_ROW,
+        v_even, v_odd, v_scale, v_zero = _load_tile(v_head_ptr + block * v_block_stride + slot * V_ROW,
                                                      par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP,
-                                                     HEAD_DIM, V_FOLD, V_CODE_BIAS, dot_dtype)
+                                                     HEAD_DIM, V_FOLD, V_CODE_BIAS, dot_dtype, PTX_UNPACK)
         if V_FOLD:  # sum p * (scale * code + zero) = (p * scale).code + p.zero
             acc_zero = acc_zero * alpha + tl.sum(p * v_zero[None, :], axis=1)
             p *= v_scale[None, :]
@@ -237,7 +306,7 @@ def _reduce_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num
     l = tl.load(part_sum_ptr + part)
     m_all = tl.max(m, axis=0)
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    weight = tl.exp2((m - m_all) * LOG2E)  # empty splits have m = -inf -> weight 0
+    weight = tl.exp2(m - m_all)  # (maxima in log2 units) empty splits have m = -inf -> weight 0
     total = tl.sum(weight * l, axis=0)
     offs_d = tl.arange(0, HEAD_DIM)
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :])

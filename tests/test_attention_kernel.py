@@ -136,8 +136,13 @@ def test_gpu_tile_choices_run_here_too(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_bf16_on_gpu():
-    case = make_case(**MIXED, dtype=torch.bfloat16)
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (8, 4)])
+def test_16bit_queries_on_gpu(shape, dtype, k_bits, v_bits):
+    """The GPU-only code: decode turns 4-bit codes into floats with inline PTX (``_biased_nibbles_ptx``)
+    and bf16 codes by OR-ing them into 128.0; the interpreter runs neither."""
+    case = make_case(**shape, dtype=dtype, k_bits=k_bits, v_bits=v_bits)
     for name in ("cache", "query", "block_table", "seq_lens", "query_start_loc"):
         setattr(case, name, getattr(case, name).cuda())
     out = run_kernel(case)
@@ -161,3 +166,60 @@ def test_codes_become_floats_by_or_ing_them_into_the_bias(dtype, bits):
     assert torch.equal((codes | pattern).view(dtype).double(), bias + codes.double())
     assert attention.code_bias(8, torch.bfloat16) == 0  # 128 + 255 needs 9 significant bits: converted
     assert attention.code_bias(4, torch.float32) == 0  # exact fp32 dot: converted
+
+
+def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """A slow, obvious emulator of the few 32-bit PTX instructions our inline asm uses.
+
+    ``prmt.b32 d, a, b, sel`` (default mode): result byte i is byte ``sel >> 4i & 7`` of the 8 bytes
+    ``b:a`` (a = bytes 0-3), sign-replicated if bit 3 of that nibble is set (PTX ISA, prmt).
+    """
+    regs = dict(inputs)
+
+    def value(operand: str) -> int:
+        return int(operand, 0) if operand[0].isdigit() else regs[operand]
+
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        words = line.replace(",", " ").split()
+        if not words or words[0] == ".reg":
+            continue
+        op, dest, *src = words
+        if op == "and.b32":
+            regs[dest] = value(src[0]) & value(src[1])
+        elif op == "shr.u32":
+            regs[dest] = value(src[0]) >> value(src[1])
+        elif op == "prmt.b32":
+            pool = value(src[0]) | value(src[1]) << 32
+            selector, out = value(src[2]), 0
+            for i in range(4):
+                nibble = selector >> 4 * i & 0xF
+                byte = pool >> 8 * (nibble & 7) & 0xFF
+                if nibble & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << 8 * i
+            regs[dest] = out
+        else:
+            raise AssertionError(f"the emulator does not know {op!r}: extend it with the new instruction")
+    return regs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ptx_nibble_unpack_gives_bias_plus_code(dtype):
+    """``_biased_nibbles_ptx`` (GPU only) against its definition, for every byte in every position.
+
+    Triton passes the 4 bytes of one call in ``$4`` (element i = byte i) and reads each output's elements
+    i from register ``$(2k + i // 2)``, lane ``i % 2`` (seen in the PTX it generates).
+    """
+    from vllm_int4kv.kernels import attention_kernels as ak
+
+    asm = (ak.NIBBLES_TO_BF16_PTX if dtype == torch.bfloat16 else ak.NIBBLES_TO_FP16_PTX).value
+    bias = attention.code_bias(4, dtype)
+    for first in range(0, 256, 4):
+        packed = [first, first + 1, first + 2, (first * 7 + 3) % 256]
+        out = _run_ptx(asm, {"$4": int.from_bytes(bytes(packed), "little")})
+        lanes = torch.tensor([out[f"${r}"] >> 16 * lane & 0xFFFF for r in range(4) for lane in (0, 1)],
+                             dtype=torch.int32).to(torch.int16).view(dtype).double()
+        low = torch.tensor([b & 0xF for b in packed], dtype=torch.float64)
+        high = torch.tensor([b >> 4 for b in packed], dtype=torch.float64)
+        assert torch.equal(lanes[:4], bias + low), (packed, lanes)
+        assert torch.equal(lanes[4:], bias + high), (packed, lanes)

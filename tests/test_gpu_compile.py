@@ -90,17 +90,18 @@ def test_no_register_spills_and_shared_memory_fits(built):
 def test_int4_decode_loop_issues_few_instructions_per_byte(built):
     """INT4 pages hold 3.8x fewer bytes per token than BF16, so decode reads them only as fast as it can
     issue the instructions that unpack them (``benchmarks/sass.py``). The bf16 K4V4 decode loop turns codes
-    into bf16 with integer ops (no I2F int->float conversions, a quarter-rate unit) and applies each
-    token's (scale, zero) to its scores and probabilities, not to each channel: 0.475 warp-instructions per
-    KV byte on Llama-3-8B's shape (an issue bound of 2.2 TB/s on an H100), where dequantizing every value
-    took 0.725 (1.4 TB/s). BF16 pages: 0.084.
+    into bf16 with integer ops (no I2F int->float conversions, a quarter-rate unit; 7 PTX instructions per
+    4 bytes), applies each token's (scale, zero) to its scores and probabilities, not to each channel, and
+    keeps its index math unsigned: 0.326 warp-instructions per KV byte on Llama-3-8B's shape (an issue
+    bound of 3.2 TB/s on an H100), where dequantizing every value took 0.725 (1.4 TB/s). BF16 pages: 0.070.
     """
     rows = {r["case"]: r for r in built if r["kernel"] == "paged_attention_kernel"}
     k4v4 = rows["decode/llama3-8b/k4v4/bf16"]
     assert k4v4["loop_opcodes"].get("HMMA", 0) >= 8  # QK and PV on the tensor cores
     assert "I2F" not in k4v4["loop_opcodes"], k4v4["loop_opcodes"]
-    assert k4v4["instructions_per_kv_byte"] < 0.55, k4v4["instructions_per_kv_byte"]
-    assert rows["decode/llama3-8b/k16v16/bf16"]["instructions_per_kv_byte"] < 0.15
+    assert k4v4["instructions_per_kv_byte"] < 0.36, k4v4["instructions_per_kv_byte"]
+    assert rows["decode/llama3-8b/k4v4/fp16"]["instructions_per_kv_byte"] < 0.42  # V dequantized (fp16)
+    assert rows["decode/llama3-8b/k16v16/bf16"]["instructions_per_kv_byte"] < 0.1
 
 
 def test_the_check_catches_what_the_interpreter_accepts(tmp_path):
