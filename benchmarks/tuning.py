@@ -35,8 +35,9 @@ def launch_options(runner, case, what: str, point: dict, base_us: float, **launc
     """Warps (at Triton's default stages) and pipelining stages (at the launcher's 4 warps) around the
     launcher's choice, whose time ``base_us`` the caller measured.
 
-    ptxas gives the decode kernel ~200-255 registers per thread at 4 warps and the default 3 stages
-    (benchmarks/compile): 8 warps trade registers per thread for more warps in flight, fewer stages
+    ptxas gives the decode kernel ~140-170 registers per thread at 4 warps and the default 3 stages
+    (benchmarks/compile): 2 warps issue fewer instructions per KV byte (fewer cross-warp reductions)
+    with ~230 registers, 8 warps trade registers per thread for more warps in flight, fewer stages
     trade prefetching for registers and shared memory.
     """
     warps, stages = {4: base_us}, {"default": base_us}

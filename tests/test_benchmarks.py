@@ -90,7 +90,8 @@ def test_smoke_json_structure(smoke):
     assert all(row["vs_plain"] == row["median_us"] / steps[row["policy"].replace("-rot", "")]["median_us"]
                for row in r["layer_step"])
     assert r["tune_splits"] and all(row["best"] in (1, 2) for row in r["tune_splits"])
-    assert all(set(row["warps_us"]) == {"4", "8"} and row["best_warps"] in (4, 8) for row in r["tune_splits"])
+    assert all(set(row["warps_us"]) == {"2", "4", "8"} and row["best_warps"] in (2, 4, 8)
+               for row in r["tune_splits"])
     assert all(set(row["stages_us"]) == {"default", "1"} for row in r["tune_splits"] + r["tune_prefill"])
     assert {row["kind"] for row in r["tune_prefill"]} == {"prefill", "chunked_prefill"}
     assert {row["shape"] for row in r["tune_prefill"]} == {"smollm2-135m"}
