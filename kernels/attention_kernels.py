@@ -12,7 +12,7 @@ Channels travel as even/odd halves (the two nibbles of an INT4 byte), so no inte
 Decode tiles (launcher's K_FOLD/V_FOLD) feed the stored codes to ``tl.dot`` and apply each token's
 (scale, zero) to its scores, ``scale * q.code + zero * sum(q)``, and to its probabilities,
 ``(p * scale).code + p.zero``: per token instead of per channel. That, and codes turned into floats with
-integer ops (``_code_values``; on NVIDIA GPUs inline PTX, ``_biased_nibbles_ptx``), is what lets a decode
+integer ops (``_code_values``; on NVIDIA GPUs inline PTX, ``_nibble_values``), is what lets a decode
 loop over 4-bit pages issue few enough instructions per byte to keep up with memory (``benchmarks/sass.py``
 counts them). Scores are kept in log2 units (``exp2``); split partials carry their maxima in those units.
 """
@@ -74,20 +74,23 @@ NIBBLES_TO_FP16_PTX = tl.constexpr(_nibbles_ptx(FP16_1024.value >> 8))
 
 
 @triton.jit
-def _biased_nibbles_ptx(packed, CODE_BIAS: tl.constexpr):
-    """uint8 ``packed`` -> (low nibble + CODE_BIAS, high nibble + CODE_BIAS) in bf16 (128) or fp16 (1024).
+def _nibble_values(packed, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr):
+    """uint8 ``packed`` -> (low nibble + CODE_BIAS, high nibble + CODE_BIAS) in ``DOT_DTYPE``.
 
-    The values ``_code_values`` gives for ``packed & 0xF`` and ``packed >> 4``, in 7 instructions per 4
-    bytes instead of ~22 (sm_90): the nibbles of 4 bytes are masked at once and one byte permute per two
-    codes writes the bias's high byte (its low byte is 0) above each code. NVIDIA only (the launcher's
-    PTX_UNPACK); the interpreter runs the generic code, ``tests`` run this PTX through an emulator.
+    With ``PTX`` (NVIDIA GPUs; the launcher's PTX_UNPACK) and a bias, 7 instructions per 4 bytes instead
+    of the ~22 the compiler makes of ``_code_values`` (sm_90): the nibbles of 4 bytes are masked at once
+    and one byte permute per two codes writes the bias's high byte (its low byte is 0) above each code.
+    The interpreter runs the generic code; a test runs the PTX text through an emulator.
     """
-    if CODE_BIAS == 128:
+    if PTX and CODE_BIAS == 128:  # (the bias is the dtype's: code_bias in the launcher)
         even, odd = tl.inline_asm_elementwise(NIBBLES_TO_BF16_PTX, "=r,=r,=r,=r,r", [packed],
                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    else:
+    elif PTX and CODE_BIAS == 1024:
         even, odd = tl.inline_asm_elementwise(NIBBLES_TO_FP16_PTX, "=r,=r,=r,=r,r", [packed],
                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        even = _code_values(packed & 0xF, CODE_BIAS, DOT_DTYPE)
+        odd = _code_values(packed >> 4, CODE_BIAS, DOT_DTYPE)
     return even, odd
 
 
@@ -108,11 +111,8 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
     rows = plane_ptrs[:, None]
     if BITS == 4:
         packed = tl.load(rows + offs_j[None, :], mask=mask, other=0)
-        if FOLD and PTX and CODE_BIAS != 0:
-            even, odd = _biased_nibbles_ptx(packed, CODE_BIAS)
-        else:
-            even = packed & 0xF
-            odd = packed >> 4
+        even = packed & 0xF
+        odd = packed >> 4
     else:  # contiguous row load (vectorizes on the GPU), then split into even/odd channels
         even, odd = _split_channels(tl.load(rows + tl.arange(0, HEAD_DIM)[None, :], mask=mask, other=0))
     row_scale = tl.full(valid.shape, 1.0, tl.float32)
@@ -130,7 +130,9 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
             row_scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)
             row_zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32)
         row_zero -= CODE_BIAS * row_scale
-        if not (BITS == 4 and PTX and CODE_BIAS != 0):  # (else already values)
+        if BITS == 4:  # values straight from the bytes
+            even, odd = _nibble_values(packed, CODE_BIAS, DOT_DTYPE, PTX)
+        else:
             even = _code_values(even, CODE_BIAS, DOT_DTYPE)
             odd = _code_values(odd, CODE_BIAS, DOT_DTYPE)
     else:

@@ -140,7 +140,7 @@ def test_gpu_tile_choices_run_here_too(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (8, 4)])
 def test_16bit_queries_on_gpu(shape, dtype, k_bits, v_bits):
-    """The GPU-only code: decode turns 4-bit codes into floats with inline PTX (``_biased_nibbles_ptx``)
+    """The GPU-only code: decode turns 4-bit codes into floats with inline PTX (``_nibble_values``)
     and bf16 codes by OR-ing them into 128.0; the interpreter runs neither."""
     case = make_case(**shape, dtype=dtype, k_bits=k_bits, v_bits=v_bits)
     for name in ("cache", "query", "block_table", "seq_lens", "query_start_loc"):
@@ -205,7 +205,7 @@ def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ptx_nibble_unpack_gives_bias_plus_code(dtype):
-    """``_biased_nibbles_ptx`` (GPU only) against its definition, for every byte in every position.
+    """``_nibble_values`` (GPU only) against its definition, for every byte in every position.
 
     Triton passes the 4 bytes of one call in ``$4`` (element i = byte i) and reads each output's elements
     i from register ``$(2k + i // 2)``, lane ``i % 2`` (seen in the PTX it generates).
