@@ -14,7 +14,7 @@ Decode tiles (launcher's K_FOLD/V_FOLD) feed the stored codes to ``tl.dot`` and 
 ``(p * scale).code + p.zero``: per token instead of per channel. That, and codes turned into floats with
 integer ops (``_code_values``; on NVIDIA GPUs inline PTX, ``_nibble_values``), is what lets a decode
 loop over 4-bit pages issue few enough instructions per byte to keep up with memory (``benchmarks/sass.py``
-counts them). Scores are kept in log2 units (``exp2``); split partials carry their maxima in those units.
+counts them).
 """
 from __future__ import annotations
 
@@ -217,14 +217,9 @@ def paged_attention_kernel(
     acc_even = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
     acc_odd = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
     acc_zero = tl.zeros([BLOCK_M], tl.float32)  # sum of p * (V zero point), the same for every channel
-    # Scores are kept in log2 units (exp2 is the hardware's exponential): without softcap the scale
-    # sm_scale * log2(e) is folded into each token's K scale and into q_sum, once per token, not per score.
-    qk_scale = sm_scale * LOG2E
-    if USE_SOFTCAP:
-        qk_scale = sm_scale
     q_sum = tl.zeros([BLOCK_M], tl.float32)  # (used by K_FOLD only)
     if K_FOLD:
-        q_sum = (tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)) * qk_scale
+        q_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
     k_head_ptr = k_plane_ptr + kv_head * stride_k_head
     v_head_ptr = v_plane_ptr + kv_head * stride_v_head
     p_head_ptr = par_ptr + kv_head * stride_p_head
@@ -250,11 +245,13 @@ def paged_attention_kernel(
         scores = _dot(q_even, tl.trans(k_even), IEEE)
         scores += _dot(q_odd, tl.trans(k_odd), IEEE)
         if K_FOLD:  # q.(scale * code + zero) = scale * q.code + zero * sum(q)
-            scores = scores * (k_scale * qk_scale)[None, :] + q_sum[:, None] * k_zero[None, :]
-        else:
-            scores *= qk_scale
+            scores = scores * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+        # (Natural units, scaled after the sum, as the reference and the torch path: folding sm_scale *
+        # log2(e) into the K scales saved 2 % of the decode loop and moved an engine test's logprobs by
+        # 6e-4 in fp32.)
+        scores *= sm_scale
         if USE_SOFTCAP:  # softcap * tanh(s / softcap), with tanh from exp (no libdevice needed)
-            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0)) * LOG2E
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
         if DECODE:
             # A decode row's token is its sequence's last, so it sees every valid position. Rows that
             # hold no query token (padding) see finite values and are never stored.
@@ -267,8 +264,8 @@ def paged_attention_kernel(
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2((scores - m_safe[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_even, v_odd, v_scale, v_zero = _load_tile(v_head_ptr + block * v_block_stride + slot * V_ROW,
                                                      par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP,
@@ -308,7 +305,7 @@ def _reduce_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num
     l = tl.load(part_sum_ptr + part)
     m_all = tl.max(m, axis=0)
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    weight = tl.exp2(m - m_all)  # (maxima in log2 units) empty splits have m = -inf -> weight 0
+    weight = tl.exp2((m - m_all) * LOG2E)  # empty splits have m = -inf -> weight 0
     total = tl.sum(weight * l, axis=0)
     offs_d = tl.arange(0, HEAD_DIM)
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :])
