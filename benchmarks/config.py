@@ -70,7 +70,7 @@ class Grid:
     tune_splits: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     tune_policies: tuple[str, ...] = ("k4v4",)
     # timed besides the launcher's 4, at the best split count; 2 warps issue the fewest instructions per
-    # KV byte in the decode loop (sm_90 SASS, benchmarks/compile) but hold ~230 registers per thread
+    # KV byte in the decode loop (sm_90 SASS, benchmarks/compile) but hold ~226-246 registers per thread
     tune_warps: tuple[int, ...] = (2, 8)
     tune_stages: tuple[int, ...] = (1, 2)  # timed besides Triton's default (3 on NVIDIA), at 4 warps
     vllm_prefill_and_write: bool = True  # vLLM baselines beyond decode (the quick grid keeps its time for ours)

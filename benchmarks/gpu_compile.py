@@ -205,6 +205,7 @@ def all_cases() -> list[Case]:
                   for op in ("decode", "prefill", "write")]
     cases += [Case(op, "llama3-8b", "k4v4", softcap=True, window=True) for op in ("decode", "prefill")]
     cases += [Case(op, s, "k4v4", num_warps=8) for s in SHAPES for op in ("decode", "decode_split", "prefill")]
+    cases += [Case("decode", s, "k4v4", num_warps=2) for s in SHAPES]
     cases += [Case(op, s, "k4v4", num_stages=n) for s in SHAPES for op in ("decode", "prefill") for n in (1, 2)]
     cases += [Case(op, "llama3-8b", p, num_seqs=1) for p in ("k4v4", "k16v16")
               for op in ("decode", "decode_split")]

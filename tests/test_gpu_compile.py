@@ -92,8 +92,8 @@ def test_int4_decode_loop_issues_few_instructions_per_byte(built):
     issue the instructions that unpack them (``benchmarks/sass.py``). The bf16 K4V4 decode loop turns codes
     into bf16 with integer ops (no I2F int->float conversions, a quarter-rate unit; 7 PTX instructions per
     4 bytes), applies each token's (scale, zero) to its scores and probabilities, not to each channel, and
-    keeps its index math unsigned: 0.326 warp-instructions per KV byte on Llama-3-8B's shape (an issue
-    bound of 3.2 TB/s on an H100), where dequantizing every value took 0.725 (1.4 TB/s). BF16 pages: 0.070.
+    keeps its index math unsigned: 0.333 warp-instructions per KV byte on Llama-3-8B's shape (an issue
+    bound of 3.1 TB/s on an H100), where dequantizing every value took 0.725 (1.4 TB/s). BF16 pages: 0.072.
     """
     rows = {r["case"]: r for r in built if r["kernel"] == "paged_attention_kernel"}
     k4v4 = rows["decode/llama3-8b/k4v4/bf16"]
