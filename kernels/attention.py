@@ -156,8 +156,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
 
     # Decode tiles (16 rows) apply (scale, zero) to scores and probabilities; prefill tiles (64 rows)
     # dequantize each value, which is fewer instructions when a tile has more rows than channels to fix
-    # (SASS per loop iteration on sm_90, Llama-3-8B K4V4: decode 1577 -> 1034 (now 710, README), prefill
-    # 1261 -> 1707).
+    # (SASS per loop iteration on sm_90, Llama-3-8B K4V4, before the later cuts the README lists: decode
+    # 1577 -> 1034, prefill 1261 -> 1707).
     # ``max_query_len`` must be exact (vLLM's is): DECODE also drops the causal mask, which one query
     # token per sequence, its last, does not need.
     decode = max_query_len <= 1

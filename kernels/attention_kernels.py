@@ -82,6 +82,7 @@ def _nibble_values(packed, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX
     and one byte permute per two codes writes the bias's high byte (its low byte is 0) above each code.
     The interpreter runs the generic code; a test runs the PTX text through an emulator.
     """
+    # (two calls that differ in their constant: @jit cannot pick a string constexpr into a local)
     if PTX and CODE_BIAS == 128:  # (the bias is the dtype's: code_bias in the launcher)
         even, odd = tl.inline_asm_elementwise(NIBBLES_TO_BF16_PTX, "=r,=r,=r,=r,r", [packed],
                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
