@@ -91,9 +91,24 @@ class Built:
             return None
         return self.loop_instructions * self.num_warps / self.kv_bytes_per_iteration
 
+    @property
+    def slow_pipe_instructions(self) -> int | None:
+        """Of the loop's instructions, those on the conversion/MUFU unit (``sass.SLOW_PIPE_OPCODES``)."""
+        if not self.loop_opcodes:
+            return None
+        return sum(n for op, n in self.loop_opcodes.items() if op in sass.SLOW_PIPE_OPCODES)
+
+    def bound_gbs(self) -> float | None:
+        """The lower of the issue and conversion/MUFU bounds on an H100 (``sass.bound_gbs``)."""
+        per_byte = self.instructions_per_kv_byte
+        if per_byte is None:
+            return None
+        return sass.bound_gbs(per_byte, self.slow_pipe_instructions * self.num_warps / self.kv_bytes_per_iteration)
+
     def as_dict(self) -> dict:
-        """The fields and the derived ``instructions_per_kv_byte``, for JSON."""
-        return dict(asdict(self), instructions_per_kv_byte=self.instructions_per_kv_byte)
+        """The fields and the derived figures, for JSON."""
+        return dict(asdict(self), instructions_per_kv_byte=self.instructions_per_kv_byte,
+                    slow_pipe_instructions=self.slow_pipe_instructions, bound_gbs=self.bound_gbs())
 
 
 class _Recorder:
@@ -226,17 +241,18 @@ def build_all(cases: list[Case], arch: int, workers: int) -> list[Built]:
 
 
 def table(rows: list[Built]) -> str:
-    lines = ["| case | kernel | warps | stages | registers | spill B | shared B | loop instr. | instr./KV B "
-             "| issue bound, H100 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | kernel | warps | stages | registers | spill B | shared B | loop instr. | slow pipe "
+             "| instr./KV B | bound, H100 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case} | {r.kernel} | FAILED: {r.error.splitlines()[-1][:120]} ||||||||")
+            lines.append(f"| {r.case} | {r.kernel} | FAILED: {r.error.splitlines()[-1][:120]} |||||||||")
             continue
-        per_byte = r.instructions_per_kv_byte
-        bound = f"{sass.issue_bound_gbs(per_byte) / 1000:.2f} TB/s" if per_byte else ""
+        per_byte, bound = r.instructions_per_kv_byte, r.bound_gbs()
+        slow = r.slow_pipe_instructions
         lines.append(f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.registers} | "
                      f"{r.spill_bytes} | {r.shared_bytes} | {r.loop_instructions or ''} | "
-                     f"{f'{per_byte:.3f}' if per_byte else ''} | {bound} |")
+                     f"{slow if slow is not None else ''} | {f'{per_byte:.3f}' if per_byte else ''} | "
+                     f"{f'{bound / 1000:.2f} TB/s' if bound else ''} |")
     return "\n".join(lines)
 
 
@@ -255,9 +271,10 @@ def main(argv=None) -> int:
           f"bundled ptxas on a machine without a GPU; "
           f"registers and spills per thread, shared memory per block, from cuobjdump. "
           f"`loop instr.`: SASS instructions one warp issues per iteration of the kernel's main loop (one "
-          f"KV tile); `instr./KV B`: warp-instructions per KV byte of one head; `issue bound`: the most "
-          f"bandwidth that allows with every scheduler of {sass.H100_SMS} SMs issuing every cycle at "
-          f"{sass.H100_BOOST_GHZ} GHz (an upper bound, not a timing; H100 HBM3: "
+          f"KV tile); `slow pipe`: those of them on the conversion/MUFU unit (16 threads per SM per "
+          f"cycle, an eighth of the issue rate); `instr./KV B`: warp-instructions per KV byte of one head; "
+          f"`bound`: the most bandwidth the lower of the two rates allows with all {sass.H100_SMS} SMs "
+          f"busy at {sass.H100_BOOST_GHZ} GHz (an upper bound, not a timing; H100 HBM3: "
           f"{sass.H100_DATASHEET_GBS / 1000:.2f} TB/s). "
           f"{sum(not r.error for r in rows)} kernels built, {sum(bool(r.error) for r in rows)} failed, "
           f"{sum(bool(r.spill_bytes) for r in rows)} spill.\n")

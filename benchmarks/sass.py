@@ -6,6 +6,11 @@ each of its 4 schedulers, so ``instructions per KV byte`` bounds the bandwidth a
 well its loads are overlapped: SMs x 4 x clock / (instructions per byte). ptxas and cuobjdump ship with
 Triton, so this bound is known before any GPU time is spent. It is an upper bound from compiler output,
 not a timing: latency, occupancy and the memory system can only lower it.
+
+A second bound: conversions (I2F, F2F, F2I, F2FP, ...) and MUFU (exp2) run on a unit that takes 16 threads
+per SM per cycle on sm_80/sm_90 (CUDA C++ Programming Guide, arithmetic throughput table), an eighth of
+the issue rate: a loop that converts every dequantized value waits on that unit long before it runs out of
+issue slots. ``slow_pipe`` counts them; a kernel's bound is the lower of the two.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ import triton
 ISSUE_PER_SM_CYCLE = 4  # warp schedulers per SM (Volta through Hopper), one instruction each per cycle
 # H100 SXM5 (the device tool's machine): 132 SMs, 1.98 GHz boost, 3.35 TB/s HBM3 (datasheet)
 H100_SMS, H100_BOOST_GHZ, H100_DATASHEET_GBS = 132, 1.98, 3350.0
+# the transcendental/conversion unit: 16 threads per SM per cycle, i.e. half a warp-instruction
+SLOW_PIPE_PER_SM_CYCLE = 0.5
+SLOW_PIPE_OPCODES = frozenset({"MUFU", "I2F", "F2F", "F2I", "F2FP", "I2FP", "FRND"})
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
@@ -79,7 +87,21 @@ def census(code: list[Instruction]) -> Counter:
     return Counter(i.base for i in code)
 
 
+def slow_pipe(code: list[Instruction]) -> int:
+    """Instructions in ``code`` that run on the conversion/MUFU unit (an eighth of the issue rate)."""
+    return sum(i.base in SLOW_PIPE_OPCODES for i in code)
+
+
 def issue_bound_gbs(instructions_per_byte: float, sms: int = H100_SMS, ghz: float = H100_BOOST_GHZ) -> float:
     """The most GB/s a kernel issuing this many warp-instructions per byte can move (every scheduler busy
     every cycle at boost clock)."""
     return sms * ISSUE_PER_SM_CYCLE * ghz / instructions_per_byte
+
+
+def bound_gbs(instructions_per_byte: float, slow_pipe_per_byte: float, sms: int = H100_SMS,
+              ghz: float = H100_BOOST_GHZ) -> float:
+    """The lower of the issue bound and the conversion/MUFU unit's bound (both warp-instructions/byte)."""
+    bound = issue_bound_gbs(instructions_per_byte, sms, ghz)
+    if slow_pipe_per_byte:
+        bound = min(bound, sms * SLOW_PIPE_PER_SM_CYCLE * ghz / slow_pipe_per_byte)
+    return bound

@@ -9,12 +9,13 @@ slice of the context and writes (max, sum, acc) partials that ``_reduce_splits_k
 Channels travel as even/odd halves (the two nibbles of an INT4 byte), so no interleave is ever needed:
 ``q.k = q_even.k_even + q_odd.k_odd`` and the output's even/odd channels are accumulated separately.
 
-Decode tiles (launcher's K_FOLD/V_FOLD) feed the stored codes to ``tl.dot`` and apply each token's
-(scale, zero) to its scores, ``scale * q.code + zero * sum(q)``, and to its probabilities,
-``(p * scale).code + p.zero``: per token instead of per channel. That, and codes turned into floats with
-integer ops (``_code_values``; on NVIDIA GPUs inline PTX, ``_nibble_values``), is what lets a decode
-loop over 4-bit pages issue few enough instructions per byte to keep up with memory (``benchmarks/sass.py``
-counts them).
+With one (scale, zero) per token (launcher's K_FOLD/V_FOLD: 16-bit queries, and every decode) tiles
+feed the stored codes to ``tl.dot`` and apply each token's (scale, zero) to its scores,
+``scale * q.code + zero * sum(q)``, and to its probabilities, ``(p * scale).code + p.zero``: per token
+instead of per channel. That, and codes turned into floats with integer ops (``_code_values``; on NVIDIA
+GPUs inline PTX, ``_nibble_values``) rather than int->float conversions, which run at an eighth of the
+issue rate, is what lets a decode loop over 4-bit pages issue few enough instructions per byte to keep up
+with memory, and a prefill loop cost about what BF16's does (``benchmarks/sass.py`` counts both).
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
     16-bit planes: the stored values (scale 1, zero 0). ``FOLD`` (one (scale, zero) per row):
     ``codes + CODE_BIAS`` and the row's scale and ``zero - CODE_BIAS * scale`` (the same values,
     ``scale * code + zero``), which the caller applies once per score or probability instead of once per
-    channel. Otherwise (channel groups, prefill tiles, fp16 values): the values, dequantized here in fp32.
+    channel. Otherwise (channel groups, fp32 prefill tiles, fp16 values): the values, dequantized here.
     """
     offs_j = tl.arange(0, HEAD_DIM // 2)
     mask = valid[:, None]

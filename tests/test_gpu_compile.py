@@ -104,6 +104,24 @@ def test_int4_decode_loop_issues_few_instructions_per_byte(built):
     assert rows["decode/llama3-8b/k16v16/bf16"]["instructions_per_kv_byte"] < 0.1
 
 
+def test_int4_prefill_converts_nothing_per_value(built):
+    """A prefill loop over INT4 pages must cost about what BF16 prefill costs (the goal: within 10 %).
+
+    Conversions (I2F, F2FP) run on a unit that takes an eighth of the issue rate (``sass.SLOW_PIPE_OPCODES``):
+    dequantizing each value kept Llama-3-8B's K4V4 prefill loop waiting 8 x 242 = 1936 cycles per tile on
+    it, against 914 instructions for BF16. Folded (scale, zero), the INT4 loop converts no more than BF16's
+    (probabilities to 16 bits, exp2) and issues at most 15 % more instructions on every D 128 shape.
+    """
+    rows = {r["case"]: r for r in built if r["kernel"] == "paged_attention_kernel"}
+    for shape in ("llama3-8b", "qwen2.5-7b", "mqa-d256", "smollm2-135m"):
+        int4, bf16 = rows[f"prefill/{shape}/k4v4/bf16"], rows[f"prefill/{shape}/k16v16/bf16"]
+        assert int4["slow_pipe_instructions"] <= bf16["slow_pipe_instructions"], (shape, int4["loop_opcodes"])
+        assert "I2F" not in int4["loop_opcodes"], (shape, int4["loop_opcodes"])
+    for shape in ("llama3-8b", "qwen2.5-7b"):
+        int4, bf16 = rows[f"prefill/{shape}/k4v4/bf16"], rows[f"prefill/{shape}/k16v16/bf16"]
+        assert int4["loop_instructions"] < 1.15 * bf16["loop_instructions"], (shape, int4["loop_instructions"])
+
+
 def test_the_check_catches_what_the_interpreter_accepts(tmp_path):
     """A kernel reading a plain-float global runs under the interpreter and fails the GPU compile."""
     (tmp_path / "bad_kernel.py").write_text(textwrap.dedent("""
