@@ -7,10 +7,13 @@ well its loads are overlapped: SMs x 4 x clock / (instructions per byte). ptxas 
 Triton, so this bound is known before any GPU time is spent. It is an upper bound from compiler output,
 not a timing: latency, occupancy and the memory system can only lower it.
 
-A second bound: conversions (I2F, F2F, F2I, F2FP, ...) and MUFU (exp2) run on a unit that takes 16 threads
-per SM per cycle on sm_80/sm_90 (CUDA C++ Programming Guide, arithmetic throughput table), an eighth of
-the issue rate: a loop that converts every dequantized value waits on that unit long before it runs out of
-issue slots. ``slow_pipe`` counts them; a kernel's bound is the lower of the two.
+A second bound: int<->float conversions (I2F, F2I, F2F) and MUFU (exp2) run on a unit that takes 16
+threads per SM per cycle on sm_80/sm_90 (CUDA C++ Programming Guide, arithmetic throughput table), an
+eighth of the issue rate: a loop that converts every dequantized value waits on that unit long before it
+runs out of issue slots. ``slow_pipe`` counts them; a kernel's bound is the lower of the two. F2FP (two
+fp32 -> a 16-bit pair) is left out: Nsight Compute documents fast FP32->FP16 conversion on the integer
+ALU since Ampere, so counting it could understate the bound. So is I2FP (sm_90's int32->fp32, which
+ptxas picks over I2F where it can): taken to run on the ALU, to be confirmed by a GPU profile.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ ISSUE_PER_SM_CYCLE = 4  # warp schedulers per SM (Volta through Hopper), one ins
 H100_SMS, H100_BOOST_GHZ, H100_DATASHEET_GBS = 132, 1.98, 3350.0
 # the transcendental/conversion unit: 16 threads per SM per cycle, i.e. half a warp-instruction
 SLOW_PIPE_PER_SM_CYCLE = 0.5
-SLOW_PIPE_OPCODES = frozenset({"MUFU", "I2F", "F2F", "F2I", "F2FP", "I2FP", "FRND"})
+SLOW_PIPE_OPCODES = frozenset({"MUFU", "I2F", "F2F", "F2I", "FRND"})
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 

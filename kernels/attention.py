@@ -154,17 +154,19 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         part_acc = torch.empty(num_tokens, num_q_heads, num_splits, head_dim, device=query.device,
                                dtype=torch.float32)
 
-    # 16-bit queries: every tile applies each token's (scale, zero) to its scores and probabilities and
-    # feeds the codes to the dot as they are (K_FOLD, V_FOLD). Dequantizing each value instead converts
-    # every code int->float and back to 16 bits on the conversion unit, at an eighth of the issue rate:
-    # Llama-3-8B K4V4 prefill on sm_90 waited 1936 cycles per tile per warp on that unit where BF16
-    # prefill issues 914 instructions; folded, it issues 1001 and converts nothing per value.
-    # fp32 queries (exact IEEE dots on CUDA cores, used for checking) keep dequantizing prefill tiles:
-    # the folded sums round differently, and the engine test compares them with the torch path at 1e-4.
+    # Decode tiles apply each token's (scale, zero) to its scores and probabilities and feed the codes
+    # to the dot as they are (K_FOLD, V_FOLD). Prefill tiles do so for planes whose codes enter a 16-bit
+    # dot exactly through a bias (4-bit codes; 8-bit codes for fp16), converting nothing per value: in
+    # fp32, each code's int->float conversion ran on the eighth-rate conversion unit, and Llama-3-8B K4V4
+    # prefill on sm_90 waited 8 x 162 = 1296 cycles per tile and warp on it where BF16 prefill issues
+    # 914 instructions; folded, it issues 1001. Other planes (8-bit codes for bf16, fp32 queries) are
+    # dequantized per value in prefill: they convert either way, and in fp32 ptxas uses I2FP, which we
+    # take to be an ALU instruction (``benchmarks/sass.py``), where a direct u8->bf16 conversion is I2F.
     # ``max_query_len`` must be exact (vLLM's is): DECODE also drops the causal mask, which one query
     # token per sequence, its last, does not need.
     decode = max_query_len <= 1
-    fold = decode or query.dtype != torch.float32
+    k_fold = (decode or code_bias(layout.k_bits, query.dtype) != 0) and layout.k_bits != 16
+    v_fold = (decode or code_bias(layout.v_bits, query.dtype) != 0) and layout.v_bits != 16
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     paged_attention_kernel[grid](
         query, out, part_acc, part_max, part_sum,
@@ -178,9 +180,9 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         BLOCK_Q=block_q, BLOCK_M=max(16, block_q * group_pad), TILE_N=tile_n,
         K_BITS=layout.k_bits, V_BITS=layout.v_bits, K_GROUP=layout.k_group, V_GROUP=layout.v_group,
         K_ROW=planes.k_row, V_ROW=planes.v_row, P_ROW=planes.p_row, V_PAR_OFFSET=2 * layout.k_groups,
-        DECODE=decode, K_FOLD=fold and layout.k_bits != 16 and layout.k_groups == 1,
+        DECODE=decode, K_FOLD=k_fold and layout.k_groups == 1,
         # (fp16: p * scale would lose its low bits in fp16's subnormal range, so V is dequantized)
-        V_FOLD=fold and layout.v_bits != 16 and layout.v_groups == 1 and query.dtype != torch.float16,
+        V_FOLD=v_fold and layout.v_groups == 1 and query.dtype != torch.float16,
         K_CODE_BIAS=code_bias(layout.k_bits, query.dtype), V_CODE_BIAS=code_bias(layout.v_bits, query.dtype),
         NUM_SPLITS=num_splits, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
         IEEE=query.dtype == torch.float32, PTX_UNPACK=_has_ptx(query.device),

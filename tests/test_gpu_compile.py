@@ -120,10 +120,10 @@ def test_channel_groups_dequantize_two_values_per_instruction(built):
 def test_int4_prefill_converts_nothing_per_value(built):
     """A prefill loop over INT4 pages must cost about what BF16 prefill costs (the goal: within 10 %).
 
-    Conversions (I2F, F2FP) run on a unit that takes an eighth of the issue rate (``sass.SLOW_PIPE_OPCODES``):
-    dequantizing each value kept Llama-3-8B's K4V4 prefill loop waiting 8 x 242 = 1936 cycles per tile on
-    it, against 914 instructions for BF16. Folded (scale, zero), the INT4 loop converts no more than BF16's
-    (probabilities to 16 bits, exp2) and issues at most 15 % more instructions on every D 128 shape.
+    int->float conversions (I2F) run on a unit that takes an eighth of the issue rate
+    (``sass.SLOW_PIPE_OPCODES``): dequantizing each value kept Llama-3-8B's K4V4 prefill loop waiting
+    8 x 162 = 1296 cycles per tile on it, against 914 instructions for BF16. Folded (scale, zero), the INT4
+    loop uses that unit no more than BF16's (exp2) and issues at most 15 % more on both D 128 shapes.
     """
     rows = {r["case"]: r for r in built if r["kernel"] == "paged_attention_kernel"}
     for shape in ("llama3-8b", "qwen2.5-7b", "mqa-d256", "smollm2-135m"):
