@@ -71,9 +71,11 @@ def test_sliding_window_and_softcap(shape):
 
 
 @pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
-@pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (8, 8)], ids=["k4v4", "k8v8"])
-def test_fp16_queries_and_output(shape, k_bits, v_bits):
-    case = make_case(**shape, dtype=torch.float16, k_bits=k_bits, v_bits=v_bits)
+@pytest.mark.parametrize("k_bits,v_bits,k_group", [(4, 4, None), (8, 8, None), (4, 4, 16)],
+                         ids=["k4v4", "k8v8", "k4v4_g16"])
+def test_fp16_queries_and_output(shape, k_bits, v_bits, k_group):
+    """fp16 values (and grouped keys) are dequantized in fp16 arithmetic from the biased codes."""
+    case = make_case(**shape, dtype=torch.float16, k_bits=k_bits, v_bits=v_bits, k_group=k_group)
     out = run_kernel(case)
     assert out.dtype == torch.float16
     assert error_ratio(out.float(), run_reference(case)) < 2e-3  # fp16 operands of tl.dot
