@@ -83,6 +83,7 @@ class Built:
     loop_instructions: int | None = None  # SASS instructions per iteration of the main loop, per warp
     kv_bytes_per_iteration: int | None = None  # attention kernels: KV bytes of one head one iteration reads
     loop_opcodes: dict | None = None  # the main loop's instructions by opcode (no modifiers)
+    loop_spills: int = 0  # spilled-register loads/stores inside loops (spills elsewhere cost once)
 
     @property
     def instructions_per_kv_byte(self) -> float | None:
@@ -200,14 +201,16 @@ def build_case(case: Case, arch: int = 90) -> list[Built]:
                               f"{type(exc).__name__}: {str(exc)[-2000:]}"))
             continue
         regs, local = _resource_usage(compiled.asm["cubin"])
-        loop = sass.main_loop(sass.parse(sass.disassemble(compiled.asm["cubin"])))
+        code = sass.parse(sass.disassemble(compiled.asm["cubin"]))
+        loop = sass.main_loop(code)
         tile_bytes = None
         if "TILE_N" in kwargs:  # the attention kernel: one iteration reads TILE_N slots of one KV head
             shape = SHAPES[case.shape]
             tile_bytes = kwargs["TILE_N"] * make_layout(shape, case.policy, DTYPES[case.dtype].itemsize).slot_bytes
         rows.append(Built(case.name, kernel.__name__, options.num_warps, options.num_stages, regs, local,
                           compiled.metadata.shared, loop_instructions=len(loop) or None,
-                          kv_bytes_per_iteration=tile_bytes, loop_opcodes=dict(sass.census(loop))))
+                          kv_bytes_per_iteration=tile_bytes, loop_opcodes=dict(sass.census(loop)),
+                          loop_spills=sass.spills_in_loops(code)))
     return rows
 
 
@@ -250,7 +253,8 @@ def table(rows: list[Built]) -> str:
         per_byte, bound = r.instructions_per_kv_byte, r.bound_gbs()
         slow = r.slow_pipe_instructions
         lines.append(f"| {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.registers} | "
-                     f"{r.spill_bytes} | {r.shared_bytes} | {r.loop_instructions or ''} | "
+                     f"{r.spill_bytes}{' (in a loop)' if r.loop_spills else ''} | {r.shared_bytes} | "
+                     f"{r.loop_instructions or ''} | "
                      f"{slow if slow is not None else ''} | {f'{per_byte:.3f}' if per_byte else ''} | "
                      f"{f'{bound / 1000:.2f} TB/s' if bound else ''} |")
     return "\n".join(lines)
@@ -277,7 +281,8 @@ def main(argv=None) -> int:
           f"busy at {sass.H100_BOOST_GHZ} GHz (an upper bound, not a timing; H100 HBM3: "
           f"{sass.H100_DATASHEET_GBS / 1000:.2f} TB/s). "
           f"{sum(not r.error for r in rows)} kernels built, {sum(bool(r.error) for r in rows)} failed, "
-          f"{sum(bool(r.spill_bytes) for r in rows)} spill.\n")
+          f"{sum(bool(r.spill_bytes) for r in rows)} spill "
+          f"({sum(bool(r.loop_spills) for r in rows)} with spill loads or stores inside a loop).\n")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in rows], indent=1))

@@ -69,20 +69,37 @@ def parse(sass: str) -> list[Instruction]:
     return [Instruction(int(m.group(1), 16), m.group(2), m.group(3).strip()) for m in _LINE.finditer(sass)]
 
 
-def main_loop(code: list[Instruction]) -> list[Instruction]:
-    """The body of the longest loop: from the target of a backward branch to the branch itself.
-
-    Triton does not unroll ``for`` loops, so one pass over this body is one iteration (one KV tile).
-    Empty when the kernel has no loop.
-    """
-    best: list[Instruction] = []
+def loops(code: list[Instruction]) -> list[list[Instruction]]:
+    """The body of every loop: from the target of a backward branch to the branch itself."""
+    bodies = []
     for end, ins in enumerate(code):
         target = re.match(r"(?:`\(.*?\)\s*)?0x([0-9a-f]+)", ins.operands) if ins.base == "BRA" else None
         if target and int(target.group(1), 16) < ins.address:
-            body = [i for i in code[:end + 1] if i.address >= int(target.group(1), 16)]
-            if len(body) > len(best):
-                best = body
-    return best
+            bodies.append([i for i in code[:end + 1] if i.address >= int(target.group(1), 16)])
+    return bodies
+
+
+MMA_OPCODES = frozenset({"HMMA", "HGMMA", "IMMA", "DMMA"})
+
+
+def main_loop(code: list[Instruction]) -> list[Instruction]:
+    """The loop a kernel spends its time in: one pass is one iteration (one KV tile).
+
+    Triton does not unroll ``for`` loops. The attention kernel has two loops over KV tiles with tensor-core
+    instructions, in source order: tiles every row sees in full (no mask; all but a few tiles of a long
+    context), then the masked rest; this is the first. A kernel without tensor-core loops: its longest
+    loop. Empty when the kernel has no loop.
+    """
+    bodies = loops(code)
+    with_mma = [b for b in bodies if any(i.base in MMA_OPCODES for i in b)]
+    if with_mma:
+        return min(with_mma, key=lambda body: body[0].address)
+    return max(bodies, key=len, default=[])
+
+
+def spills_in_loops(code: list[Instruction]) -> int:
+    """Local-memory loads and stores (spilled registers) inside any loop: those cost every iteration."""
+    return sum(i.base in ("LDL", "STL") for body in loops(code) for i in body)
 
 
 def census(code: list[Instruction]) -> Counter:

@@ -154,19 +154,15 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         part_acc = torch.empty(num_tokens, num_q_heads, num_splits, head_dim, device=query.device,
                                dtype=torch.float32)
 
-    # Decode tiles apply each token's (scale, zero) to its scores and probabilities and feed the codes
-    # to the dot as they are (K_FOLD, V_FOLD). Prefill tiles do so for planes whose codes enter a 16-bit
-    # dot exactly through a bias (4-bit codes; 8-bit codes for fp16), converting nothing per value: in
-    # fp32, each code's int->float conversion ran on the eighth-rate conversion unit, and Llama-3-8B K4V4
-    # prefill on sm_90 waited 8 x 162 = 1296 cycles per tile and warp on it where BF16 prefill issues
-    # 914 instructions; folded, it issues 1001. Other planes (8-bit codes for bf16, fp32 queries) are
-    # dequantized per value in prefill: they convert either way, and in fp32 ptxas uses I2FP, which we
-    # take to be an ALU instruction (``benchmarks/sass.py``), where a direct u8->bf16 conversion is I2F.
+    # Decode tiles (16 rows) apply each token's (scale, zero) to its scores and probabilities and feed
+    # the codes to the dot as they are (K_FOLD, V_FOLD): per token, not per channel. Prefill tiles (64
+    # rows) have 4x the scores to fix, so they dequantize each value instead, in the dot's 16-bit dtype
+    # from the biased codes, two per HFMA2. (SASS per tile and warp on sm_90, Llama-3-8B K4V4, the
+    # unmasked loop: folded prefill 839 instructions, per value 738, BF16 pages 748. In fp32, as at
+    # first, each code's int->float conversion ran on the eighth-rate conversion unit: 1296 cycles.)
     # ``max_query_len`` must be exact (vLLM's is): DECODE also drops the causal mask, which one query
     # token per sequence, its last, does not need.
     decode = max_query_len <= 1
-    k_fold = (decode or code_bias(layout.k_bits, query.dtype) != 0) and layout.k_bits != 16
-    v_fold = (decode or code_bias(layout.v_bits, query.dtype) != 0) and layout.v_bits != 16
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     paged_attention_kernel[grid](
         query, out, part_acc, part_max, part_sum,
@@ -180,9 +176,9 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         BLOCK_Q=block_q, BLOCK_M=max(16, block_q * group_pad), TILE_N=tile_n,
         K_BITS=layout.k_bits, V_BITS=layout.v_bits, K_GROUP=layout.k_group, V_GROUP=layout.v_group,
         K_ROW=planes.k_row, V_ROW=planes.v_row, P_ROW=planes.p_row, V_PAR_OFFSET=2 * layout.k_groups,
-        DECODE=decode, K_FOLD=k_fold and layout.k_groups == 1,
+        DECODE=decode, K_FOLD=decode and layout.k_bits != 16 and layout.k_groups == 1,
         # (fp16: p * scale would lose its low bits in fp16's subnormal range, so V is dequantized)
-        V_FOLD=v_fold and layout.v_groups == 1 and query.dtype != torch.float16,
+        V_FOLD=decode and layout.v_bits != 16 and layout.v_groups == 1 and query.dtype != torch.float16,
         K_CODE_BIAS=code_bias(layout.k_bits, query.dtype), V_CODE_BIAS=code_bias(layout.v_bits, query.dtype),
         NUM_SPLITS=num_splits, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
         IEEE=query.dtype == torch.float32, PTX_UNPACK=_has_ptx(query.device),

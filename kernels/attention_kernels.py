@@ -9,13 +9,14 @@ slice of the context and writes (max, sum, acc) partials that ``_reduce_splits_k
 Channels travel as even/odd halves (the two nibbles of an INT4 byte), so no interleave is ever needed:
 ``q.k = q_even.k_even + q_odd.k_odd`` and the output's even/odd channels are accumulated separately.
 
-With one (scale, zero) per token (launcher's K_FOLD/V_FOLD: 16-bit queries, and every decode) tiles
-feed the stored codes to ``tl.dot`` and apply each token's (scale, zero) to its scores,
-``scale * q.code + zero * sum(q)``, and to its probabilities, ``(p * scale).code + p.zero``: per token
-instead of per channel. That, and codes turned into floats with integer ops (``_code_values``; on NVIDIA
-GPUs inline PTX, ``_nibble_values``) rather than int->float conversions, which run at an eighth of the
-issue rate, is what lets a decode loop over 4-bit pages issue few enough instructions per byte to keep up
-with memory, and a prefill loop cost about what BF16's does (``benchmarks/sass.py`` counts both).
+Decode tiles (launcher's K_FOLD/V_FOLD) feed the stored codes to ``tl.dot`` and apply each token's
+(scale, zero) to its scores, ``scale * q.code + zero * sum(q)``, and to its probabilities,
+``(p * scale).code + p.zero``: per token instead of per channel. Prefill tiles, with 4x the rows, instead
+dequantize each value in the dot's 16-bit dtype, two per instruction. Both turn codes into floats with
+integer ops (``_code_values``; on NVIDIA GPUs inline PTX, ``_nibble_values``), not int->float conversions,
+which run at an eighth of the issue rate. That is what lets a decode loop over 4-bit pages issue few
+enough instructions per byte to keep up with memory, and a prefill loop cost what BF16's does
+(``benchmarks/sass.py`` counts both).
 """
 from __future__ import annotations
 
@@ -124,8 +125,8 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
     16-bit planes: the stored values (scale 1, zero 0). ``FOLD`` (one (scale, zero) per row):
     ``codes + CODE_BIAS`` and the row's scale and ``zero - CODE_BIAS * scale`` (the same values,
     ``scale * code + zero``), which the caller applies once per score or probability instead of once per
-    channel. Otherwise (channel groups, fp16 values, fp32 prefill tiles) the values, dequantized here:
-    for a 16-bit dot in its dtype from the biased codes (HFMA2, two values per instruction), else in fp32.
+    channel. Otherwise (prefill tiles, channel groups, fp16 values) the values, dequantized here: for a
+    16-bit dot in its dtype from the biased codes (HFMA2, two values per instruction), else in fp32.
     """
     offs_j = tl.arange(0, HEAD_DIM // 2)
     mask = valid[:, None]
@@ -190,6 +191,75 @@ def _find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q: tl.constexpr)
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos,
+                 kv_lo, kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr,
+                 k_block_stride, v_block_stride, p_block_stride, sm_scale, softcap, sliding_window,
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                 K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+                 K_ROW: tl.constexpr, V_ROW: tl.constexpr, P_ROW: tl.constexpr, V_PAR_OFFSET: tl.constexpr,
+                 DECODE: tl.constexpr, K_FOLD: tl.constexpr, V_FOLD: tl.constexpr,
+                 K_CODE_BIAS: tl.constexpr, V_CODE_BIAS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, IEEE: tl.constexpr, PTX_UNPACK: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """One KV tile into the online softmax: the updated (max, sum, even/odd accumulators, zero sum).
+
+    ``MASKED``: apply the causal, window and bounds mask to the scores; tiles every row sees in full
+    skip it (per score, a compare and a select: ~10 % of a prefill loop on sm_90).
+    """
+    dot_dtype = q_even.dtype
+    offs_n = tile * TILE_N + tl.arange(0, TILE_N)  # logical KV positions
+    n_valid = (offs_n < kv_hi) & (offs_n >= kv_lo)
+    # Unsigned index math: // and % by BLOCK_SIZE become a shift and a mask, and block numbers
+    # widen to 64 bits for free (signed: ~4 more instructions per token per use on sm_90).
+    pos = offs_n.to(tl.uint32)
+    block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=n_valid, other=0)
+    block = block.to(tl.uint32).to(tl.uint64)
+    slot = pos % BLOCK_SIZE
+    par_rows = p_head_ptr + block * p_block_stride + slot * P_ROW
+    k_even, k_odd, k_scale, k_zero = _load_tile(k_head_ptr + block * k_block_stride + slot * K_ROW,
+                                                 par_rows, n_valid, K_BITS, K_GROUP, HEAD_DIM, K_FOLD,
+                                                 K_CODE_BIAS, dot_dtype, PTX_UNPACK)
+    # [BLOCK_M, D/2] @ [D/2, TILE_N] -> [BLOCK_M, TILE_N], twice (even and odd channels)
+    scores = _dot(q_even, tl.trans(k_even), IEEE)
+    scores += _dot(q_odd, tl.trans(k_odd), IEEE)
+    if K_FOLD:  # q.(scale * code + zero) = scale * q.code + zero * sum(q)
+        scores = scores * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+    # (Natural units, scaled after the sum, as the reference and the torch path: folding sm_scale *
+    # log2(e) into the K scales saved 2 % of the decode loop and moved an engine test's logprobs by
+    # 6e-4 in fp32.)
+    scores *= sm_scale
+    if USE_SOFTCAP:  # softcap * tanh(s / softcap), with tanh from exp (no libdevice needed)
+        scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+    if MASKED:
+        if DECODE:
+            # A decode row's token is its sequence's last, so it sees every valid position. Rows that
+            # hold no query token (padding) see finite values and are never stored.
+            visible = n_valid[None, :]
+        else:
+            visible = row_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible &= offs_n[None, :] > q_pos[:, None] - sliding_window
+        scores = tl.where(visible, scores, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+    p = tl.exp2((scores - m_safe[:, None]) * LOG2E)
+    alpha = tl.exp2((m_i - m_safe) * LOG2E)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_even, v_odd, v_scale, v_zero = _load_tile(v_head_ptr + block * v_block_stride + slot * V_ROW,
+                                                 par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP,
+                                                 HEAD_DIM, V_FOLD, V_CODE_BIAS, dot_dtype, PTX_UNPACK)
+    if V_FOLD:  # sum p * (scale * code + zero) = (p * scale).code + p.zero
+        acc_zero = acc_zero * alpha + tl.sum(p * v_zero[None, :], axis=1)
+        p *= v_scale[None, :]
+    p = p.to(dot_dtype)
+    # [BLOCK_M, TILE_N] @ [TILE_N, D/2] -> [BLOCK_M, D/2]
+    acc_even = acc_even * alpha[:, None] + _dot(p, v_even, IEEE)
+    acc_odd = acc_odd * alpha[:, None] + _dot(p, v_odd, IEEE)
+    return m_new, l_i, acc_even, acc_odd, acc_zero
 
 
 @triton.jit
@@ -258,56 +328,27 @@ def paged_attention_kernel(
     k_block_stride = stride_k_block.to(tl.uint32).to(tl.uint64)
     v_block_stride = stride_v_block.to(tl.uint32).to(tl.uint64)
     p_block_stride = stride_p_block.to(tl.uint32).to(tl.uint64)
-    for tile in range(tile_begin, tile_end):
-        offs_n = tile * TILE_N + tl.arange(0, TILE_N)  # logical KV positions
-        n_valid = (offs_n < kv_hi) & (offs_n >= kv_lo)
-        # Unsigned index math: // and % by BLOCK_SIZE become a shift and a mask, and block numbers
-        # widen to 64 bits for free (signed: ~4 more instructions per token per use on sm_90).
-        pos = offs_n.to(tl.uint32)
-        block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=n_valid, other=0)
-        block = block.to(tl.uint32).to(tl.uint64)
-        slot = pos % BLOCK_SIZE
-        par_rows = p_head_ptr + block * p_block_stride + slot * P_ROW
-        k_even, k_odd, k_scale, k_zero = _load_tile(k_head_ptr + block * k_block_stride + slot * K_ROW,
-                                                     par_rows, n_valid, K_BITS, K_GROUP, HEAD_DIM, K_FOLD,
-                                                     K_CODE_BIAS, dot_dtype, PTX_UNPACK)
-        # [BLOCK_M, D/2] @ [D/2, TILE_N] -> [BLOCK_M, TILE_N], twice (even and odd channels)
-        scores = _dot(q_even, tl.trans(k_even), IEEE)
-        scores += _dot(q_odd, tl.trans(k_odd), IEEE)
-        if K_FOLD:  # q.(scale * code + zero) = scale * q.code + zero * sum(q)
-            scores = scores * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
-        # (Natural units, scaled after the sum, as the reference and the torch path: folding sm_scale *
-        # log2(e) into the K scales saved 2 % of the decode loop and moved an engine test's logprobs by
-        # 6e-4 in fp32.)
-        scores *= sm_scale
-        if USE_SOFTCAP:  # softcap * tanh(s / softcap), with tanh from exp (no libdevice needed)
-            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
-        if DECODE:
-            # A decode row's token is its sequence's last, so it sees every valid position. Rows that
-            # hold no query token (padding) see finite values and are never stored.
-            visible = n_valid[None, :]
-        else:
-            visible = row_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            visible &= offs_n[None, :] > q_pos[:, None] - sliding_window
-        scores = tl.where(visible, scores, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        p = tl.exp2((scores - m_safe[:, None]) * LOG2E)
-        alpha = tl.exp2((m_i - m_safe) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_even, v_odd, v_scale, v_zero = _load_tile(v_head_ptr + block * v_block_stride + slot * V_ROW,
-                                                     par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP,
-                                                     HEAD_DIM, V_FOLD, V_CODE_BIAS, dot_dtype, PTX_UNPACK)
-        if V_FOLD:  # sum p * (scale * code + zero) = (p * scale).code + p.zero
-            acc_zero = acc_zero * alpha + tl.sum(p * v_zero[None, :], axis=1)
-            p *= v_scale[None, :]
-        p = p.to(dot_dtype)
-        # [BLOCK_M, TILE_N] @ [TILE_N, D/2] -> [BLOCK_M, D/2]
-        acc_even = acc_even * alpha[:, None] + _dot(p, v_even, IEEE)
-        acc_odd = acc_odd * alpha[:, None] + _dot(p, v_odd, IEEE)
-        m_i = m_new
+    # Tiles wholly at or before the first row's position (and inside any window) are seen in full by
+    # every row: a first loop runs them without the mask, a second the rest (the diagonal, the last
+    # partial tile, window edges).
+    full_tiles = (context_len + first_q + 1) // TILE_N
+    if USE_WINDOW:
+        full_tiles = 0
+    unmasked_end = tl.minimum(tl.maximum(full_tiles, tile_begin), tile_end)
+    for tile in range(tile_begin, unmasked_end):
+        m_i, l_i, acc_even, acc_odd, acc_zero = _attend_tile(
+            tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos, kv_lo, kv_hi,
+            block_table_row, k_head_ptr, v_head_ptr, p_head_ptr, k_block_stride, v_block_stride,
+            p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, BLOCK_SIZE, TILE_N, K_BITS, V_BITS,
+            K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW, V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD, K_CODE_BIAS,
+            V_CODE_BIAS, USE_SOFTCAP, USE_WINDOW, IEEE, PTX_UNPACK, False)
+    for tile in range(unmasked_end, tile_end):
+        m_i, l_i, acc_even, acc_odd, acc_zero = _attend_tile(
+            tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos, kv_lo, kv_hi,
+            block_table_row, k_head_ptr, v_head_ptr, p_head_ptr, k_block_stride, v_block_stride,
+            p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, BLOCK_SIZE, TILE_N, K_BITS, V_BITS,
+            K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW, V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD, K_CODE_BIAS,
+            V_CODE_BIAS, USE_SOFTCAP, USE_WINDOW, IEEE, PTX_UNPACK, True)
 
     tok = (q_start + q_tok).to(tl.int64)
     acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_DIM))  # interleave channels back

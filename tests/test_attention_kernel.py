@@ -60,6 +60,16 @@ def test_split_kv_equals_unsplit(shape, num_splits):
     assert error_ratio(split, unsplit) < 1e-6
 
 
+def test_long_prefill_skips_the_mask_only_where_every_row_sees_the_tile():
+    """Tiles at or before a query tile's first position run unmasked (``_attend_tile``, MASKED=False);
+    several query tiles, a chunk after cached context, splits and a window cross that boundary."""
+    case = make_case(seq_lens=[300, 200, 130], q_lens=[150, 200, 1], num_kv_heads=1, group=2)
+    reference = run_reference(case)
+    assert error_ratio(run_kernel(case), reference) < 1e-6
+    assert error_ratio(run_kernel(case, num_splits=4), reference) < 1e-6
+    assert error_ratio(run_kernel(case, sliding_window=70), run_reference(case, sliding_window=70)) < 1e-6
+
+
 @pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
 def test_sliding_window_and_softcap(shape):
     case = make_case(**shape)
