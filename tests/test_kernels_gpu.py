@@ -19,6 +19,8 @@ pytestmark = pytest.mark.gpu
 
 MIXED = dict(seq_lens=[37, 50, 19, 700], q_lens=[1, 13, 19, 3])  # decode, prefill, chunked prefill
 LONG_DECODE = dict(seq_lens=[3000, 1500], q_lens=[1, 1])  # few programs: the launcher splits the context
+# many 64-row query tiles, each with tiles it sees in full (unmasked loop) and a diagonal (masked loop)
+LONG_PREFILL = dict(seq_lens=[900, 640], q_lens=[500, 640])
 POLICIES = {"k4v4": (4, 4, None), "k8v4": (8, 4, None), "k16v4": (16, 4, None), "k8v8": (8, 8, None),
             "k16v16": (16, 16, None), "k4v4-g32": (4, 4, 32)}
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}  # vs the fp32 reference
@@ -57,6 +59,15 @@ def test_shapes_and_split_decode(head_dim, num_kv_heads, group):
         case = _on_gpu(make_case(**shape, head_dim=head_dim, num_kv_heads=num_kv_heads, group=group,
                                  dtype=torch.bfloat16))
         assert _check(case) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("policy", ["k4v4", "k8v4", "k16v16", "k4v4-g32"])
+def test_long_prefill(policy):
+    k_bits, v_bits, k_group = POLICIES[policy]
+    case = _on_gpu(make_case(**LONG_PREFILL, head_dim=128, k_bits=k_bits, v_bits=v_bits, k_group=k_group,
+                             dtype=torch.bfloat16))
+    assert _check(case) < TOLERANCE[torch.bfloat16]
+    assert _check(case, sliding_window=100) < TOLERANCE[torch.bfloat16]
 
 
 def test_softcap_sliding_window_warps_and_stages():
