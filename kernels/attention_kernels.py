@@ -330,25 +330,21 @@ def paged_attention_kernel(
     p_block_stride = stride_p_block.to(tl.uint32).to(tl.uint64)
     # Tiles wholly at or before the first row's position (and inside any window) are seen in full by
     # every row: a first loop runs them without the mask, a second the rest (the diagonal, the last
-    # partial tile, window edges).
+    # partial tile, window edges). static_range makes the two loops, each with its own MASKED constant.
     full_tiles = (context_len + first_q + 1) // TILE_N
     if USE_WINDOW:
         full_tiles = 0
     unmasked_end = tl.minimum(tl.maximum(full_tiles, tile_begin), tile_end)
-    for tile in range(tile_begin, unmasked_end):
-        m_i, l_i, acc_even, acc_odd, acc_zero = _attend_tile(
-            tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos, kv_lo, kv_hi,
-            block_table_row, k_head_ptr, v_head_ptr, p_head_ptr, k_block_stride, v_block_stride,
-            p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, BLOCK_SIZE, TILE_N, K_BITS, V_BITS,
-            K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW, V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD, K_CODE_BIAS,
-            V_CODE_BIAS, USE_SOFTCAP, USE_WINDOW, IEEE, PTX_UNPACK, False)
-    for tile in range(unmasked_end, tile_end):
-        m_i, l_i, acc_even, acc_odd, acc_zero = _attend_tile(
-            tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos, kv_lo, kv_hi,
-            block_table_row, k_head_ptr, v_head_ptr, p_head_ptr, k_block_stride, v_block_stride,
-            p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, BLOCK_SIZE, TILE_N, K_BITS, V_BITS,
-            K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW, V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD, K_CODE_BIAS,
-            V_CODE_BIAS, USE_SOFTCAP, USE_WINDOW, IEEE, PTX_UNPACK, True)
+    for masked in tl.static_range(2):
+        loop_begin = tile_begin if masked == 0 else unmasked_end
+        loop_end = unmasked_end if masked == 0 else tile_end
+        for tile in range(loop_begin, loop_end):
+            m_i, l_i, acc_even, acc_odd, acc_zero = _attend_tile(
+                tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos, kv_lo,
+                kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr, k_block_stride, v_block_stride,
+                p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, BLOCK_SIZE, TILE_N, K_BITS,
+                V_BITS, K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW, V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD,
+                K_CODE_BIAS, V_CODE_BIAS, USE_SOFTCAP, USE_WINDOW, IEEE, PTX_UNPACK, masked == 1)
 
     tok = (q_start + q_tok).to(tl.int64)
     acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_DIM))  # interleave channels back
