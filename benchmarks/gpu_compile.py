@@ -104,7 +104,8 @@ class Built:
         per_byte = self.instructions_per_kv_byte
         if per_byte is None:
             return None
-        return sass.bound_gbs(per_byte, self.slow_pipe_instructions * self.num_warps / self.kv_bytes_per_iteration)
+        slow_per_byte = self.slow_pipe_instructions * self.num_warps / self.kv_bytes_per_iteration
+        return sass.bound_gbs(per_byte, slow_per_byte)
 
     def as_dict(self) -> dict:
         """The fields and the derived figures, for JSON."""
@@ -206,7 +207,8 @@ def build_case(case: Case, arch: int = 90) -> list[Built]:
         tile_bytes = None
         if "TILE_N" in kwargs:  # the attention kernel: one iteration reads TILE_N slots of one KV head
             shape = SHAPES[case.shape]
-            tile_bytes = kwargs["TILE_N"] * make_layout(shape, case.policy, DTYPES[case.dtype].itemsize).slot_bytes
+            layout = make_layout(shape, case.policy, DTYPES[case.dtype].itemsize)
+            tile_bytes = kwargs["TILE_N"] * layout.slot_bytes
         rows.append(Built(case.name, kernel.__name__, options.num_warps, options.num_stages, regs, local,
                           compiled.metadata.shared, loop_instructions=len(loop) or None,
                           kv_bytes_per_iteration=tile_bytes, loop_opcodes=dict(sass.census(loop)),

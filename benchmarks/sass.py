@@ -10,10 +10,11 @@ not a timing: latency, occupancy and the memory system can only lower it.
 A second bound: int<->float conversions (I2F, F2I, F2F) and MUFU (exp2) run on a unit that takes 16
 threads per SM per cycle on sm_80/sm_90 (CUDA C++ Programming Guide, arithmetic throughput table), an
 eighth of the issue rate: a loop that converts every dequantized value waits on that unit long before it
-runs out of issue slots. ``SLOW_PIPE_OPCODES`` names them; a kernel's bound is the lower of the two. F2FP (two
-fp32 -> a 16-bit pair) is left out: Nsight Compute documents fast FP32->FP16 conversion on the integer
-ALU since Ampere, so counting it could understate the bound. So is I2FP (sm_90's int32->fp32, which
-ptxas picks over I2F where it can): taken to run on the ALU, to be confirmed by a GPU profile.
+runs out of issue slots. ``SLOW_PIPE_OPCODES`` names them; a kernel's bound is the lower of the two.
+F2FP (two fp32 -> a 16-bit pair) is left out: Nsight Compute documents fast FP32->FP16 conversion on
+the integer ALU since Ampere, so counting it could understate the bound. So is I2FP (sm_90's
+int32->fp32, which ptxas picks over I2F where it can): taken to run on the ALU, to be confirmed by a GPU
+profile.
 """
 from __future__ import annotations
 

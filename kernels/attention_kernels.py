@@ -300,7 +300,6 @@ def paged_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = q_ptr + (q_start + q_tok).to(tl.int64)[:, None] * stride_q_t + q_head[:, None] * stride_q_h
     q_even, q_odd = _split_channels(tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None], other=0))
-    dot_dtype = q_even.dtype
 
     # KV positions this tile needs: [kv_lo, kv_hi); this split takes an equal share of the tiles.
     kv_hi = context_len + tl.minimum(first_q + BLOCK_Q, q_len)
