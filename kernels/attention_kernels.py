@@ -99,7 +99,8 @@ def _nibble_values(packed, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX
 
 @triton.jit
 def _channel_params(par_ptrs, mask, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Each even (= each odd) channel's (scale, zero) ``[TILE_N, HEAD_DIM // 2]`` in ``DOT_DTYPE``.
+    """Each even (= each odd) channel's (scale, zero) ``[TILE_N, HEAD_DIM // 2]`` in ``DOT_DTYPE`` (the
+    dot's 16-bit dtype, or fp32 where values are dequantized in fp32).
 
     One contiguous load of a token's (scale, zero) pairs, converted per group, then broadcast over the
     group's channels (2j and 2j+1 share group 2j // GROUP): per-channel loads converted per channel took
@@ -141,39 +142,29 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
     row_zero = tl.zeros(valid.shape, tl.float32)
     if BITS == 16:
         pass
-    elif FOLD:
-        if HEAD_DIM <= 128:
-            # (scale, zero) as one 4-byte load per token: Triton pipelines it with the tile's async
-            # copies, where two 2-byte loads are plain loads the loop waits for (sm_90 SASS; at D 256 the
-            # extra registers spill, so it keeps the two loads)
-            pair = tl.load(par_ptrs[:, None] + tl.arange(0, 2)[None, :], mask=valid[:, None], other=0)
-            row_scale, row_zero = tl.split(pair.to(tl.float32))
-        else:
-            row_scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)
-            row_zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32)
-        row_zero -= CODE_BIAS * row_scale
+    elif FOLD or CODE_BIAS != 0:  # codes + CODE_BIAS (or the codes, converted) in the dot's dtype
+        if FOLD:
+            if HEAD_DIM <= 128:
+                # (scale, zero) as one 4-byte load per token: Triton pipelines it with the tile's async
+                # copies, where two 2-byte loads are plain loads the loop waits for (sm_90 SASS; at D 256
+                # the extra registers spill, so it keeps the two loads)
+                pair = tl.load(par_ptrs[:, None] + tl.arange(0, 2)[None, :], mask=mask, other=0)
+                row_scale, row_zero = tl.split(pair.to(tl.float32))
+            else:
+                row_scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)
+                row_zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32)
+            row_zero -= CODE_BIAS * row_scale
         if BITS == 4:  # values straight from the bytes
             even, odd = _nibble_values(packed, CODE_BIAS, DOT_DTYPE, PTX)
         else:
             even = _code_values(even, CODE_BIAS, DOT_DTYPE)
             odd = _code_values(odd, CODE_BIAS, DOT_DTYPE)
-    elif CODE_BIAS != 0:  # a 16-bit dot: dequantize in its dtype, two values per instruction
-        if BITS == 4:
-            even, odd = _nibble_values(packed, CODE_BIAS, DOT_DTYPE, PTX)
-        else:
-            even = _code_values(even, CODE_BIAS, DOT_DTYPE)
-            odd = _code_values(odd, CODE_BIAS, DOT_DTYPE)
-        scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, DOT_DTYPE)
-        even = (even - CODE_BIAS) * scale + zero  # (the subtraction is exact: bias and code are)
-        odd = (odd - CODE_BIAS) * scale + zero
-    else:  # fp32 queries, and 8-bit codes for bf16 (no bias holds them): int->float, fp32 math
-        if GROUP == HEAD_DIM:  # one (scale, zero) per row: load it once and broadcast
-            scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)[:, None]
-            zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32)[:, None]
-        else:  # channels 2j and 2j+1 share group 2j // GROUP
-            group_ptrs = par_ptrs[:, None] + 2 * ((2 * offs_j[None, :]) // GROUP)
-            scale = tl.load(group_ptrs, mask=mask, other=0).to(tl.float32)
-            zero = tl.load(group_ptrs + 1, mask=mask, other=0).to(tl.float32)
+        if not FOLD:  # a 16-bit dot: dequantize in its dtype, two values per instruction
+            scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, DOT_DTYPE)
+            even = (even - CODE_BIAS) * scale + zero  # (the subtraction is exact: bias and code are)
+            odd = (odd - CODE_BIAS) * scale + zero
+    else:  # prefill with fp32 queries or bf16 8-bit codes (no bias holds them): int->float, fp32 math
+        scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, tl.float32)
         even = (even.to(tl.float32) * scale + zero).to(DOT_DTYPE)
         odd = (odd.to(tl.float32) * scale + zero).to(DOT_DTYPE)
     return even, odd, row_scale, row_zero
