@@ -198,6 +198,8 @@ def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
         op, dest, *src = words
         if op == "and.b32":
             regs[dest] = value(src[0]) & value(src[1])
+        elif op == "mov.b32":
+            regs[dest] = value(src[0])
         elif op == "shr.u32":
             regs[dest] = value(src[0]) >> value(src[1])
         elif op == "prmt.b32":
@@ -235,3 +237,23 @@ def test_ptx_nibble_unpack_gives_bias_plus_code(dtype):
         high = torch.tensor([b >> 4 for b in packed], dtype=torch.float64)
         assert torch.equal(lanes[:4], bias + low), (packed, lanes)
         assert torch.equal(lanes[4:], bias + high), (packed, lanes)
+
+
+def test_ptx_copy_changes_no_bit():
+    """``_once_per_program``'s asm (GPU only) must return its two 16-bit values exactly as they came."""
+    from vllm_int4kv.kernels import attention_kernels as ak
+
+    for word in (0, 0x43004F0F, 0xFFFF8000, 0x12345678):
+        assert _run_ptx(ak.COPY_PTX.value, {"$1": word})["$0"] == word
+
+
+def test_tiles_are_shared_through_shared_memory_only_where_it_pays(monkeypatch):
+    """On NVIDIA GPUs quantized tiles always go to the dot through shared memory, 16-bit planes only in
+    prefill (decode loads them into the dot as they are); never for fp32 queries, or on CPU."""
+    bf16 = torch.empty(1, dtype=torch.bfloat16)
+    assert not attention.share_tiles(4, True, bf16)  # CPU: the interpreter runs no PTX
+    monkeypatch.setattr(attention, "_is_gpu", lambda device: True)
+    assert attention.share_tiles(4, True, bf16) and attention.share_tiles(8, False, bf16)
+    assert attention.share_tiles(16, False, bf16) and not attention.share_tiles(16, True, bf16)
+    assert attention.share_tiles(4, True, torch.empty(1, dtype=torch.float16))
+    assert not attention.share_tiles(4, False, torch.empty(1, dtype=torch.float32))
