@@ -95,7 +95,8 @@ def _layer_step(r):
 
 
 def _options(x) -> list[str]:
-    return [" ".join(f"{k}:{v:.1f}" for k, v in x.get(key, {}).items()) for key in ("warps_us", "stages_us")]
+    return [" ".join(f"{k}:{v:.1f}" for k, v in x.get(key, {}).items())
+            for key in ("warps_us", "stages_us", "tiles_us")]
 
 
 def _tune(r):
@@ -105,16 +106,19 @@ def _tune(r):
              _f(x["heuristic_over_best"], "{:.2f}"),
              " ".join(f"{k}:{v:.1f}" for k, v in x["times_us"].items()), *_options(x)] for x in r["tune_splits"]]
     worst = max((x["heuristic_over_best"] for x in r["tune_splits"]), default=float("nan"))
-    text = ("## Split-count, warp and stage tuning (choose_num_splits vs best measured; the launcher uses "
-            "4 warps and Triton's default stages)\n\nWorst heuristic/best time "
+    text = ("## Split-count, warp, stage and tile-route tuning (choose_num_splits vs best measured; the "
+            "launcher uses 4 warps, Triton's default stages, and passes converted KV tiles to the dot "
+            "through shared memory: `shared`; `per-warp`: in the dot's layout)\n\nWorst heuristic/best time "
             f"ratio: {worst:.2f}\n\n" + _table(["shape", "policy", "batch", "context", "heuristic", "best",
                                                 "heur/best", "µs by splits", "µs by warps (best splits)",
-                                                "µs by stages (best splits, 4 warps)"], rows))
+                                                "µs by stages (best splits, 4 warps)",
+                                                "µs by tile route (best splits)"], rows))
     if r.get("tune_prefill"):
         rows = [[x["kind"], x["shape"], x["policy"], x["num_seqs"], x["new_tokens"], x["context"], *_options(x)]
                 for x in r["tune_prefill"]]
         text += ("\nPrefill:\n\n" + _table(["kind", "shape", "policy", "seqs", "new tokens", "context",
-                                                "µs by warps", "µs by stages (4 warps)"], rows))
+                                                "µs by warps", "µs by stages (4 warps)",
+                                                "µs by tile route"], rows))
     return text
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from vllm_int4kv.kernels.attention import can_share_tiles
+
 
 def split_sweep(runner, case, point: dict, heuristic: int, tile_n: int) -> dict:
     """Time every split count of the grid that the context can use (and the heuristic's); returns the
@@ -35,14 +37,18 @@ def launch_options(runner, case, what: str, point: dict, base_us: float, **launc
     """Warps (at Triton's default stages) and pipelining stages (at the launcher's 4 warps) around the
     launcher's choice, whose time ``base_us`` the caller measured.
 
-    ptxas gives the decode kernel ~140-170 registers per thread at 4 warps and the default 3 stages
+    ptxas gives the decode kernel ~110-170 registers per thread at 4 warps and the default 3 stages
     (benchmarks/compile): 2 warps issue fewer instructions per KV byte (fewer cross-warp reductions)
-    with ~230 registers, 8 warps trade registers per thread for more warps in flight, fewer stages
-    trade prefetching for registers and shared memory.
+    with ~180 registers, 8 warps trade registers per thread for more warps in flight, fewer stages
+    trade prefetching for registers and shared memory. Converted KV tiles reach the dot through shared
+    memory (``share_tiles``, fewer instructions, a round trip through shared memory) or straight in the
+    dot's layout; both are timed where the GPU can do both.
     """
-    warps, stages = {4: base_us}, {"default": base_us}
+    warps, stages, tiles = {4: base_us}, {"default": base_us}, {"launcher": base_us}
     variants = [(warps, w, "warps", {"num_warps": w}) for w in runner.grid.tune_warps]
     variants += [(stages, n, "stages", {"num_stages": n}) for n in runner.grid.tune_stages]
+    routes = (True, False) if can_share_tiles(case.queries[0]) else (False,)
+    variants += [(tiles, "shared" if r else "per-warp", "tiles", {"share_tiles": r}) for r in routes]
     for times, key, name, option in variants:
         try:  # one variant failing to compile or launch is recorded; the others still count
             times[key] = runner.bench(case.fns(**option, **launch))["median_us"]
@@ -52,7 +58,8 @@ def launch_options(runner, case, what: str, point: dict, base_us: float, **launc
         if runner.args.smoke:
             runner.check(f"{what}_{name}", {**point, **option}, case.check())
     return {"warps_us": {str(k): v for k, v in warps.items()}, "best_warps": min(warps, key=warps.get),
-            "stages_us": {str(k): v for k, v in stages.items()}, "best_stages": min(stages, key=stages.get)}
+            "stages_us": {str(k): v for k, v in stages.items()}, "best_stages": min(stages, key=stages.get),
+            "tiles_us": tiles, "best_tiles": min(tiles, key=tiles.get)}
 
 
 def prefill(runner, shape, policy: str, layout, pool) -> None:
@@ -65,5 +72,5 @@ def prefill(runner, shape, policy: str, layout, pool) -> None:
 
 
 def _options_text(options: dict) -> str:
-    return ("warps " + " ".join(f"{k}:{v:.1f}" for k, v in options["warps_us"].items())
-            + "; stages " + " ".join(f"{k}:{v:.1f}" for k, v in options["stages_us"].items()))
+    return "; ".join(name + " " + " ".join(f"{k}:{v:.1f}" for k, v in options[f"{name}_us"].items())
+                     for name in ("warps", "stages", "tiles"))

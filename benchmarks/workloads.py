@@ -94,13 +94,15 @@ class AttentionCase:
                                     device=dev, dtype=pool.dtype) for _ in range(copies)]
         self.outs = [torch.empty_like(q) for q in self.queries]
 
-    def fns(self, num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None):
+    def fns(self, num_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+            share_tiles: bool | None = None):
         splits = num_splits if num_splits is not None else self.num_splits
         for out in self.outs:  # a later check() must see what these calls wrote, not an earlier sweep's
             out.fill_(float("nan"))
         return [partial(paged_attention, q, self.pool.cache, self.pool.layout, table, self.seq_lens,
                         self.qsl, max_query_len=self.new_tokens, max_seq_len=self.seq_len, out=out,
-                        num_splits=splits, num_warps=num_warps, num_stages=num_stages)
+                        num_splits=splits, num_warps=num_warps, num_stages=num_stages,
+                        share_tiles=share_tiles)
                 for q, table, out in zip(self.queries, self.tables, self.outs)]
 
     def check(self) -> float:

@@ -78,14 +78,19 @@ def query_tokens_per_program(group_pad: int, max_query_len: int, elem_bytes: int
     return max(1, rows // group_pad)
 
 
-def share_tiles(bits: int, decode: bool, query: torch.Tensor) -> bool:
+def can_share_tiles(query: torch.Tensor) -> bool:
+    """Converted KV tiles can reach the dot through shared memory: NVIDIA GPUs (inline PTX), 16-bit dots."""
+    return _has_ptx(query.device) and query.element_size() == 2
+
+
+def shares_tiles_by_default(bits: int, decode: bool, query: torch.Tensor) -> bool:
     """Whether a plane's tiles go to the dot through shared memory, converted once per program.
 
-    NVIDIA GPUs, 16-bit dots. Quantized tiles always: their unpacking and dequantization would otherwise
-    be repeated by every warp that multiplies by them. 16-bit planes only in prefill: decode loads them
-    into the dot as they are, and a round trip costs it ~4 % (sm_90 SASS, ``_once_per_program``).
+    Quantized tiles always: read straight into the dot's layout they take narrow loads, and every warp
+    that multiplies by them converts them again. 16-bit planes only in prefill: decode loads them into
+    the dot as they are, and a round trip costs it ~4 % (sm_90 SASS, ``_once_per_program``).
     """
-    return _has_ptx(query.device) and query.element_size() == 2 and (bits != 16 or not decode)
+    return can_share_tiles(query) and (bits != 16 or not decode)
 
 
 def _check(query, block_table, seq_lens, query_start_loc, num_kv_heads, layout):
@@ -110,14 +115,16 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
                     *, max_query_len: int, max_seq_len: int, sm_scale: float | None = None,
                     sliding_window: int | None = None, softcap: float | None = None,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
-                    num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                    num_warps: int = 4, num_stages: int | None = None,
+                    share_tiles: bool | None = None) -> torch.Tensor:
     """Causal attention of ``query`` ``[T, Hq, D]`` over the paged quantized ``cache``.
 
     Sequence ``s`` owns query rows ``query_start_loc[s]:query_start_loc[s+1]``, the last tokens of its
     ``seq_lens[s]`` tokens, whose pages are ``block_table[s]``. ``max_query_len``/``max_seq_len`` are
     host integers (no device sync here). Returns ``out`` ``[T, Hq, D]`` in the query's dtype.
-    ``num_splits`` (flash-decoding), ``num_warps`` and ``num_stages`` (software pipelining depth; None
-    keeps Triton's default) override the defaults, for tuning.
+    ``num_splits`` (flash-decoding), ``num_warps``, ``num_stages`` (software pipelining depth; None
+    keeps Triton's default) and ``share_tiles`` (False: convert KV tiles in the dot's layout, see
+    ``share_tiles()``) override the defaults, for tuning.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     planes = plane_views(cache, layout, query.dtype)
@@ -154,6 +161,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
     if num_stages is not None and not 1 <= num_stages <= 8:
         raise ValueError(f"num_stages must be 1 to 8 (or None for Triton's default), got {num_stages}")
+    if share_tiles and not can_share_tiles(query):
+        raise ValueError("share_tiles=True needs an NVIDIA GPU and 16-bit queries (inline PTX)")
     # passed only when set: a launch without it compiles exactly as before
     pipelining = {} if num_stages is None else {"num_stages": num_stages}
     part_acc = part_max = part_sum = out  # unused placeholders when not split
@@ -173,6 +182,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     # ``max_query_len`` must be exact (vLLM's is): DECODE also drops the causal mask, which one query
     # token per sequence, its last, does not need.
     decode = max_query_len <= 1
+    k_share, v_share = (shares_tiles_by_default(bits, decode, query) if share_tiles is None else share_tiles
+                        for bits in (layout.k_bits, layout.v_bits))
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     paged_attention_kernel[grid](
         query, out, part_acc, part_max, part_sum,
@@ -192,7 +203,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         K_CODE_BIAS=code_bias(layout.k_bits, query.dtype), V_CODE_BIAS=code_bias(layout.v_bits, query.dtype),
         NUM_SPLITS=num_splits, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
         IEEE=query.dtype == torch.float32, PTX_UNPACK=_has_ptx(query.device),
-        K_SHARE=share_tiles(layout.k_bits, decode, query), V_SHARE=share_tiles(layout.v_bits, decode, query),
+        K_SHARE=k_share, V_SHARE=v_share,
         num_warps=num_warps, **pipelining,
     )
     if num_splits > 1:

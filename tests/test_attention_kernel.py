@@ -249,11 +249,17 @@ def test_ptx_copy_changes_no_bit():
 
 def test_tiles_are_shared_through_shared_memory_only_where_it_pays(monkeypatch):
     """On NVIDIA GPUs quantized tiles always go to the dot through shared memory, 16-bit planes only in
-    prefill (decode loads them into the dot as they are); never for fp32 queries, or on CPU."""
+    prefill (decode loads them into the dot as they are); never for fp32 queries, or on CPU, where
+    asking for it is an error."""
     bf16 = torch.empty(1, dtype=torch.bfloat16)
-    assert not attention.share_tiles(4, True, bf16)  # CPU: the interpreter runs no PTX
+    assert not attention.shares_tiles_by_default(4, True, bf16)  # CPU: the interpreter runs no PTX
+    case = make_case(**DECODE)
+    with pytest.raises(ValueError, match="share_tiles=True needs an NVIDIA GPU"):
+        run_kernel(case, share_tiles=True)
+    assert error_ratio(run_kernel(case, share_tiles=False), run_reference(case)) < 1e-6
     monkeypatch.setattr(attention, "_is_gpu", lambda device: True)
-    assert attention.share_tiles(4, True, bf16) and attention.share_tiles(8, False, bf16)
-    assert attention.share_tiles(16, False, bf16) and not attention.share_tiles(16, True, bf16)
-    assert attention.share_tiles(4, True, torch.empty(1, dtype=torch.float16))
-    assert not attention.share_tiles(4, False, torch.empty(1, dtype=torch.float32))
+    assert attention.shares_tiles_by_default(4, True, bf16) and attention.shares_tiles_by_default(8, False, bf16)
+    assert attention.shares_tiles_by_default(16, False, bf16)
+    assert not attention.shares_tiles_by_default(16, True, bf16)
+    assert attention.shares_tiles_by_default(4, True, torch.empty(1, dtype=torch.float16))
+    assert not attention.shares_tiles_by_default(4, False, torch.empty(1, dtype=torch.float32))

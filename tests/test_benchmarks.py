@@ -93,10 +93,13 @@ def test_smoke_json_structure(smoke):
     assert all(set(row["warps_us"]) == {"2", "4", "8"} and row["best_warps"] in (2, 4, 8)
                for row in r["tune_splits"])
     assert all(set(row["stages_us"]) == {"default", "1"} for row in r["tune_splits"] + r["tune_prefill"])
+    # on CPU only the per-warp route exists (the shared one needs inline PTX); on a GPU both are timed
+    assert all(set(row["tiles_us"]) == {"launcher", "per-warp"} for row in r["tune_splits"] + r["tune_prefill"])
     assert {row["kind"] for row in r["tune_prefill"]} == {"prefill", "chunked_prefill"}
     assert {row["shape"] for row in r["tune_prefill"]} == {"smollm2-135m"}
     assert all(any(c["what"] == what and c["ok"] for c in r["checks"])
-               for what in ("decode_warps", "decode_stages", "prefill_warps", "prefill_stages"))
+               for what in ("decode_warps", "decode_stages", "decode_tiles", "prefill_warps", "prefill_stages",
+                            "prefill_tiles"))
     assert set(r["goals"]) == set(GOALS)
     assert all(g["status"] in ("met", "missed", "not measured") for g in r["goals"].values())
     assert r["model_estimates"] and "[" in stdout  # progress lines
@@ -105,8 +108,8 @@ def test_smoke_json_structure(smoke):
 def test_smoke_kernels_match_reference(smoke):
     _, r, _ = smoke
     whats = {c["what"] for c in r["checks"]}
-    assert whats == {"decode", "decode_splits", "decode_warps", "decode_stages", "prefill", "prefill_warps",
-                     "prefill_stages", "write"} | (VLLM_CHECKS if HAVE_VLLM else set())
+    assert whats == {"decode", "decode_splits", "decode_warps", "decode_stages", "decode_tiles", "prefill",
+                     "prefill_warps", "prefill_stages", "prefill_tiles", "write"} | (VLLM_CHECKS if HAVE_VLLM else set())
     bad = [c for c in r["checks"] if not c["ok"]]
     assert not bad
     assert max(c["error"] for c in r["checks"] if c["what"] not in VLLM_CHECKS) < 1e-2  # ours: exact-ish
@@ -117,7 +120,7 @@ def test_smoke_outputs(smoke):
     out, r, _ = smoke
     md = (out / "summary.md").read_text()
     for needle in ("## Goals", "## Decode attention", "## Prefill", "## Cache write", "## Split-count",
-                   "µs by stages (4 warps)",
+                   "µs by stages (4 warps)", "µs by tile route",
                    "## Model-level estimate", "not measured", *GOALS):
         assert needle in md, needle
     try:

@@ -36,7 +36,7 @@ def _check(case, **kw):
     out = paged_attention(case.query, case.cache, case.layout, case.block_table, case.seq_lens,
                           case.query_start_loc, max_query_len=case.max_query_len,
                           max_seq_len=case.max_seq_len, **kw)
-    for launch_only in ("num_warps", "num_splits", "num_stages"):
+    for launch_only in ("num_warps", "num_splits", "num_stages", "share_tiles"):
         kw.pop(launch_only, None)
     ref = paged_attention_reference(case.query.cpu(), case.cache.cpu(), case.layout, case.block_table.cpu(),
                                     case.seq_lens.cpu(), case.query_start_loc.cpu(), **kw)
@@ -78,6 +78,19 @@ def test_softcap_sliding_window_warps_and_stages():
         assert _check(case, num_stages=stages) < TOLERANCE[torch.bfloat16]
     long = _on_gpu(make_case(**LONG_DECODE, dtype=torch.bfloat16))
     assert _check(long, sliding_window=500, num_splits=8) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_tiles_converted_per_warp_or_once_per_program(policy, dtype):
+    """Both routes of a converted tile to the dot (``_once_per_program``): the launcher's choice, and
+    the other one (the tuning sweep times both), for decode, prefill and split decode."""
+    k_bits, v_bits, k_group = POLICIES[policy]
+    for shape in (MIXED, LONG_DECODE):
+        case = _on_gpu(make_case(**shape, head_dim=128, k_bits=k_bits, v_bits=v_bits, k_group=k_group,
+                                 dtype=dtype))
+        for share in (True, False):
+            assert _check(case, share_tiles=share) < TOLERANCE[dtype], share
 
 
 @pytest.mark.parametrize("policy", ["k4v4", "k8v4", "k16v16", "k4v4-g32"])
