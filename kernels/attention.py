@@ -123,8 +123,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     ``seq_lens[s]`` tokens, whose pages are ``block_table[s]``. ``max_query_len``/``max_seq_len`` are
     host integers (no device sync here). Returns ``out`` ``[T, Hq, D]`` in the query's dtype.
     ``num_splits`` (flash-decoding), ``num_warps``, ``num_stages`` (software pipelining depth; None
-    keeps Triton's default) and ``share_tiles`` (False: convert KV tiles in the dot's layout, see
-    ``share_tiles()``) override the defaults, for tuning.
+    keeps Triton's default) and ``share_tiles`` (None: ``shares_tiles_by_default``; False: convert KV
+    tiles in the dot's layout) override the defaults, for tuning.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     planes = plane_views(cache, layout, query.dtype)
