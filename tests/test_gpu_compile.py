@@ -165,6 +165,40 @@ def test_sm80_prefill_converts_each_tile_once():
     assert not [(case, r["loop_spills"]) for case, r in rows.items() if r["loop_spills"]]
 
 
+def test_int4_decode_issues_less_than_vllms_int4_and_fp8_decode(built, tmp_path):
+    """vLLM 0.32's own decode kernels, compiled and counted the same way (``benchmarks/vllm_compile.py``).
+
+    Its int4_per_token_head kernel (the same 136 B per token at D 128) converts every code to fp32 (I2F)
+    in the dot's layout: 0.626 instructions per KV byte in its 2D launch, 1.107 in its 3D one (small
+    batches), at most 1.67 / 0.94 TB/s on an H100; ours 0.235. Its fp8 kernel (256 B per token) waits on
+    F2F conversions: at most 3.82 TB/s, so on paper a token costs it 1.9x our K4V4's time.
+    """
+    vllm_kernels = pytest.importorskip("benchmarks.vllm_kernels")
+    pytest.importorskip("vllm", reason="staging copies the kernels from an installed vLLM")
+    vllm_kernels.stage(tmp_path)
+    env = {**_compile_env(), "VLLM_INT4KV_VLLM_KERNELS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import json
+        from benchmarks.vllm_compile import build
+        rows = [r.as_dict() for m in ("int4_per_token_head", "fp8") for p in ("decode-b8", "decode-b64")
+                for r in build(m, "llama3-8b", p)]
+        print(json.dumps(rows))
+    """)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = {r["case"]: r for r in json.loads(proc.stdout.splitlines()[-1])}
+    assert not [r["error"] for r in theirs.values() if r["error"]]
+    ours = {r["case"]: r for r in built if r["kernel"] == "paged_attention_kernel"}["decode/llama3-8b/k4v4/bf16"]
+
+    def ns_per_token(row, bytes_per_token):  # the issue/conversion bound, or HBM where that binds first
+        return bytes_per_token / min(row["bound_gbs"], 3350.0)
+
+    for point in ("decode-b8", "decode-b64"):
+        int4 = theirs[f"vllm-int4_per_token_head/llama3-8b/{point}"]
+        assert ours["instructions_per_kv_byte"] < 0.5 * int4["instructions_per_kv_byte"], (point, int4)
+        fp8 = theirs[f"vllm-fp8/llama3-8b/{point}"]
+        assert ns_per_token(ours, 136) < 0.6 * ns_per_token(fp8, 256), (point, fp8)
+
+
 def test_the_check_catches_what_the_interpreter_accepts(tmp_path):
     """A kernel reading a plain-float global runs under the interpreter and fails the GPU compile."""
     (tmp_path / "bad_kernel.py").write_text(textwrap.dedent("""
