@@ -195,25 +195,27 @@ def build_case(case: Case, arch: int = 90) -> list[Built]:
         return [Built(case.name, "launcher", 0, 0, None, None, 0, f"{type(exc).__name__}: {exc}")]
     rows = []
     for kernel, _grid, args, kwargs in launches:
-        try:
-            compiled, options = _compile(kernel, args, kwargs, arch)
-        except Exception as exc:
-            rows.append(Built(case.name, kernel.__name__, 0, 0, None, None, 0,
-                              f"{type(exc).__name__}: {str(exc)[-2000:]}"))
-            continue
-        regs, local = _resource_usage(compiled.asm["cubin"])
-        code = sass.parse(sass.disassemble(compiled.asm["cubin"]))
-        loop = sass.main_loop(code)
         tile_bytes = None
         if "TILE_N" in kwargs:  # the attention kernel: one iteration reads TILE_N slots of one KV head
-            shape = SHAPES[case.shape]
-            layout = make_layout(shape, case.policy, DTYPES[case.dtype].itemsize)
+            layout = make_layout(SHAPES[case.shape], case.policy, DTYPES[case.dtype].itemsize)
             tile_bytes = kwargs["TILE_N"] * layout.slot_bytes
-        rows.append(Built(case.name, kernel.__name__, options.num_warps, options.num_stages, regs, local,
-                          compiled.metadata.shared, loop_instructions=len(loop) or None,
-                          kv_bytes_per_iteration=tile_bytes, loop_opcodes=dict(sass.census(loop)),
-                          loop_spills=sass.spills_in_loops(code)))
+        rows.append(build_launch(case.name, kernel, args, kwargs, arch, tile_bytes))
     return rows
+
+
+def build_launch(name: str, kernel, args, kwargs, arch: int, tile_bytes: int | None) -> Built:
+    """Compile one recorded launch and count its main loop (``tile_bytes``: KV bytes one iteration
+    reads, None for kernels without one); a failure is returned as a row with ``error`` set."""
+    try:
+        compiled, options = _compile(kernel, args, kwargs, arch)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return Built(name, kernel.__name__, 0, 0, None, None, 0, f"{type(exc).__name__}: {str(exc)[-2000:]}")
+    regs, local = _resource_usage(compiled.asm["cubin"])
+    code = sass.parse(sass.disassemble(compiled.asm["cubin"]))
+    loop = sass.main_loop(code)
+    return Built(name, kernel.__name__, options.num_warps, options.num_stages, regs, local,
+                 compiled.metadata.shared, loop_instructions=len(loop) or None, kv_bytes_per_iteration=tile_bytes,
+                 loop_opcodes=dict(sass.census(loop)), loop_spills=sass.spills_in_loops(code))
 
 
 def all_cases() -> list[Case]:

@@ -23,7 +23,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a script from
 
 import torch  # noqa: E402
 
-from benchmarks import gpu_compile, sass, vllm_baseline, vllm_kernels  # noqa: E402
+from benchmarks import gpu_compile, vllm_baseline, vllm_kernels  # noqa: E402
 from benchmarks.config import SHAPES  # noqa: E402
 
 # (batch, new tokens): vLLM's Triton backend takes its 3D (split-softmax) launch for decode batches below
@@ -61,26 +61,12 @@ def record(mode: str, shape: str, point: str) -> list:
 
 def build(mode: str, shape: str, point: str, arch: int = 90) -> list[gpu_compile.Built]:
     """Compile and count vLLM's attention kernel for one (mode, shape, point), as ``build_case`` does ours."""
-    name = f"vllm-{mode}/{shape}/{point}"
-    rows = []
-    for kernel, _grid, args, kwargs in record(mode, shape, point):
-        try:
-            compiled, options = gpu_compile._compile(kernel, args, kwargs, arch)
-        except Exception as exc:  # noqa: BLE001 - reported in the row, like gpu_compile
-            rows.append(gpu_compile.Built(name, kernel.__name__, 0, 0, None, None, 0,
-                                          f"{type(exc).__name__}: {str(exc)[-2000:]}"))
-            continue
-        regs, local = gpu_compile._resource_usage(compiled.asm["cubin"])
-        code = sass.parse(sass.disassemble(compiled.asm["cubin"]))
-        loop = sass.main_loop(code)
-        # one iteration reads TILE_SIZE tokens of one KV head: K and V (and per-token-head scales)
-        tile_bytes = kwargs["TILE_SIZE"] * vllm_baseline.cache_bytes_per_token(mode, SHAPES[shape]) \
-            // SHAPES[shape].num_kv_heads
-        rows.append(gpu_compile.Built(name, kernel.__name__, options.num_warps, options.num_stages, regs, local,
-                                      compiled.metadata.shared, loop_instructions=len(loop) or None,
-                                      kv_bytes_per_iteration=tile_bytes, loop_opcodes=dict(sass.census(loop)),
-                                      loop_spills=sass.spills_in_loops(code)))
-    return rows
+    model = SHAPES[shape]
+    # one iteration reads TILE_SIZE tokens of one KV head: K and V (and per-token-head scales)
+    token_bytes = vllm_baseline.cache_bytes_per_token(mode, model) // model.num_kv_heads
+    return [gpu_compile.build_launch(f"vllm-{mode}/{shape}/{point}", kernel, args, kwargs, arch,
+                                     kwargs["TILE_SIZE"] * token_bytes)
+            for kernel, _grid, args, kwargs in record(mode, shape, point)]
 
 
 def main(argv=None) -> int:
