@@ -14,6 +14,7 @@ Must run without TRITON_INTERPRET, in a process that has not imported a real vLL
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -31,17 +32,18 @@ from benchmarks.config import SHAPES  # noqa: E402
 POINTS = {"decode-b8": (8, 1), "decode-b64": (64, 1), "prefill": (8, 64)}
 
 
+@functools.cache
 def _kernels():
-    """vLLM's attention kernel modules, imported from the staged files."""
-    vllm_kernels.install()
+    """(description, unified attention module, int4 module), imported once from the staged files."""
+    description = vllm_kernels.install()
     import vllm.v1.attention.ops.int4_per_token_head as int4
     import vllm.v1.attention.ops.triton_unified_attention as unified
-    return unified, int4
+    return description, unified, int4
 
 
 def record(mode: str, shape: str, point: str) -> list:
     """The attention launches vLLM makes for ``mode`` at ``point`` (query rotation and reduce left out)."""
-    unified, int4 = _kernels()
+    _, unified, int4 = _kernels()
     num_seqs, new_tokens = POINTS[point]
     launches: list = []
     attention = [(unified, "kernel_unified_attention"), (int4, "_attn_packed")]
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
             for row in build(mode, args.shape, point, args.arch)]
     print(f"# vLLM's attention kernels on sm_{args.arch} (compiled, not run)\n\n"
           f"`python benchmarks/vllm_compile.py --arch {args.arch} --shape {args.shape}`: "
-          f"{vllm_kernels.install()}, called as its Triton backend calls them (decode below and above its "
+          f"{_kernels()[0]}, called as its Triton backend calls them (decode below and above its "
           f"3D threshold, prefill) and counted as `benchmarks/gpu_compile.py` counts ours; the columns "
           f"are that report's. Query rotation (int4) and the split reduction are left out.\n")
     print(gpu_compile.table(rows))
