@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from benchmarks import sass  # noqa: E402
-from benchmarks.config import BLOCK_SIZE, POLICIES, SHAPES, ModelShape, make_layout  # noqa: E402
+from benchmarks.config import BLOCK_SIZE, GRID_SHAPES, POLICIES, SHAPES, ModelShape, make_layout  # noqa: E402
 from vllm_int4kv.kernels import attention, cache_write  # noqa: E402
 from vllm_int4kv.policy import parse_policy  # noqa: E402
 
@@ -219,25 +219,27 @@ def build_launch(name: str, kernel, args, kwargs, arch: int, tile_bytes: int | N
 
 
 def all_cases() -> list[Case]:
-    """Every shape x policy x op in bf16, plus the dtype and masking variants on one shape."""
+    """Every shape x policy x op in bf16, plus the dtype and masking variants on one shape and the launch
+    options on the timed shapes."""
     cases = [Case(op, shape, policy) for shape in SHAPES for policy in POLICIES
              if not _skip(shape, policy) for op in ("decode", "decode_split", "prefill", "write")]
     for dtype in ("fp16", "fp32"):
         cases += [Case(op, "llama3-8b", policy, dtype) for policy in ("k4v4", "k16v16")
                   for op in ("decode", "prefill", "write")]
     cases += [Case(op, "llama3-8b", "k4v4", softcap=True, window=True) for op in ("decode", "prefill")]
-    cases += [Case(op, s, "k4v4", num_warps=8) for s in SHAPES for op in ("decode", "decode_split", "prefill")]
-    cases += [Case("decode", s, "k4v4", num_warps=2) for s in SHAPES]
-    cases += [Case(op, s, "k4v4", num_stages=n) for s in SHAPES for op in ("decode", "prefill") for n in (1, 2)]
+    cases += [Case(op, s, "k4v4", num_warps=8) for s in GRID_SHAPES for op in ("decode", "decode_split", "prefill")]
+    cases += [Case("decode", s, "k4v4", num_warps=2) for s in GRID_SHAPES]
+    cases += [Case(op, s, "k4v4", num_stages=n) for s in GRID_SHAPES for op in ("decode", "prefill")
+              for n in (1, 2)]
     cases += [Case(op, "llama3-8b", p, num_seqs=1) for p in ("k4v4", "k16v16")
               for op in ("decode", "decode_split")]
     return cases
 
 
 def _skip(shape: str, policy: str) -> bool:
-    """Key groups must be narrower than the head (the policy refuses k4v4-g64 on D=64, by design)."""
-    group = parse_policy(policy).k_group
-    return bool(group) and group >= SHAPES[shape].head_dim
+    """Key groups must be narrower than the head and divide it (the policy refuses the rest, by design)."""
+    group, head_dim = parse_policy(policy).k_group, SHAPES[shape].head_dim
+    return bool(group) and (group >= head_dim or head_dim % group != 0)
 
 
 def build_all(cases: list[Case], arch: int, workers: int) -> list[Built]:

@@ -105,7 +105,7 @@ class Runner:
             return self.args.policies.split(",")
         if self.args.tune and not self.args.smoke:
             return list(self.grid.tune_policies)
-        return list(self.grid.policies[shape.name])
+        return list(self.grid.policies.get(shape.name, ("k4v4", "k16v16")))  # (a shape named by --shapes)
 
     def record(self, table: str, row: dict, timed: dict, nbytes: dict):
         row = {**row, **timed, "bytes": nbytes["bytes"], "breakdown": nbytes["breakdown"]}

@@ -151,7 +151,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     # 16-bit tiles faster, also for fp32.
     tile_elem_bytes = query.element_size() if _is_gpu(query.device) else 2
     block_q = query_tokens_per_program(group_pad, max_query_len, tile_elem_bytes)
-    tile_n = tile_tokens(head_dim, tile_elem_bytes)
+    tile_n = tile_tokens(planes.head_pad, tile_elem_bytes)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, tile_n,
                                        query.device)
@@ -193,9 +193,10 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         float(softcap or 0.0), int(sliding_window or 0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         *planes.k.stride()[:2], *planes.v.stride()[:2], *planes.params.stride()[:2],
-        HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size, QUERIES_PER_KV=group, GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim, HEAD_PAD=planes.head_pad, BLOCK_SIZE=layout.block_size, QUERIES_PER_KV=group,
+        GROUP_PAD=group_pad,
         BLOCK_Q=block_q, BLOCK_M=max(16, block_q * group_pad), TILE_N=tile_n,
-        K_BITS=layout.k_bits, V_BITS=layout.v_bits, K_GROUP=layout.k_group, V_GROUP=layout.v_group,
+        K_BITS=layout.k_bits, V_BITS=layout.v_bits, K_GROUP=planes.k_group, V_GROUP=planes.v_group,
         K_ROW=planes.k_row, V_ROW=planes.v_row, P_ROW=planes.p_row, V_PAR_OFFSET=2 * layout.k_groups,
         DECODE=decode, K_FOLD=decode and layout.k_bits != 16 and layout.k_groups == 1,
         # (fp16: p * scale would lose its low bits in fp16's subnormal range, so V is dequantized)
@@ -209,5 +210,5 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     if num_splits > 1:
         _reduce_splits_kernel[(num_tokens, num_q_heads)](
             out, part_acc, part_max, part_sum, num_q_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits)
+            HEAD_DIM=head_dim, HEAD_PAD=planes.head_pad, NUM_SPLITS=num_splits)
     return out

@@ -119,30 +119,35 @@ def _once_per_program(values, SHARE: tl.constexpr):
 
 
 @triton.jit
-def _channel_params(par_ptrs, mask, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Each even (= each odd) channel's (scale, zero) ``[TILE_N, HEAD_DIM // 2]`` in ``DOT_DTYPE`` (the
-    dot's 16-bit dtype, or fp32 where values are dequantized in fp32).
+def _channel_params(par_ptrs, mask, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr):
+    """Each even (= each odd) channel's (scale, zero) ``[TILE_N, HEAD_PAD // 2]`` in ``DOT_DTYPE`` (the
+    dot's 16-bit dtype, or fp32 where values are dequantized in fp32); 0 for groups past HEAD_DIM.
 
     One contiguous load of a token's (scale, zero) pairs, converted per group, then broadcast over the
     group's channels (2j and 2j+1 share group 2j // GROUP): per-channel loads converted per channel took
     ~30 % more of the loop (sm_90, 32-channel key groups). For bf16 the fp16 parameters round to bf16,
     an error of at most 2**-9 of each, far below the 4-bit step they scale.
     """
-    NG: tl.constexpr = HEAD_DIM // GROUP
-    pairs = tl.load(par_ptrs[:, None] + tl.arange(0, 2 * NG)[None, :], mask=mask, other=0)
+    NG: tl.constexpr = HEAD_PAD // GROUP
+    offs = tl.arange(0, 2 * NG)
+    if HEAD_PAD != HEAD_DIM and NG > 1:  # a padded head: its last groups hold no channel
+        mask = mask & (offs < 2 * ((HEAD_DIM + GROUP - 1) // GROUP))[None, :]
+    pairs = tl.load(par_ptrs[:, None] + offs[None, :], mask=mask, other=0)
     rows: tl.constexpr = pairs.shape[0]
     scale, zero = tl.split(tl.reshape(pairs.to(DOT_DTYPE), (rows, NG, 2)))
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows, NG, GROUP // 2)), (rows, HEAD_DIM // 2))
-    zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (rows, NG, GROUP // 2)), (rows, HEAD_DIM // 2))
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows, NG, GROUP // 2)), (rows, HEAD_PAD // 2))
+    zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (rows, NG, GROUP // 2)), (rows, HEAD_PAD // 2))
     return scale, zero
 
 
 @triton.jit
 def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               FOLD: tl.constexpr, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr,
+               HEAD_PAD: tl.constexpr, FOLD: tl.constexpr, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr,
                SHARE: tl.constexpr):
-    """Even and odd channels ``[TILE_N, HEAD_DIM // 2]`` of a tile of cache rows, in ``DOT_DTYPE``, and
-    the ``[TILE_N]`` (scale, zero) the caller still has to apply.
+    """Even and odd channels ``[TILE_N, HEAD_PAD // 2]`` of a tile of cache rows, in ``DOT_DTYPE``, and
+    the ``[TILE_N]`` (scale, zero) the caller still has to apply. Channels past HEAD_DIM (a padded head)
+    are not read; they hold finite values that the query's zero channels cancel or the store drops.
 
     ``plane_ptrs``/``par_ptrs`` ``[TILE_N]`` point at each token's plane row and its parameter row.
     16-bit planes: the stored values (scale 1, zero 0). ``FOLD`` (one (scale, zero) per row):
@@ -151,22 +156,28 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
     channel. Otherwise (prefill tiles, channel groups, fp16 values) the values, dequantized here: for a
     16-bit dot in its dtype from the biased codes (HFMA2, two values per instruction), else in fp32.
     """
-    offs_j = tl.arange(0, HEAD_DIM // 2)
+    offs_j = tl.arange(0, HEAD_PAD // 2)
+    offs_d = tl.arange(0, HEAD_PAD)
     mask = valid[:, None]
+    mask_j = mask
+    mask_d = mask
+    if HEAD_PAD != HEAD_DIM:
+        mask_j = mask & (offs_j < HEAD_DIM // 2)[None, :]
+        mask_d = mask & (offs_d < HEAD_DIM)[None, :]
     rows = plane_ptrs[:, None]
     if BITS == 4:
-        packed = tl.load(rows + offs_j[None, :], mask=mask, other=0)
+        packed = tl.load(rows + offs_j[None, :], mask=mask_j, other=0)
         even = packed & 0xF
         odd = packed >> 4
     else:  # contiguous row load (vectorizes on the GPU), then split into even/odd channels
-        even, odd = _split_channels(tl.load(rows + tl.arange(0, HEAD_DIM)[None, :], mask=mask, other=0))
+        even, odd = _split_channels(tl.load(rows + offs_d[None, :], mask=mask_d, other=0))
     row_scale = tl.full(valid.shape, 1.0, tl.float32)
     row_zero = tl.zeros(valid.shape, tl.float32)
     if BITS == 16:
         pass
     elif FOLD or CODE_BIAS != 0:  # codes + CODE_BIAS (or the codes, converted) in the dot's dtype
         if FOLD:
-            if HEAD_DIM <= 128:
+            if HEAD_PAD <= 128:
                 # (scale, zero) as one 4-byte load per token: Triton pipelines it with the tile's async
                 # copies, where two 2-byte loads are plain loads the loop waits for (sm_90 SASS; at D 256
                 # the extra registers spill, so it keeps the two loads)
@@ -182,11 +193,11 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
             even = _code_values(even, CODE_BIAS, DOT_DTYPE)
             odd = _code_values(odd, CODE_BIAS, DOT_DTYPE)
         if not FOLD:  # a 16-bit dot: dequantize in its dtype, two values per instruction
-            scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, DOT_DTYPE)
+            scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, HEAD_PAD, DOT_DTYPE)
             even = (even - CODE_BIAS) * scale + zero  # (the subtraction is exact: bias and code are)
             odd = (odd - CODE_BIAS) * scale + zero
     else:  # prefill with fp32 queries or bf16 8-bit codes (no bias holds them): int->float, fp32 math
-        scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, tl.float32)
+        scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, HEAD_PAD, tl.float32)
         even = (even.to(tl.float32) * scale + zero).to(DOT_DTYPE)
         odd = (odd.to(tl.float32) * scale + zero).to(DOT_DTYPE)
     return _once_per_program(even, SHARE), _once_per_program(odd, SHARE), row_scale, row_zero
@@ -210,8 +221,8 @@ def _find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q: tl.constexpr)
 def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos,
                  kv_lo, kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr,
                  k_block_stride, v_block_stride, p_block_stride, sm_scale, softcap, sliding_window,
-                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-                 K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 TILE_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
                  K_ROW: tl.constexpr, V_ROW: tl.constexpr, P_ROW: tl.constexpr, V_PAR_OFFSET: tl.constexpr,
                  DECODE: tl.constexpr, K_FOLD: tl.constexpr, V_FOLD: tl.constexpr,
                  K_CODE_BIAS: tl.constexpr, V_CODE_BIAS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
@@ -234,7 +245,7 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
     slot = pos % BLOCK_SIZE
     par_rows = p_head_ptr + block * p_block_stride + slot * P_ROW
     k_even, k_odd, k_scale, k_zero = _load_tile(k_head_ptr + block * k_block_stride + slot * K_ROW,
-                                                 par_rows, n_valid, K_BITS, K_GROUP, HEAD_DIM, K_FOLD,
+                                                 par_rows, n_valid, K_BITS, K_GROUP, HEAD_DIM, HEAD_PAD, K_FOLD,
                                                  K_CODE_BIAS, dot_dtype, PTX_UNPACK, K_SHARE)
     # [BLOCK_M, D/2] @ [D/2, TILE_N] -> [BLOCK_M, TILE_N], twice (even and odd channels)
     scores = _dot(q_even, tl.trans(k_even), IEEE)
@@ -265,7 +276,8 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v_even, v_odd, v_scale, v_zero = _load_tile(v_head_ptr + block * v_block_stride + slot * V_ROW,
                                                  par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP,
-                                                 HEAD_DIM, V_FOLD, V_CODE_BIAS, dot_dtype, PTX_UNPACK, V_SHARE)
+                                                 HEAD_DIM, HEAD_PAD, V_FOLD, V_CODE_BIAS, dot_dtype, PTX_UNPACK,
+                                                 V_SHARE)
     if V_FOLD:  # sum p * (scale * code + zero) = (p * scale).code + p.zero
         acc_zero = acc_zero * alpha + tl.sum(p * v_zero[None, :], axis=1)
         p *= v_scale[None, :]
@@ -284,7 +296,7 @@ def paged_attention_kernel(
     num_seqs, num_q_heads, sm_scale, softcap, sliding_window,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,
     stride_k_block, stride_k_head, stride_v_block, stride_v_head, stride_p_block, stride_p_head,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     K_ROW: tl.constexpr, V_ROW: tl.constexpr, P_ROW: tl.constexpr, V_PAR_OFFSET: tl.constexpr,
@@ -311,9 +323,12 @@ def paged_attention_kernel(
     q_head = kv_head * QUERIES_PER_KV + offs_m % GROUP_PAD
     row_valid = (offs_m // GROUP_PAD < BLOCK_Q) & (q_tok < q_len) & (offs_m % GROUP_PAD < QUERIES_PER_KV)
     q_pos = context_len + q_tok  # absolute position of each row's token
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_mask = row_valid[:, None]  # [BLOCK_M, HEAD_PAD]: the rows to read and store, their channels
+    if HEAD_PAD != HEAD_DIM:  # zero query channels past HEAD_DIM: the padded K channels add nothing
+        d_mask = d_mask & (offs_d < HEAD_DIM)[None, :]
     q_rows = q_ptr + (q_start + q_tok).to(tl.int64)[:, None] * stride_q_t + q_head[:, None] * stride_q_h
-    q_even, q_odd = _split_channels(tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None], other=0))
+    q_even, q_odd = _split_channels(tl.load(q_rows + offs_d[None, :], mask=d_mask, other=0))
 
     # KV positions this tile needs: [kv_lo, kv_hi); this split takes an equal share of the tiles.
     kv_hi = context_len + tl.minimum(first_q + BLOCK_Q, q_len)
@@ -327,8 +342,8 @@ def paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_even = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
-    acc_odd = tl.zeros([BLOCK_M, HEAD_DIM // 2], tl.float32)
+    acc_even = tl.zeros([BLOCK_M, HEAD_PAD // 2], tl.float32)
+    acc_odd = tl.zeros([BLOCK_M, HEAD_PAD // 2], tl.float32)
     acc_zero = tl.zeros([BLOCK_M], tl.float32)  # sum of p * (V zero point), the same for every channel
     q_sum = tl.zeros([BLOCK_M], tl.float32)  # (used by K_FOLD only)
     if K_FOLD:
@@ -355,29 +370,30 @@ def paged_attention_kernel(
             m_i, l_i, acc_even, acc_odd, acc_zero = _attend_tile(
                 tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos, kv_lo,
                 kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr, k_block_stride, v_block_stride,
-                p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, BLOCK_SIZE, TILE_N, K_BITS,
+                p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE_N, K_BITS,
                 V_BITS, K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW, V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD,
                 K_CODE_BIAS, V_CODE_BIAS, USE_SOFTCAP, USE_WINDOW, IEEE, PTX_UNPACK, K_SHARE, V_SHARE,
                 masked == 1)
 
     tok = (q_start + q_tok).to(tl.int64)
-    acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_DIM))  # interleave channels back
+    acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_PAD))  # interleave channels back
     if V_FOLD:
         acc += acc_zero[:, None]
     if NUM_SPLITS == 1:
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = out_ptr + tok[:, None] * stride_o_t + q_head[:, None] * stride_o_h
-        tl.store(o_rows + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+        tl.store(o_rows + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=d_mask)
     else:  # partials [T, Hq, NUM_SPLITS(, D)], contiguous
         part = (tok * num_q_heads + q_head) * NUM_SPLITS + split
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part, l_i, mask=row_valid)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=d_mask)
 
 
 @triton.jit
 def _reduce_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num_q_heads,
-                          stride_o_t, stride_o_h, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                          stride_o_t, stride_o_h, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr):
     """Combine the splits of one (token, query head) in a fixed order (deterministic)."""
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -388,8 +404,9 @@ def _reduce_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
     weight = tl.exp2((m - m_all) * LOG2E)  # empty splits have m = -inf -> weight 0
     total = tl.sum(weight * l, axis=0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :])
+    offs_d = tl.arange(0, HEAD_PAD)
+    in_d = offs_d < HEAD_DIM  # (all true unless the head is padded)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=in_d[None, :], other=0.0)
     out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d,
-             out.to(out_ptr.dtype.element_ty))
+             out.to(out_ptr.dtype.element_ty), mask=in_d)

@@ -40,6 +40,10 @@ Bytes per token per KV head (``slot_bytes``; K4V4 at D=128 is 136 B against 512 
     =======  =====  =====  =====
 
 Optional channel groups (``k_group``/``v_group`` < head_dim) add 4 B per extra group and plane.
+
+Head dims: any multiple of 16 from 32 to 256 (64, 80 as in Phi-2, 96 as in Phi-3, 128, 256, ...). Rows
+hold exactly ``head_dim`` channels; the kernels work on the next power of two (``padded_head_dim``) and
+mask the rest, so a non-power-of-two head costs no bytes in the cache.
 """
 from __future__ import annotations
 
@@ -48,9 +52,16 @@ from dataclasses import dataclass
 QUANT_BITS = (4, 8)
 KEY_BITS = (4, 8, 16)
 VALUE_BITS = (4, 8, 16)
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = tuple(range(32, 257, 16))
+HEAD_DIMS_TEXT = "a multiple of 16 from 32 to 256"
 PARAM_BYTES_PER_GROUP = 4  # fp16 scale + fp16 zero
 FP16_MAX = 65504.0
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The power of two the kernels' tiles span (``tl.arange`` needs one); channels past head_dim are
+    masked."""
+    return 1 << (head_dim - 1).bit_length()
 
 
 def _plane_row_bytes(bits: int, head_dim: int, elem_bytes: int) -> int:
@@ -75,7 +86,7 @@ class PageLayout:
 
     def __post_init__(self):
         if self.head_dim not in HEAD_DIMS:
-            raise ValueError(f"head_dim {self.head_dim} is not supported; use one of {HEAD_DIMS}")
+            raise ValueError(f"head_dim {self.head_dim} is not supported: it must be {HEAD_DIMS_TEXT}")
         if self.k_bits not in KEY_BITS or self.v_bits not in VALUE_BITS:
             raise ValueError(f"bits (K={self.k_bits}, V={self.v_bits}) not supported: K in {KEY_BITS}, "
                              f"V in {VALUE_BITS}")
@@ -87,7 +98,7 @@ class PageLayout:
             group = getattr(self, name)
             if group is None:
                 object.__setattr__(self, name, self.head_dim)
-            elif group < 2 or self.head_dim % group or group & (group - 1):
+            elif group != self.head_dim and (group < 2 or self.head_dim % group or group & (group - 1)):
                 raise ValueError(f"{name}={group} must be a power of two >= 2 dividing head_dim "
                                  f"{self.head_dim}")
 

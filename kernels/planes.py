@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .page_format import PageLayout
+from .page_format import PageLayout, padded_head_dim
 
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -16,6 +16,8 @@ class PlaneViews:
 
     Each is ``[num_blocks, num_heads, ...]`` starting at its plane; ``*_row`` are row sizes in elements
     of that view, so a kernel addresses ``plane + block * stride0 + head * stride1 + slot * row``.
+    ``head_pad`` is the power of two the kernels' tiles span; ``k_group``/``v_group`` are channels per
+    group as the kernels see them: one group per head spans the padded head.
     """
 
     k: torch.Tensor
@@ -24,6 +26,9 @@ class PlaneViews:
     k_row: int
     v_row: int
     p_row: int
+    head_pad: int
+    k_group: int
+    v_group: int
 
 
 def as_runs(cache: torch.Tensor, layout: PageLayout) -> torch.Tensor:
@@ -63,4 +68,10 @@ def plane_views(cache: torch.Tensor, layout: PageLayout, kv_dtype: torch.dtype,
     v, v_row = plane(layout.v_plane_offset, layout.v_bits, layout.v_row_bytes)
     p_start = layout.param_plane_offset if layout.param_row_bytes else 0
     params = runs[..., p_start:].view(torch.float16)
-    return PlaneViews(k, v, params, k_row, v_row, layout.param_row_bytes // 2)
+    head_pad = padded_head_dim(layout.head_dim)
+
+    def kernel_group(group: int) -> int:
+        return head_pad if group == layout.head_dim else group
+
+    return PlaneViews(k, v, params, k_row, v_row, layout.param_row_bytes // 2, head_pad,
+                      kernel_group(layout.k_group), kernel_group(layout.v_group))

@@ -104,6 +104,40 @@ def test_quantized_vs_full_precision_budget(bits):
     assert err < BUDGET[bits], f"k{bits[0]}v{bits[1]} error ratio {err:.4f} over budget {BUDGET[bits]}"
 
 
+# Heads that are not a power of two (Phi-2: 80, Phi-3: 96): tiles span the next power of two and mask the
+# channels past head_dim; key groups that divide the head (96: 32, 80: 16).
+PADDED_HEADS = [(96, 4, 4, None), (96, 4, 4, 32), (80, 8, 4, 16), (80, 16, 16, None), (48, 8, 8, None),
+                (112, 16, 4, None)]
+
+
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("head_dim,k_bits,v_bits,k_group", PADDED_HEADS,
+                         ids=["d96_k4v4", "d96_k4v4_g32", "d80_k8v4_g16", "d80_k16v16", "d48_k8v8",
+                              "d112_k16v4"])
+def test_heads_that_are_not_a_power_of_two(head_dim, k_bits, v_bits, k_group, shape):
+    """Query and output live inside wider rows whose gaps hold NaN: a channel read past head_dim would
+    poison the scores, one stored past it would overwrite the gap."""
+    case = make_case(**shape, head_dim=head_dim, k_bits=k_bits, v_bits=v_bits, k_group=k_group, block_size=32)
+    tokens, heads, _ = case.query.shape
+    wide = torch.full((tokens, heads, head_dim + 16), float("nan"))
+    wide[..., :head_dim] = case.query
+    expected = run_reference(case)
+    case.query = wide[..., :head_dim]
+    for num_splits in (1, 4):
+        out_wide = torch.full_like(wide, 7.0)
+        out = run_kernel(case, num_splits=num_splits, out=out_wide[..., :head_dim])
+        assert error_ratio(out, expected) < 1e-6, num_splits
+        assert (out_wide[..., head_dim:] == 7.0).all(), "a store past head_dim"
+    assert error_ratio(expected, full_precision_attention(case)) < BUDGET[(k_bits, v_bits)]
+
+
+@pytest.mark.parametrize("head_dim,k_group", [(96, None), (80, 16)])
+def test_heads_that_are_not_a_power_of_two_in_fp16(head_dim, k_group):
+    """fp16: values dequantized in fp16 from the biased codes, and (g16) per-group parameters, padded."""
+    case = make_case(**MIXED, head_dim=head_dim, k_group=k_group, dtype=torch.float16)
+    assert error_ratio(run_kernel(case).float(), run_reference(case)) < 2e-3
+
+
 def test_large_block_index_does_not_overflow():
     """Blocks past 2**31 bytes into the cache: 32-bit address arithmetic would wrap."""
     case = make_case(seq_lens=[40], q_lens=[1], num_kv_heads=1, group=4)

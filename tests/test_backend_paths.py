@@ -93,3 +93,34 @@ def test_int4_per_token_head_cache_dtype_selects_the_same_pages(tiny_model_dir):
             seen[kv_cache_dtype] = (num_kv_blocks(llm), list(out.token_ids),
                                     [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)])
     assert seen["auto"] == seen["int4_per_token_head"]
+
+
+@pytest.mark.slow
+def test_head_size_96_is_served(tmp_path):
+    """Phi-3's head size, 96 (not a power of two: the kernels span 128 channels and mask the rest).
+
+    K16V16 gives vLLM's own CPU attention's tokens; the Triton kernels (interpreted) serve the torch
+    path's tokens with 32-channel key groups and the block-diagonal rotation (three 32-channel blocks).
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_int4kv.tiny_model import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "d96-llama", seed=0, head_dim=96)
+    prompts = [TokensPrompt(prompt_token_ids=list(range(10, 10 + n))) for n in (37, 20)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True)
+    results = {}
+    for name, backend, policy, impl in (("cpu_attn", None, None, None), ("k16v16", "CUSTOM", "k16v16", "torch"),
+                                        ("torch", "CUSTOM", "k4v4-g32-rot", "torch"),
+                                        ("triton", "CUSTOM", "k4v4-g32-rot", "triton")):
+        with vllm_engine(model, backend=backend, policy=policy, impl=impl, block_size=32,
+                         max_num_batched_tokens=64) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        results[name] = [(list(o.outputs[0].token_ids),
+                          [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+                         for o in outs]
+    for ours, theirs in (("k16v16", "cpu_attn"), ("triton", "torch")):
+        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results[ours], results[theirs], strict=True):
+            assert tokens == ref_tokens, (ours, theirs)
+            assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-4, (ours, theirs)

@@ -14,6 +14,12 @@ LAYOUTS = {
     "k8v8_d256": PageLayout(256, 16, 8, 8, elem_bytes=4),
     "k16v16_d64": PageLayout(64, 16, 16, 16, elem_bytes=4),
     "k4v4_g16_d64": PageLayout(64, 16, 4, 4, k_group=16, elem_bytes=4),
+    # heads that are not a power of two: the kernel spans 128 (or 64) channels and masks the rest
+    "k4v4_d96": PageLayout(96, 16, 4, 4, elem_bytes=4),
+    "k4v4_g32_d96": PageLayout(96, 16, 4, 4, k_group=32, elem_bytes=4),
+    "k8v4_g16_d80": PageLayout(80, 16, 8, 4, k_group=16, elem_bytes=4),
+    "k16v16_d80": PageLayout(80, 16, 16, 16, elem_bytes=4),
+    "k8v8_d48": PageLayout(48, 16, 8, 8, elem_bytes=4),
 }
 
 
@@ -36,6 +42,25 @@ def test_kernel_writes_the_reference_bytes(name):
     assert torch.equal(ours, ref)
     written = (ours != POISON).any(-1).sum().item()  # coarse: some runs were touched, the rest not
     assert written > 0
+
+
+@pytest.mark.parametrize("name", ["k4v4_d96", "k8v4_g16_d80", "k16v16_d80"])
+def test_padded_heads_read_and_write_only_their_channels(name):
+    """Rows handed over inside wider rows (a fused QKV tensor): NaN past head_dim must not be read
+    (it would poison the row's range), and no byte past a slot's row may be written."""
+    layout = LAYOUTS[name]
+    d = layout.head_dim
+    gen = torch.Generator().manual_seed(2)
+    wide = torch.full((9, 2, d + 16), float("nan"))
+    wide[..., :d] = torch.randn(9, 2, d, generator=gen)
+    key, value = wide[..., :d], wide[..., :d] * 0.5
+    slots = torch.arange(9, dtype=torch.int32) * 5
+    ours, ref = poisoned_cache(layout), poisoned_cache(layout)
+    write_kv_cache(key, value, ours, slots, layout)
+    write_cache_reference(ref, key.contiguous(), value.contiguous(), slots, layout)
+    assert torch.equal(ours, ref)
+    k, _ = read_cache_reference(ours, layout, torch.arange(ours.shape[0]), torch.float32)
+    assert torch.isfinite(k[slots.long()]).all()
 
 
 def test_padding_slots_write_nothing():

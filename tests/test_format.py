@@ -27,8 +27,21 @@ def test_k4v4_d128_is_136_bytes_and_3_76x_smaller_than_bf16():
     assert layout.run_bytes % 16 == 0 and layout.v_plane_offset % 16 == 0
 
 
+def test_heads_that_are_not_a_power_of_two_store_exactly_their_channels():
+    """Phi-3's 96 and Phi-2's 80 channels: rows hold head_dim channels, no padding in the cache."""
+    assert PageLayout(96, 16, 4, 4).slot_bytes == 48 + 48 + 8
+    assert PageLayout(80, 16, 8, 4).slot_bytes == 80 + 40 + 8
+    assert PageLayout(96, 16, 4, 4, k_group=32).slot_bytes == 48 + 48 + 4 * (3 + 1)
+    assert PageLayout(80, 16, 16, 16, elem_bytes=2).slot_bytes == 2 * 80 * 2
+    assert [page_format.padded_head_dim(d) for d in (32, 48, 80, 96, 128, 192, 256)] == \
+        [32, 64, 128, 128, 128, 256, 256]
+
+
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(head_dim=96, block_size=16), "head_dim"),
+    (dict(head_dim=72, block_size=16), "head_dim 72 is not supported: it must be a multiple of 16"),
+    (dict(head_dim=16, block_size=16), "from 32 to 256"),
+    (dict(head_dim=272, block_size=16), "from 32 to 256"),
+    (dict(head_dim=80, block_size=16, k_group=32), "k_group=32 must be a power of two >= 2 dividing"),
     (dict(head_dim=64, block_size=16, k_bits=2), "bits"),
     (dict(head_dim=64, block_size=24), "power of two"),
     (dict(head_dim=64, block_size=16, k_group=24), "k_group"),
@@ -77,11 +90,13 @@ def test_nan_row_does_not_touch_other_rows():
     assert torch.equal(out[[0, 2]], fake_quantize(x[[0, 2]], 4, 64))
 
 
-def test_hadamard_is_orthonormal_and_preserves_dot_products():
-    for dim in (64, 128, 256):
-        h = hadamard(dim)
-        assert torch.allclose(h @ h.T, torch.eye(dim), atol=1e-6)
-    q, k = torch.randn(5, 64), torch.randn(7, 64)
+@pytest.mark.parametrize("dim,block", [(64, 64), (128, 128), (256, 256), (96, 32), (80, 16)])
+def test_hadamard_is_orthonormal_and_preserves_dot_products(dim, block):
+    h = hadamard(dim)
+    assert torch.allclose(h @ h.T, torch.eye(dim), atol=1e-6) and torch.equal(h, h.T)
+    # non-powers of two: block-diagonal, an outlier spreads over its own block of channels
+    assert ((h != 0).sum(1) == block).all()
+    q, k = torch.randn(5, dim), torch.randn(7, dim)
     assert torch.allclose(rotate(q) @ rotate(k).T, q @ k.T, atol=1e-4)
     assert torch.allclose(unrotate(rotate(k)), k, atol=1e-5)
 

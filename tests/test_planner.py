@@ -175,8 +175,11 @@ def test_mla_refused():
 
 
 def test_unsupported_head_dim_refused():
-    with pytest.raises(UnsupportedModel, match="head_dim 80"):
-        plan(ModelKV(32, 32, 80), [K4V4], PlanInputs())
+    with pytest.raises(UnsupportedModel, match="head_dim 72 .* multiple of 16 from 32 to 256"):
+        plan(ModelKV(32, 32, 72), [K4V4], PlanInputs())
+    phi3_mini = plan(ModelKV(32, 32, 96), [K4V4], PlanInputs())[0]  # 96 is a multiple of 16: served
+    assert phi3_mini.bytes_per_token_per_layer == 32 * (48 + 48 + 8)
+    assert phi3_mini.capacity_vs_bf16 == pytest.approx(384 / 104)
 
 
 def test_multimodal_text_config_and_weights(tmp_path):

@@ -52,6 +52,19 @@ def test_candidates_cheapest_first_and_end_unquantized(head_dim, elem_bytes):
     assert {"k4v4-g32-rot", "k4v4-g16-rot", "k8v4", "k8v4-rot", "k16v4", "k8v8"} <= set(names)
 
 
+@pytest.mark.parametrize("head_dim,groups", [(96, {32, 16}), (80, {16}), (48, {16})])
+def test_candidates_for_heads_that_are_not_a_power_of_two(head_dim, groups):
+    """Only key groups that divide the head are candidates; rotation (block-diagonal) always is."""
+    names = [p.name for p in candidate_policies(head_dim)]
+    assert {p.k_group for p in candidate_policies(head_dim)} - {None} == groups
+    assert "k4v4-rot" in names and names[0] == "k4v4" and names[-1] == "k16v16"
+
+
+def test_key_groups_that_do_not_divide_the_head_are_refused_clearly():
+    with pytest.raises(ValueError, match="key groups of 32 channels must divide head_dim 80; use -g16"):
+        parse_policy("k4v4-g32").layout(80, 16)
+
+
 def test_candidate_order_for_head_dim_64():
     names = [p.name for p in candidate_policies(64)]
     assert names == ["k4v4", "k4v4-rot", "k4v4-g32", "k4v4-g32-rot", "k4v4-g16", "k4v4-g16-rot",

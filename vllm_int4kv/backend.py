@@ -31,7 +31,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from . import attention_ops as ops
-from .kernels.page_format import HEAD_DIMS
+from .kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
 from .kernels.rotation import hadamard
 from .policy import KVPolicy
 
@@ -167,7 +167,7 @@ class Int4KVBackend(AttentionBackend):
             reasons.append(f"vllm-int4kv supports decoder self-attention only, not {attn_type} "
                            f"attention (encoder or cross-attention models); {_HINT}")
         if head_size not in HEAD_DIMS:
-            reasons.append(f"vllm-int4kv supports head sizes {', '.join(map(str, HEAD_DIMS))}; this "
+            reasons.append(f"vllm-int4kv supports head sizes that are {HEAD_DIMS_TEXT}; this "
                            f"model has {head_size}; {_HINT}")
         if dtype not in ops.SUPPORTED_DTYPES:
             reasons.append(f"vllm-int4kv supports --dtype float16, bfloat16 or float32, not {dtype}")

@@ -50,7 +50,7 @@ def candidate_policies(head_dim: int, elem_bytes: int = 2) -> list[KVPolicy]:
     """
     k4 = [KVPolicy(4, 4), KVPolicy(4, 4, rotate=True)]
     for group in K4_GROUPS:
-        if group < head_dim:
+        if group < head_dim and head_dim % group == 0:
             k4 += [KVPolicy(4, 4, group), KVPolicy(4, 4, group, rotate=True)]
     wider = [KVPolicy(8, 4), KVPolicy(8, 4, rotate=True), KVPolicy(16, 4), KVPolicy(8, 8), KVPolicy(16, 16)]
     return sorted(k4 + wider, key=lambda p: p.slot_bytes(head_dim, elem_bytes))

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kernels.page_format import HEAD_DIMS
+from .kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
 from .policy import KVPolicy, parse_policy
 
 GIB = 1 << 30
@@ -172,7 +172,7 @@ def _layer_token_bytes(model: ModelKV, policy: KVPolicy, tp: int) -> int:
     """Bytes one token costs in one layer on one rank."""
     if model.head_dim not in HEAD_DIMS:
         raise UnsupportedModel(f"head_dim {model.head_dim} is not supported by the int4kv backend "
-                               f"(supported: {', '.join(map(str, HEAD_DIMS))})")
+                               f"(it must be {HEAD_DIMS_TEXT})")
     return model.kv_heads_per_rank(tp) * policy.slot_bytes(model.head_dim, model.elem_bytes)
 
 

@@ -47,6 +47,10 @@ class KVPolicy:
             plain = KVPolicy(self.k_bits, self.v_bits, None, self.rotate).name
             raise ValueError(f"policy {self.name}: key groups of {self.k_group} channels need a head_dim "
                              f"above {self.k_group}, got {head_dim}; use {plain}")
+        if self.k_group and head_dim % self.k_group:  # e.g. 32-channel groups of an 80-channel head
+            largest = head_dim & -head_dim  # the largest power of two that divides it
+            raise ValueError(f"policy {self.name}: key groups of {self.k_group} channels must divide "
+                             f"head_dim {head_dim}; use -g{largest} or smaller")
         return PageLayout(head_dim, block_size, self.k_bits, self.v_bits, self.k_group, None, elem_bytes)
 
     def slot_bytes(self, head_dim: int, elem_bytes: int = 2) -> int:
