@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:  # `benchmarks` is a folder of the checkout, not a
     sys.path.insert(0, str(REPO))
 
 from benchmarks import traffic  # noqa: E402
-from benchmarks.config import SHAPES, make_layout  # noqa: E402
+from benchmarks.config import GRID_SHAPES, SHAPES, make_layout  # noqa: E402
 from benchmarks.model_estimate import capacity  # noqa: E402
 from benchmarks import vllm_kernels  # noqa: E402
 
@@ -82,7 +82,7 @@ def test_smoke_json_structure(smoke):
         assert "speedup_vs_k16v16" in row and "speedup_vs_sdpa" in row
     policies = {row["policy"] for row in r["decode"]}
     assert policies == {"k4v4", "k8v4", "k16v4", "k8v8", "k16v16", "k4v4-g32"}
-    assert {row["shape"] for row in r["decode"]} == set(SHAPES)
+    assert {row["shape"] for row in r["decode"]} == set(GRID_SHAPES)
     assert {row["kind"] for row in r["prefill"]} == {"prefill", "chunked_prefill"}
     steps = {row["policy"]: row for row in r["layer_step"]}
     assert set(steps) == {"k4v4", "k4v4-rot", "k4v4-g32", "k4v4-g32-rot", "k8v4", "k8v4-rot", "k16v16"}

@@ -35,24 +35,25 @@ BIAS_CHANNELS = (3, 7, 11, 19, 23, 27)  # RoPE pairs (c, c + 32) land in all fou
 
 def scale_key_channels(model, channels, factor, bias=None):
     """Keys of ``channels`` x ``factor`` (optionally plus a constant ``bias``), queries / ``factor``."""
+    head_dim = model.config.head_dim
     for layer in model.model.layers:
         attn = layer.self_attn
         kv_heads = model.config.num_key_value_heads
         group = model.config.num_attention_heads // kv_heads
         for head in range(kv_heads):
             for channel in channels:
-                for c in (channel, channel + HEAD_DIM // 2):  # both halves of a RoPE pair
-                    attn.k_proj.weight.data[head * HEAD_DIM + c] *= factor
+                for c in (channel, channel + head_dim // 2):  # both halves of a RoPE pair
+                    attn.k_proj.weight.data[head * head_dim + c] *= factor
                     if bias is not None:
-                        attn.k_proj.bias.data[head * HEAD_DIM + c] = bias
+                        attn.k_proj.bias.data[head * head_dim + c] = bias
                     for q_head in range(head * group, (head + 1) * group):
-                        attn.q_proj.weight.data[q_head * HEAD_DIM + c] /= factor
+                        attn.q_proj.weight.data[q_head * head_dim + c] /= factor
 
 
-def tiny_model(outlier_scale=1.0, outlier_channels=(3,), key_bias=None, seed=0):
+def tiny_model(outlier_scale=1.0, outlier_channels=(3,), key_bias=None, seed=0, head_dim=HEAD_DIM):
     """An fp32 tiny Llama shaped as the module docstring explains."""
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=HEAD_DIM,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                          initializer_range=0.08, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                          attention_bias=key_bias is not None)
     state = torch.random.get_rng_state()
@@ -81,7 +82,7 @@ def token_ids(n=2, length=128, seed=1):
 
 def run(model, budget=calibration.DEFAULT_KL_BUDGET, **kw):
     with Session(model, token_ids()) as session:
-        return calibrate(session, HEAD_DIM, Settings(budget=budget, **kw), measure_all=True)
+        return calibrate(session, model.config.head_dim, Settings(budget=budget, **kw), measure_all=True)
 
 
 def show(label, result):
@@ -201,6 +202,18 @@ def test_rotation_reduces_k4_error_with_outlier_channels(results, scale):
           f"({plain.kl / rot.kl:.1f}x less); g16 {g16.kl:.4f} -> g16-rot {g16_rot.kl:.4f}")
     assert rot.kl < plain.kl / 3
     assert g16_rot.kl < g16.kl
+
+
+def test_a_96_channel_head_gets_its_own_candidates_and_rotation_still_pays():
+    """Phi-3's head size: key groups that divide 96 (32, 16) and the block-diagonal rotation (three
+    blocks of 32) are measured; an outlier channel spreads over its block, which still pays."""
+    r = run(tiny_model(outlier_scale=10.0, head_dim=96))
+    names = [m.name for m in r.measurements]
+    assert {"k4v4-rot", "k4v4-g32", "k4v4-g32-rot", "k4v4-g16-rot"} <= set(names)
+    plain, rot = r.measured("k4v4"), r.measured("k4v4-rot")
+    print(f"\nhead 96, outlier x10: K4V4 KL {plain.kl:.4f} -> rotated {rot.kl:.4f}; decision {r.policy.name}")
+    assert rot.kl < plain.kl / 2
+    assert r.measured(r.policy.name).kl <= r.settings.budget
 
 
 def test_rotation_is_no_free_lunch_without_outliers(results):
