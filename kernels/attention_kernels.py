@@ -290,7 +290,7 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
 
 @triton.jit
 def paged_attention_kernel(
-    q_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    q_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr,
     k_plane_ptr, v_plane_ptr, par_ptr,
     block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
     num_seqs, num_q_heads, sm_scale, softcap, sliding_window,
@@ -304,6 +304,7 @@ def paged_attention_kernel(
     K_CODE_BIAS: tl.constexpr, V_CODE_BIAS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr, PTX_UNPACK: tl.constexpr, K_SHARE: tl.constexpr, V_SHARE: tl.constexpr,
+    USE_SINKS: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -342,6 +343,10 @@ def paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if USE_SINKS:  # (gpt-oss) a per-head logit with no value joins the softmax, once: in split 0
+        with_sink = row_valid & (split == 0)
+        m_i = tl.load(sinks_ptr + q_head, mask=with_sink, other=float("-inf"))  # fp32, from the launcher
+        l_i = tl.where(with_sink, 1.0, 0.0)  # e^(sink - m_i)
     acc_even = tl.zeros([BLOCK_M, HEAD_PAD // 2], tl.float32)
     acc_odd = tl.zeros([BLOCK_M, HEAD_PAD // 2], tl.float32)
     acc_zero = tl.zeros([BLOCK_M], tl.float32)  # sum of p * (V zero point), the same for every channel

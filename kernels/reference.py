@@ -128,12 +128,13 @@ def paged_attention_reference(query: torch.Tensor, cache: torch.Tensor, layout: 
                               block_table: torch.Tensor, seq_lens: torch.Tensor,
                               query_start_loc: torch.Tensor, sm_scale: float | None = None,
                               sliding_window: int | None = None, softcap: float | None = None,
-                              kv_dtype=None) -> torch.Tensor:
+                              kv_dtype=None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its whole paged context.
 
     Sequence ``s`` owns query rows ``query_start_loc[s]:query_start_loc[s+1]``, which are the last
-    tokens of its ``seq_lens[s]`` tokens; its cache blocks are ``block_table[s]``. Returns fp32
-    ``[num_tokens, num_q_heads, D]``.
+    tokens of its ``seq_lens[s]`` tokens; its cache blocks are ``block_table[s]``. ``sinks``
+    ``[num_q_heads]`` (gpt-oss): one more logit per head in every row's softmax, with no value.
+    Returns fp32 ``[num_tokens, num_q_heads, D]``.
     """
     kv_dtype = kv_dtype or query.dtype
     num_tokens, num_q_heads, head_dim = query.shape
@@ -158,7 +159,12 @@ def paged_attention_reference(query: torch.Tensor, cache: torch.Tensor, layout: 
         if sliding_window:
             visible &= k_pos > q_pos - sliding_window
         scores = scores.masked_fill(~visible, float("-inf"))
-        out[q0:q1] = torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+        if sinks is not None:  # a column of sink logits joins the softmax, then is dropped
+            sink_column = sinks.float()[:, None, None].expand(-1, q1 - q0, 1)
+            probs = torch.cat((scores, sink_column), -1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        out[q0:q1] = torch.einsum("hts,shd->thd", probs, v)
     return out
 
 

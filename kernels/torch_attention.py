@@ -28,7 +28,7 @@ from .reference import _run_views, read_cache_reference
 MAX_GATHERED_VALUES = 1 << 22  # positions x KV heads x head_dim gathered at once (bounds the scratch)
 PREFILL_ROWS = 256  # query rows per prefill step (see _prefill_sequence)
 MAX_PREFILL_SCORES = 1 << 24  # query heads x query rows x context per prefill step (bounds the mask and
-#                               any fallback that builds the scores: softcap, or SDPA's math kernel)
+#                               any fallback that builds the scores: softcap, sinks or SDPA's math kernel)
 
 
 class _Scratch(threading.local):
@@ -102,7 +102,14 @@ def _apply_group_params(x: torch.Tensor, params: torch.Tensor, group: int, bits:
     grouped.mul_(params[..., None, 0::2, None]).add_(params[..., None, 1::2, None])
 
 
-def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding_window, softcap, kv_dtype):
+def _sink_factor(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """What softmax probabilities shrink by when a sink logit joins each row (``sinks`` broadcasts over
+    ``scores`` without its last dimension): ``sum e^s / (sum e^s + e^sink) = sigmoid(lse(s) - sink)``."""
+    return torch.sigmoid(torch.logsumexp(scores, -1, keepdim=True) - sinks)
+
+
+def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding_window, softcap, kv_dtype,
+                  sinks=None):
     """``query`` ``[B, Hq, D]``, one token per sequence at position ``seq_lens - 1`` -> fp32 ``[B, Hq, D]``."""
     num_seqs, num_q_heads, head_dim = query.shape
     num_kv_heads, n = cache.shape[1], layout.block_size
@@ -144,7 +151,10 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     invalid = ~valid[:, None, :]  # [B, 1, S]
-    probs = scores.masked_fill(invalid[:, :, None, :], float("-inf")).softmax(-1)  # hides NaN keys too
+    scores = scores.masked_fill(invalid[:, :, None, :], float("-inf"))
+    probs = scores.softmax(-1)  # hides NaN keys too
+    if sinks is not None:
+        probs *= _sink_factor(scores, sinks.float().view(1, num_kv_heads, -1, 1))
 
     v = _plane_values(v_rows, (low[1], high[1]), layout.v_bits, kv_dtype, "v")
     offset = 0.0
@@ -161,7 +171,7 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
 
 
 def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, sliding_window, softcap,
-                      kv_dtype) -> torch.Tensor:
+                      kv_dtype, sinks=None) -> torch.Tensor:
     """One sequence's query rows ``[T, Hq, D]`` (its last ``T`` tokens) over its ``seq_len`` tokens."""
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, bs = cache.shape[1], layout.block_size
@@ -188,14 +198,19 @@ def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, s
         visible = pos <= q_pos  # [t, keys]
         if sliding_window:
             visible &= pos > q_pos - sliding_window
-        if not softcap:
+        if not softcap and sinks is None:
             out[:, :, t0:t1] = F.scaled_dot_product_attention(q[:, :, t0:t1], keys, values, attn_mask=visible,
                                                               scale=sm_scale, enable_gqa=True)
             continue
         grouped = q[0, :, t0:t1].unflatten(0, (num_kv_heads, -1))  # [Hkv, G, t, D]
         scores = torch.matmul(grouped, keys[0, :, None].transpose(-1, -2)) * sm_scale  # [Hkv, G, t, keys]
-        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~visible, float("-inf"))
-        out[0, :, t0:t1] = torch.matmul(scores.softmax(-1), values[0, :, None]).flatten(0, 1)
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = scores.softmax(-1)
+        if sinks is not None:
+            probs *= _sink_factor(scores, sinks.float().view(num_kv_heads, -1, 1, 1))
+        out[0, :, t0:t1] = torch.matmul(probs, values[0, :, None]).flatten(0, 1)
     return out[0].transpose(0, 1)
 
 
@@ -213,7 +228,8 @@ def _fits_one_chunk(seq_lens: torch.Tensor, cache: torch.Tensor, layout: PageLay
 def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
                           block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                           sm_scale: float | None = None, sliding_window: int | None = None,
-                          softcap: float | None = None, kv_dtype=None) -> torch.Tensor:
+                          softcap: float | None = None, kv_dtype=None,
+                          sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract and result as ``paged_attention_reference`` (fp32 ``[T, Hq, D]``), batched."""
     kv_dtype = kv_dtype or query.dtype
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(query.shape[-1])
@@ -222,7 +238,7 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
     if query.shape[0] == num_seqs and bool((q_lens == 1).all()) and _fits_one_chunk(seq_lens, cache, layout):
         # the common decode step: rows are the sequences in order, no sorting or scattering needed
         return _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding_window, softcap,
-                             kv_dtype)
+                             kv_dtype, sinks)
     decode = torch.nonzero(q_lens == 1).flatten()
     out = torch.full(query.shape, float("nan"), dtype=torch.float32)
     if decode.numel():  # chunks of decode sequences, longest first so each chunk pads little
@@ -233,10 +249,10 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
             chunk = decode[start:start + max(1, MAX_GATHERED_VALUES // per_seq)]
             rows = query_start_loc[chunk].long()
             out[rows] = _decode_chunk(query[rows], cache, layout, block_table[chunk], seq_lens[chunk],
-                                      sm_scale, sliding_window, softcap, kv_dtype)
+                                      sm_scale, sliding_window, softcap, kv_dtype, sinks)
             start += chunk.numel()
     for s in torch.nonzero(q_lens > 1).flatten().tolist():  # prefill: one sequence at a time
         q0, q1 = int(query_start_loc[s]), int(query_start_loc[s + 1])
         out[q0:q1] = _prefill_sequence(query[q0:q1], cache, layout, block_table[s], int(seq_lens[s]),
-                                       sm_scale, sliding_window, softcap, kv_dtype)
+                                       sm_scale, sliding_window, softcap, kv_dtype, sinks)
     return out

@@ -138,6 +138,22 @@ def test_heads_that_are_not_a_power_of_two_in_fp16(head_dim, k_group):
     assert error_ratio(run_kernel(case).float(), run_reference(case)) < 2e-3
 
 
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (16, 16)])
+def test_attention_sinks(shape, k_bits, v_bits):
+    """gpt-oss's per-head sink logit joins every row's softmax once, split or not (split 0 carries it)."""
+    case = make_case(**shape, k_bits=k_bits, v_bits=v_bits)
+    sinks = torch.randn(case.query.shape[1], generator=torch.Generator().manual_seed(3)) + 2.0
+    expected = run_reference(case, sinks=sinks)
+    assert error_ratio(expected, run_reference(case)) > 0.3  # the sinks take a real share
+    for num_splits in (1, 4):
+        assert error_ratio(run_kernel(case, sinks=sinks, num_splits=num_splits), expected) < 1e-6, num_splits
+    window = dict(sliding_window=20, softcap=5.0)
+    assert error_ratio(run_kernel(case, sinks=sinks, **window), run_reference(case, sinks=sinks, **window)) < 1e-6
+    with pytest.raises(ValueError, match="sinks must be a contiguous float32"):
+        run_kernel(case, sinks=sinks.double())
+
+
 def test_large_block_index_does_not_overflow():
     """Blocks past 2**31 bytes into the cache: 32-bit address arithmetic would wrap."""
     case = make_case(seq_lens=[40], q_lens=[1], num_kv_heads=1, group=4)

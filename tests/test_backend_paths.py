@@ -124,3 +124,34 @@ def test_head_size_96_is_served(tmp_path):
         for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results[ours], results[theirs], strict=True):
             assert tokens == ref_tokens, (ours, theirs)
             assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-4, (ours, theirs)
+
+
+@pytest.mark.slow
+def test_gpt_oss_attention_sinks_are_served(tmp_path):
+    """gpt-oss: a sink logit per query head, 32-token sliding windows on every other layer, experts.
+
+    K16V16 gives vLLM's own CPU attention's tokens and logprobs, prompts included (its CPU kernel
+    applies the sinks natively); the Triton kernels (interpreted) serve the torch path's over K4V4 pages.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_int4kv.tiny_model import build_tiny_gpt_oss
+
+    model = build_tiny_gpt_oss(tmp_path / "tiny-gpt-oss", seed=0)
+    prompts = [TokensPrompt(prompt_token_ids=list(range(10, 10 + n))) for n in (70, 20)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, prompt_logprobs=1, ignore_eos=True)
+    results = {}
+    for name, backend, policy, impl in (("cpu_attn", None, None, None), ("k16v16", "CUSTOM", "k16v16", "torch"),
+                                        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")):
+        with vllm_engine(model, backend=backend, policy=policy, impl=impl, block_size=32,
+                         max_num_batched_tokens=64) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        results[name] = [(list(o.outputs[0].token_ids),
+                          [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                          + [lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])])
+                         for o in outs]
+    for ours, theirs in (("k16v16", "cpu_attn"), ("triton", "torch")):
+        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results[ours], results[theirs], strict=True):
+            assert tokens == ref_tokens, (ours, theirs)
+            assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) < 1e-4, (ours, theirs)

@@ -85,9 +85,8 @@ def test_cpu_selection_changes_only_for_custom():
     (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype fp8 is not supported by vllm-int4kv"),
     (dict(use_mla=True), "does not support MLA"),
     (dict(attn_type=AttentionType.ENCODER_ONLY), "decoder self-attention only"),
-    (dict(has_sink=True), "attention sinks"),
     (dict(block_size=48), "power of two"),
-], ids=["head72", "fp8_cache", "mla", "encoder", "sinks", "block48"])
+], ids=["head72", "fp8_cache", "mla", "encoder", "block48"])
 def test_unsupported_configurations_stop_with_a_clear_message(overrides, message):
     plugin.register()
     with pytest.raises(ValueError, match="--attention-backend CUSTOM cannot run this model") as err:

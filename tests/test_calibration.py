@@ -114,6 +114,29 @@ def test_reference_matches_plain_sdpa_and_unquantized_is_exact():
         assert exact.kl == 0.0 and exact.top1 == 1.0 and exact.dnll == 0.0
 
 
+def test_attention_sinks_are_calibrated_with_them(tmp_path):
+    """gpt-oss passes its sinks as ``s_aux``, which SDPA would drop silently: the calibration pass must
+    equal the model's own eager attention (sinks, sliding windows) and still quantize the cache."""
+    from transformers import GptOssForCausalLM
+
+    from vllm_int4kv.tiny_model import build_tiny_gpt_oss
+
+    path = build_tiny_gpt_oss(tmp_path / "tiny-gpt-oss")
+    model = GptOssForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    ids = token_ids(n=1, length=80)  # past the 32-token window of the sliding layer
+    with torch.no_grad():
+        eager = model(torch.tensor(ids)).logits[0].log_softmax(-1)
+        model.model.layers[0].self_attn.sinks.zero_()  # (a model without its sinks, for contrast)
+        without = model(torch.tensor(ids)).logits[0].log_softmax(-1)
+        model.model.layers[0].self_attn.sinks.copy_(
+            GptOssForCausalLM.from_pretrained(path, dtype=torch.float32).model.layers[0].self_attn.sinks)
+    assert (eager - without).abs().max() > 1e-3
+    with Session(model, ids) as session:
+        torch.testing.assert_close(session.reference[0], eager, rtol=0, atol=1e-5)
+        assert session.measure("k16v16", (16, 16, None, False)).kl == 0.0
+        assert session.measure("k4v4", (4, 4, None, False)).kl > 0.0
+
+
 def test_fake_quant_is_applied_and_kl_grows_as_bits_shrink():
     with Session(tiny_model(), token_ids(n=1)) as session:
         kls = [session.measure(f"k{b}v8", (b, 8, None, False)).kl for b in (8, 6, 4)]

@@ -38,6 +38,7 @@ def _check(case, **kw):
                           max_seq_len=case.max_seq_len, **kw)
     for launch_only in ("num_warps", "num_splits", "num_stages", "share_tiles"):
         kw.pop(launch_only, None)
+    kw = {name: value.cpu() if torch.is_tensor(value) else value for name, value in kw.items()}
     ref = paged_attention_reference(case.query.cpu(), case.cache.cpu(), case.layout, case.block_table.cpu(),
                                     case.seq_lens.cpu(), case.query_start_loc.cpu(), **kw)
     return error_ratio(out.float().cpu(), ref)
@@ -78,6 +79,9 @@ def test_softcap_sliding_window_warps_and_stages():
         assert _check(case, num_stages=stages) < TOLERANCE[torch.bfloat16]
     long = _on_gpu(make_case(**LONG_DECODE, dtype=torch.bfloat16))
     assert _check(long, sliding_window=500, num_splits=8) < TOLERANCE[torch.bfloat16]
+    sinks = (torch.randn(case.query.shape[1]) + 2.0).cuda()  # gpt-oss's attention sinks, split or not
+    assert _check(case, sinks=sinks) < TOLERANCE[torch.bfloat16]
+    assert _check(long, sinks=sinks, num_splits=8) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("policy,dtype", [("k4v4", torch.bfloat16), ("k4v4", torch.float16),

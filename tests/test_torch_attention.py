@@ -74,6 +74,20 @@ def test_sliding_window_softcap_and_fp16():
     assert error_ratio(ours, ref) < TOLERANCE
 
 
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (16, 16)])
+@pytest.mark.parametrize("options", [{}, dict(sliding_window=20, softcap=5.0)], ids=["plain", "window_softcap"])
+def test_attention_sinks(shape, k_bits, v_bits, options):
+    """gpt-oss's sinks: the reference appends a sink column to the softmax; this path scales the
+    probabilities by sigmoid(logsumexp - sink), and in prefill leaves SDPA (no place for a sink)."""
+    case = make_case(**shape, k_bits=k_bits, v_bits=v_bits)
+    sinks = torch.randn(case.query.shape[1], generator=torch.Generator().manual_seed(3)) + 2.0
+    ours, ref = _both(case, sinks=sinks, **options)
+    rows = ~ref.isnan()
+    assert error_ratio(ours[rows], ref[rows]) < TOLERANCE
+    assert error_ratio(ref[rows], _both(case, **options)[1][rows]) > 0.3  # the sinks take a real share
+
+
 def test_decode_batch_in_several_chunks(monkeypatch):
     """A large batch is dequantized a bounded number of values at a time: the same result."""
     case = make_case(**DECODE)

@@ -177,8 +177,6 @@ class Int4KVBackend(AttentionBackend):
                            "int4_per_token_head")
         if not cls.supports_block_size(block_size):
             reasons.append(f"--block-size {block_size}: vllm-int4kv needs a power of two >= 16")
-        if has_sink:
-            reasons.append(f"vllm-int4kv does not support attention sinks; {_HINT}")
         if use_sparse:
             reasons.append(f"vllm-int4kv does not support sparse attention; {_HINT}")
         if use_mm_prefix or use_per_head_quant_scales:
@@ -225,9 +223,11 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
                  sinks: torch.Tensor | None = None, **unsupported) -> None:
         if alibi_slopes is not None:
             raise ValueError(f"vllm-int4kv does not support ALiBi position biases; {_HINT}")
-        if sinks is not None or any(v not in (None, False, -1) for v in unsupported.values()):
-            raise ValueError(f"vllm-int4kv does not support {sorted(unsupported) or 'attention sinks'}; "
-                             f"{_HINT}")
+        if any(v not in (None, False, -1) for v in unsupported.values()):
+            raise ValueError(f"vllm-int4kv does not support {sorted(unsupported)}; {_HINT}")
+        if sinks is not None and sinks.shape != (num_heads,):
+            raise ValueError(f"attention sinks must hold one logit per query head ({num_heads}), got "
+                             f"{tuple(sinks.shape)}")
         if attn_type != AttentionType.DECODER:
             raise ValueError(f"vllm-int4kv supports decoder self-attention only, not {attn_type}; {_HINT}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -247,6 +247,7 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.sinks = sinks  # (gpt-oss) the model's parameter: its weights are loaded after this
         self.impl = ops.default_impl()
         if self.impl == "torch" and torch.cuda.is_available():
             # the torch implementation builds its masks and indices on the host: CPU serving only
@@ -282,4 +283,5 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
         layout = self._layout_for(kv_cache, query.dtype)
         return ops.attend(query, ops.cache_runs(kv_cache, layout), layout, attn_metadata, output,
                           impl=self.impl, rotated=self._policy.rotate, sm_scale=self.scale,
-                          sliding_window=self.sliding_window, softcap=self.logits_soft_cap)
+                          sliding_window=self.sliding_window, softcap=self.logits_soft_cap,
+                          sinks=None if self.sinks is None else self.sinks.float())  # (fp32: a no-op)

@@ -9,6 +9,9 @@ Overrides are ``LlamaConfig`` fields (``num_hidden_layers``, ``num_key_value_hea
 ``attention_bias``, ``layer_types`` + ``sliding_window``, ...). ``head_dim`` defaults to 64; if a caller
 overrides ``hidden_size`` or ``num_attention_heads`` without ``head_dim``, it becomes
 ``hidden_size // num_attention_heads`` (the usual Llama convention).
+
+``build_tiny_gpt_oss(path, seed=0)`` writes a tiny gpt-oss (attention sinks, sliding-window layers
+alternating with full ones, a mixture of experts) with the same tokenizer.
 """
 from __future__ import annotations
 
@@ -85,17 +88,45 @@ def tiny_llama_config(vocab_size: int, **overrides):
 
 def build_tiny_llama(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """Write a tiny random Llama (weights from ``seed``) and its tokenizer to ``path``; return it."""
-    import torch
     from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    return _save(path, LlamaForCausalLM, tiny_llama_config(len(tokenizer), **overrides), tokenizer, seed)
+
+
+def build_tiny_gpt_oss(path: str | os.PathLike, seed: int = 0, sliding_window: int = 32) -> Path:
+    """A tiny random gpt-oss: per-head attention sinks (drawn around 2, so they take a real share of
+    each row's softmax), a ``sliding_window`` layer then a full one, 4 experts (2 per token)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = GptOssConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=4096, initializer_range=0.08, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        rope_scaling={"rope_type": "yarn", "factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                      "truncate": False, "original_max_position_embeddings": 4096})
+
+    def sinks_around_two(model):
+        for layer in model.model.layers:
+            layer.self_attn.sinks.data.normal_(2.0, 1.0)
+
+    return _save(path, GptOssForCausalLM, config, tokenizer, seed, sinks_around_two)
+
+
+def _save(path, model_cls, config, tokenizer, seed: int, adjust=None) -> Path:
+    import torch
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    config = tiny_llama_config(len(tokenizer), **overrides)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32).eval()
+        model = model_cls(config).to(torch.float32).eval()
+        if adjust is not None:
+            adjust(model)
     finally:  # do not disturb the caller's random stream
         torch.random.set_rng_state(generator_state)
     model.save_pretrained(path, safe_serialization=True)
