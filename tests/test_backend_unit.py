@@ -94,6 +94,19 @@ def test_unsupported_configurations_stop_with_a_clear_message(overrides, message
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("overrides", [dict(head_size=96), dict(head_size=80), dict(has_sink=True)],
+                         ids=["phi3_head96", "phi2_head80", "gpt_oss_sinks"])
+def test_supported_configurations_select_the_backend(overrides):
+    plugin.register()
+    assert plugin._select_custom(_selector(**overrides)) == plugin.BACKEND_PATH
+    assert backend.Int4KVBackend.supports_sink() and backend.Int4KVBackend.supports_head_size(96)
+
+
+def test_sinks_need_one_logit_per_query_head():
+    with pytest.raises(ValueError, match=r"one logit per query head \(4\), got \(2,\)"):
+        backend.Int4KVImpl(4, 64, 0.125, 2, sinks=torch.zeros(2))
+
+
 def test_alibi_stops_with_a_clear_message():
     with pytest.raises(ValueError, match="ALiBi"):
         backend.Int4KVImpl(4, 64, 0.125, 2, alibi_slopes=[0.5] * 4)

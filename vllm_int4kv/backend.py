@@ -127,6 +127,10 @@ class Int4KVBackend(AttentionBackend):
         return True
 
     @classmethod
+    def supports_sink(cls) -> bool:  # gpt-oss's per-head sink logits
+        return True
+
+    @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
         # Each (block, head) must own one contiguous run: our planes live inside it.
         return (KVCacheLayout.LBHNC,)
