@@ -227,7 +227,8 @@ def all_cases() -> list[Case]:
         cases += [Case(op, "llama3-8b", policy, dtype) for policy in ("k4v4", "k16v16")
                   for op in ("decode", "prefill", "write")]
     cases += [Case(op, "llama3-8b", "k4v4", softcap=True, window=True) for op in ("decode", "prefill")]
-    cases += [Case(op, s, "k4v4", num_warps=8) for s in GRID_SHAPES for op in ("decode", "decode_split", "prefill")]
+    cases += [Case(op, s, "k4v4", num_warps=8) for s in GRID_SHAPES
+              for op in ("decode", "decode_split", "prefill")]
     cases += [Case("decode", s, "k4v4", num_warps=2) for s in GRID_SHAPES]
     cases += [Case(op, s, "k4v4", num_stages=n) for s in GRID_SHAPES for op in ("decode", "prefill")
               for n in (1, 2)]

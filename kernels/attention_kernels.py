@@ -143,8 +143,8 @@ def _channel_params(par_ptrs, mask, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
 
 @triton.jit
 def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_PAD: tl.constexpr, FOLD: tl.constexpr, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr,
-               SHARE: tl.constexpr):
+               HEAD_PAD: tl.constexpr, FOLD: tl.constexpr, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               PTX: tl.constexpr, SHARE: tl.constexpr):
     """Even and odd channels ``[TILE_N, HEAD_PAD // 2]`` of a tile of cache rows, in ``DOT_DTYPE``, and
     the ``[TILE_N]`` (scale, zero) the caller still has to apply. Channels past HEAD_DIM (a padded head)
     are not read; they hold finite values that the query's zero channels cancel or the store drops.
@@ -222,7 +222,8 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
                  kv_lo, kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr,
                  k_block_stride, v_block_stride, p_block_stride, sm_scale, softcap, sliding_window,
                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 TILE_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+                 TILE_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr,
+                 V_GROUP: tl.constexpr,
                  K_ROW: tl.constexpr, V_ROW: tl.constexpr, P_ROW: tl.constexpr, V_PAR_OFFSET: tl.constexpr,
                  DECODE: tl.constexpr, K_FOLD: tl.constexpr, V_FOLD: tl.constexpr,
                  K_CODE_BIAS: tl.constexpr, V_CODE_BIAS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
@@ -245,8 +246,8 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
     slot = pos % BLOCK_SIZE
     par_rows = p_head_ptr + block * p_block_stride + slot * P_ROW
     k_even, k_odd, k_scale, k_zero = _load_tile(k_head_ptr + block * k_block_stride + slot * K_ROW,
-                                                 par_rows, n_valid, K_BITS, K_GROUP, HEAD_DIM, HEAD_PAD, K_FOLD,
-                                                 K_CODE_BIAS, dot_dtype, PTX_UNPACK, K_SHARE)
+                                                 par_rows, n_valid, K_BITS, K_GROUP, HEAD_DIM, HEAD_PAD,
+                                                 K_FOLD, K_CODE_BIAS, dot_dtype, PTX_UNPACK, K_SHARE)
     # [BLOCK_M, D/2] @ [D/2, TILE_N] -> [BLOCK_M, TILE_N], twice (even and odd channels)
     scores = _dot(q_even, tl.trans(k_even), IEEE)
     scores += _dot(q_odd, tl.trans(k_odd), IEEE)
@@ -276,8 +277,8 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v_even, v_odd, v_scale, v_zero = _load_tile(v_head_ptr + block * v_block_stride + slot * V_ROW,
                                                  par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP,
-                                                 HEAD_DIM, HEAD_PAD, V_FOLD, V_CODE_BIAS, dot_dtype, PTX_UNPACK,
-                                                 V_SHARE)
+                                                 HEAD_DIM, HEAD_PAD, V_FOLD, V_CODE_BIAS, dot_dtype,
+                                                 PTX_UNPACK, V_SHARE)
     if V_FOLD:  # sum p * (scale * code + zero) = (p * scale).code + p.zero
         acc_zero = acc_zero * alpha + tl.sum(p * v_zero[None, :], axis=1)
         p *= v_scale[None, :]
@@ -375,8 +376,8 @@ def paged_attention_kernel(
             m_i, l_i, acc_even, acc_odd, acc_zero = _attend_tile(
                 tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos, kv_lo,
                 kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr, k_block_stride, v_block_stride,
-                p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE_N, K_BITS,
-                V_BITS, K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW, V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD,
+                p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE_N,
+                K_BITS, V_BITS, K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW, V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD,
                 K_CODE_BIAS, V_CODE_BIAS, USE_SOFTCAP, USE_WINDOW, IEEE, PTX_UNPACK, K_SHARE, V_SHARE,
                 masked == 1)
 
@@ -411,7 +412,8 @@ def _reduce_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num
     total = tl.sum(weight * l, axis=0)
     offs_d = tl.arange(0, HEAD_PAD)
     in_d = offs_d < HEAD_DIM  # (all true unless the head is padded)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=in_d[None, :], other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=in_d[None, :],
+                  other=0.0)
     out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=in_d)

@@ -27,7 +27,7 @@ def _encode_row(src_ptr, dst_ptr, par_ptr, BITS: tl.constexpr, GROUP: tl.constex
     HALF: tl.constexpr = HEAD_PAD // 2
     offs_j = tl.arange(0, HALF)
     offs_d = tl.arange(0, HEAD_PAD)
-    in_d = offs_d < HEAD_DIM  # (all true unless the head is padded; the compiler drops it then)
+    in_d = offs_d < HEAD_DIM  # (all true unless the head is padded)
     in_j = offs_j < HEAD_DIM // 2
     if BITS == 16:
         tl.store(dst_ptr + offs_d, tl.load(src_ptr + offs_d, mask=in_d), mask=in_d)
@@ -61,7 +61,8 @@ def _encode_row(src_ptr, dst_ptr, par_ptr, BITS: tl.constexpr, GROUP: tl.constex
         if BITS == 4:
             tl.store(dst_ptr + offs_j, (c_even | (c_odd << 4)).to(tl.uint8), mask=in_j)
         else:
-            tl.store(dst_ptr + offs_d, tl.reshape(tl.join(c_even, c_odd), (HEAD_PAD,)).to(tl.uint8), mask=in_d)
+            codes = tl.reshape(tl.join(c_even, c_odd), (HEAD_PAD,)).to(tl.uint8)
+            tl.store(dst_ptr + offs_d, codes, mask=in_d)
         offs_g = tl.arange(0, NUM_GROUPS)
         in_g = offs_g < (HEAD_DIM + GROUP - 1) // GROUP  # one group spanning a padded head is stored
         tl.store(par_ptr + 2 * offs_g, scale, mask=in_g)
