@@ -92,8 +92,9 @@ class PageLayout:
                              f"V in {VALUE_BITS}")
         if self.elem_bytes not in (2, 4):
             raise ValueError("elem_bytes must be 2 (fp16/bf16) or 4 (fp32)")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size {self.block_size} must be a power of two")
+        if self.block_size < 1 or (self.block_size & (self.block_size - 1) and self.block_size % 16):
+            # (planes of block_size rows stay 16-byte aligned; hybrid models get blocks such as 192)
+            raise ValueError(f"block_size {self.block_size} must be a power of two or a multiple of 16")
         for name in ("k_group", "v_group"):
             group = getattr(self, name)
             if group is None:

@@ -43,8 +43,9 @@ def test_gqa_ratios(num_kv_heads, group):
     assert error_ratio(run_kernel(case), run_reference(case)) < 1e-6
 
 
-@pytest.mark.parametrize("head_dim,block_size", [(64, 32), (128, 16), (256, 16)],
-                         ids=["smollm2_d64_bs32", "llama3_d128_bs16", "gemma_d256_bs16"])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 32), (128, 16), (256, 16), (64, 48), (128, 192)],
+                         ids=["smollm2_d64_bs32", "llama3_d128_bs16", "gemma_d256_bs16", "d64_bs48",
+                              "hybrid_d128_bs192"])
 def test_head_dims_and_block_sizes(head_dim, block_size):
     case = make_case(**MIXED, head_dim=head_dim, block_size=block_size, num_kv_heads=1, group=2)
     assert error_ratio(run_kernel(case), run_reference(case)) < 1e-6

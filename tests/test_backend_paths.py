@@ -95,6 +95,42 @@ def test_int4_per_token_head_cache_dtype_selects_the_same_pages(tiny_model_dir):
     assert seen["auto"] == seen["int4_per_token_head"]
 
 
+def _serve(model, prompts, runs, prompt_logprobs=True, **engine):
+    """For each run ``(name, backend, policy, impl)``: per prompt, the greedy tokens and their logprobs
+    (then the prompt's, with ``prompt_logprobs``). Also each run's block size."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True,
+                            prompt_logprobs=1 if prompt_logprobs else None)
+    results, block_sizes = {}, {}
+    for name, backend, policy, impl in runs:
+        with vllm_engine(model, backend=backend, policy=policy, impl=impl, **engine) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            block_sizes[name] = llm.llm_engine.vllm_config.cache_config.block_size
+        results[name] = []
+        for o in outs:
+            logprobs = [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+            if prompt_logprobs:
+                logprobs += [lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])]
+            results[name].append((list(o.outputs[0].token_ids), logprobs))
+    return results, block_sizes
+
+
+def _assert_same(results, ours: str, theirs: str, tolerance: float = 1e-4):
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results[ours], results[theirs], strict=True):
+        assert tokens == ref_tokens, (ours, theirs)
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) < tolerance, (ours, theirs)
+
+
+def _prompts(*lengths):
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=[10 + i % 900 for i in range(n)]) for n in lengths]
+
+
+VLLM_CPU_ATTN = ("cpu_attn", None, None, None)
+
+
 @pytest.mark.slow
 def test_head_size_96_is_served(tmp_path):
     """Phi-3's head size, 96 (not a power of two: the kernels span 128 channels and mask the rest).
@@ -102,28 +138,15 @@ def test_head_size_96_is_served(tmp_path):
     K16V16 gives vLLM's own CPU attention's tokens; the Triton kernels (interpreted) serve the torch
     path's tokens with 32-channel key groups and the block-diagonal rotation (three 32-channel blocks).
     """
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     from vllm_int4kv.tiny_model import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "d96-llama", seed=0, head_dim=96)
-    prompts = [TokensPrompt(prompt_token_ids=list(range(10, 10 + n))) for n in (37, 20)]
-    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True)
-    results = {}
-    for name, backend, policy, impl in (("cpu_attn", None, None, None), ("k16v16", "CUSTOM", "k16v16", "torch"),
-                                        ("torch", "CUSTOM", "k4v4-g32-rot", "torch"),
-                                        ("triton", "CUSTOM", "k4v4-g32-rot", "triton")):
-        with vllm_engine(model, backend=backend, policy=policy, impl=impl, block_size=32,
-                         max_num_batched_tokens=64) as llm:
-            outs = llm.generate(prompts, params, use_tqdm=False)
-        results[name] = [(list(o.outputs[0].token_ids),
-                          [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
-                         for o in outs]
-    for ours, theirs in (("k16v16", "cpu_attn"), ("triton", "torch")):
-        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results[ours], results[theirs], strict=True):
-            assert tokens == ref_tokens, (ours, theirs)
-            assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-4, (ours, theirs)
+    results, _ = _serve(model, _prompts(37, 20), [
+        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
+        ("torch", "CUSTOM", "k4v4-g32-rot", "torch"), ("triton", "CUSTOM", "k4v4-g32-rot", "triton")],
+        prompt_logprobs=False, block_size=32, max_num_batched_tokens=64)
+    _assert_same(results, "k16v16", "cpu_attn")
+    _assert_same(results, "triton", "torch")
 
 
 @pytest.mark.slow
@@ -133,25 +156,29 @@ def test_gpt_oss_attention_sinks_are_served(tmp_path):
     K16V16 gives vLLM's own CPU attention's tokens and logprobs, prompts included (its CPU kernel
     applies the sinks natively); the Triton kernels (interpreted) serve the torch path's over K4V4 pages.
     """
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     from vllm_int4kv.tiny_model import build_tiny_gpt_oss
 
     model = build_tiny_gpt_oss(tmp_path / "tiny-gpt-oss", seed=0)
-    prompts = [TokensPrompt(prompt_token_ids=list(range(10, 10 + n))) for n in (70, 20)]
-    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, prompt_logprobs=1, ignore_eos=True)
-    results = {}
-    for name, backend, policy, impl in (("cpu_attn", None, None, None), ("k16v16", "CUSTOM", "k16v16", "torch"),
-                                        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")):
-        with vllm_engine(model, backend=backend, policy=policy, impl=impl, block_size=32,
-                         max_num_batched_tokens=64) as llm:
-            outs = llm.generate(prompts, params, use_tqdm=False)
-        results[name] = [(list(o.outputs[0].token_ids),
-                          [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
-                          + [lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])])
-                         for o in outs]
-    for ours, theirs in (("k16v16", "cpu_attn"), ("triton", "torch")):
-        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results[ours], results[theirs], strict=True):
-            assert tokens == ref_tokens, (ours, theirs)
-            assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) < 1e-4, (ours, theirs)
+    results, _ = _serve(model, _prompts(70, 20), [
+        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
+        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")],
+        block_size=32, max_num_batched_tokens=64)
+    _assert_same(results, "k16v16", "cpu_attn")
+    _assert_same(results, "triton", "torch")
+
+
+@pytest.mark.slow
+def test_hybrid_mamba_model_is_served(tmp_path):
+    """A Granite-4-style hybrid: vLLM sizes attention blocks so one covers a Mamba-2 state page, which
+    need not be a power of two (K8V4 pages here: 192 tokens per block). K16V16 gives vLLM's own CPU
+    attention's tokens and logprobs; the Triton kernels (interpreted) serve the torch path's over K8V4."""
+    from vllm_int4kv.tiny_model import build_tiny_hybrid
+
+    model = build_tiny_hybrid(tmp_path / "tiny-hybrid", seed=0)
+    results, block_sizes = _serve(model, _prompts(250, 20), [
+        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
+        ("torch", "CUSTOM", "k8v4", "torch"), ("triton", "CUSTOM", "k8v4", "triton")],
+        block_size=32, max_num_batched_tokens=64)
+    assert block_sizes["torch"] == block_sizes["triton"] == 192, block_sizes  # not a power of two
+    _assert_same(results, "k16v16", "cpu_attn")
+    _assert_same(results, "triton", "torch")

@@ -85,8 +85,8 @@ def test_cpu_selection_changes_only_for_custom():
     (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype fp8 is not supported by vllm-int4kv"),
     (dict(use_mla=True), "does not support MLA"),
     (dict(attn_type=AttentionType.ENCODER_ONLY), "decoder self-attention only"),
-    (dict(block_size=48), "power of two"),
-], ids=["head72", "fp8_cache", "mla", "encoder", "block48"])
+    (dict(block_size=24), "needs a multiple of 16"),
+], ids=["head72", "fp8_cache", "mla", "encoder", "block24"])
 def test_unsupported_configurations_stop_with_a_clear_message(overrides, message):
     plugin.register()
     with pytest.raises(ValueError, match="--attention-backend CUSTOM cannot run this model") as err:
@@ -94,8 +94,9 @@ def test_unsupported_configurations_stop_with_a_clear_message(overrides, message
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("overrides", [dict(head_size=96), dict(head_size=80), dict(has_sink=True)],
-                         ids=["phi3_head96", "phi2_head80", "gpt_oss_sinks"])
+@pytest.mark.parametrize("overrides", [dict(head_size=96), dict(head_size=80), dict(has_sink=True),
+                                       dict(block_size=192)],
+                         ids=["phi3_head96", "phi2_head80", "gpt_oss_sinks", "hybrid_block192"])
 def test_supported_configurations_select_the_backend(overrides):
     plugin.register()
     assert plugin._select_custom(_selector(**overrides)) == plugin.BACKEND_PATH

@@ -20,6 +20,7 @@ LAYOUTS = {
     "k8v4_g16_d80": PageLayout(80, 16, 8, 4, k_group=16, elem_bytes=4),
     "k16v16_d80": PageLayout(80, 16, 16, 16, elem_bytes=4),
     "k8v8_d48": PageLayout(48, 16, 8, 8, elem_bytes=4),
+    "k8v4_d64_bs48": PageLayout(64, 48, 8, 4, elem_bytes=4),  # hybrid models' blocks: multiples of 16
 }
 
 

@@ -43,7 +43,7 @@ def test_heads_that_are_not_a_power_of_two_store_exactly_their_channels():
     (dict(head_dim=272, block_size=16), "from 32 to 256"),
     (dict(head_dim=80, block_size=16, k_group=32), "k_group=32 must be a power of two >= 2 dividing"),
     (dict(head_dim=64, block_size=16, k_bits=2), "bits"),
-    (dict(head_dim=64, block_size=24), "power of two"),
+    (dict(head_dim=64, block_size=24), "power of two or a multiple of 16"),
     (dict(head_dim=64, block_size=16, k_group=24), "k_group"),
 ])
 def test_layout_rejects_bad_geometry(kwargs, match):

@@ -114,9 +114,9 @@ class Int4KVBackend(AttentionBackend):
 
     @classmethod
     def supports_block_size(cls, block_size: int | None) -> bool:
-        # The page format splits a block into planes of block_size rows: a power of two keeps
-        # every plane aligned.
-        return block_size is None or (block_size >= 16 and block_size & (block_size - 1) == 0)
+        # The page format splits a block into planes of block_size rows: a multiple of 16 keeps every
+        # plane 16-byte aligned. (Hybrid models get what their state pages need: 64, 192, 256, ...)
+        return block_size is None or (block_size >= 16 and block_size % 16 == 0)
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -180,7 +180,7 @@ class Int4KVBackend(AttentionBackend):
                            "--kv-cache-dtype auto (pages follow VLLM_INT4KV_POLICY) or "
                            "int4_per_token_head")
         if not cls.supports_block_size(block_size):
-            reasons.append(f"--block-size {block_size}: vllm-int4kv needs a power of two >= 16")
+            reasons.append(f"--block-size {block_size}: vllm-int4kv needs a multiple of 16")
         if use_sparse:
             reasons.append(f"vllm-int4kv does not support sparse attention; {_HINT}")
         if use_mm_prefix or use_per_head_quant_scales:

@@ -11,7 +11,8 @@ overrides ``hidden_size`` or ``num_attention_heads`` without ``head_dim``, it be
 ``hidden_size // num_attention_heads`` (the usual Llama convention).
 
 ``build_tiny_gpt_oss(path, seed=0)`` writes a tiny gpt-oss (attention sinks, sliding-window layers
-alternating with full ones, a mixture of experts) with the same tokenizer.
+alternating with full ones, a mixture of experts) and ``build_tiny_hybrid(path, seed=0)`` a tiny
+Granite-4-style hybrid (a Mamba-2 layer, then an attention layer), with the same tokenizer.
 """
 from __future__ import annotations
 
@@ -114,6 +115,22 @@ def build_tiny_gpt_oss(path: str | os.PathLike, seed: int = 0, sliding_window: i
             layer.self_attn.sinks.data.normal_(2.0, 1.0)
 
     return _save(path, GptOssForCausalLM, config, tokenizer, seed, sinks_around_two)
+
+
+def build_tiny_hybrid(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny GraniteMoeHybrid: Mamba-2 state pages share vLLM's block pool with the attention pages,
+    so vLLM sizes attention blocks to cover a state page (e.g. 192 tokens for K8V4 pages)."""
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = GraniteMoeHybridConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, shared_intermediate_size=256,
+        num_local_experts=0, num_hidden_layers=2, layer_types=["mamba", "attention"], num_attention_heads=4,
+        num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16,
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=64, position_embedding_type="rope",
+        max_position_embeddings=4096, initializer_range=0.08, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return _save(path, GraniteMoeHybridForCausalLM, config, tokenizer, seed)
 
 
 def _save(path, model_cls, config, tokenizer, seed: int, adjust=None) -> Path:
