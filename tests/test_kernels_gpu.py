@@ -82,6 +82,8 @@ def test_softcap_sliding_window_warps_and_stages():
     sinks = (torch.randn(case.query.shape[1]) + 2.0).cuda()  # gpt-oss's attention sinks, split or not
     assert _check(case, sinks=sinks) < TOLERANCE[torch.bfloat16]
     assert _check(long, sinks=sinks, num_splits=8) < TOLERANCE[torch.bfloat16]
+    hybrid = _on_gpu(make_case(**MIXED, block_size=192, dtype=torch.bfloat16))  # a block that is no power of 2
+    assert _check(hybrid) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("policy,dtype", [("k4v4", torch.bfloat16), ("k4v4", torch.float16),
