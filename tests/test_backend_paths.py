@@ -1,7 +1,14 @@
 """Engine-level checks of single properties: KV capacity at equal memory, a refused configuration, the
-Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation, and a
-sliding-window model."""
+Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation, and the model
+families whose attention differs: sliding windows, a 96-channel head, gpt-oss's sinks, a Mamba hybrid,
+and ngram speculative decoding (multi-token verification steps)."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,6 +136,7 @@ def _prompts(*lengths):
 
 
 VLLM_CPU_ATTN = ("cpu_attn", None, None, None)
+SPEC_ENGINE = Path(__file__).with_name("spec_engine.py")
 
 
 @pytest.mark.slow
@@ -182,3 +190,35 @@ def test_hybrid_mamba_model_is_served(tmp_path):
     assert block_sizes["torch"] == block_sizes["triton"] == 192, block_sizes  # not a power of two
     _assert_same(results, "k16v16", "cpu_attn")
     _assert_same(results, "triton", "torch")
+
+
+
+def _spec_engine(model, backend, policy, impl, speculate: bool) -> dict:
+    """One engine of ``spec_engine.py`` in a fresh process (its docstring says why)."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+    for name, value in (("VLLM_INT4KV_POLICY", policy), ("VLLM_INT4KV_IMPL", impl)):
+        if value:
+            env[name] = value
+    proc = subprocess.run([sys.executable, str(SPEC_ENGINE), str(model),
+                           backend or "none", "1" if speculate else "0"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_ngram_speculative_decoding(tiny_model_dir):
+    """Speculative decoding (ngram): verification steps attend with 1 + 3 query tokens per sequence.
+
+    With speculation, K16V16 gives vLLM's own CPU attention's tokens and logprobs, and the Triton kernels
+    over K4V4 pages give the torch path's without speculation (greedy: speculation changes no token).
+    Drafts were accepted, so multi-token verification steps ran.
+    """
+    runs = {"cpu_attn": (None, None, None, True), "k16v16": ("CUSTOM", "k16v16", "torch", True),
+            "plain": ("CUSTOM", "k4v4", "torch", False), "triton": ("CUSTOM", "k4v4", "triton", True)}
+    done = {name: _spec_engine(tiny_model_dir, *run) for name, run in runs.items()}
+    assert all(done[name]["accepted"] > 0 for name in ("cpu_attn", "k16v16", "triton")), done
+    results = {name: [(o["tokens"], o["logprobs"]) for o in r["outputs"]] for name, r in done.items()}
+    _assert_same(results, "k16v16", "cpu_attn")
+    _assert_same(results, "triton", "plain")
