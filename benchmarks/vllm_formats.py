@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from vllm_int4kv.kernels.rotation import hadamard
+from vllm_int4kv.kernels.rotation import hadamard, hadamard_block
 from vllm_int4kv.quality import vllm_cache_bytes
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: vLLM's FP8_MAX on CUDA
@@ -77,15 +77,10 @@ def _rht_signs(block: int) -> torch.Tensor:
     return 2.0 * torch.bernoulli(torch.full((block,), 0.5), generator=gen) - 1.0
 
 
-def _rht_block(d: int) -> int:
-    """vLLM rotates block-diagonally in blocks of the largest power of two dividing the head size."""
-    return d & -d
-
-
 def _rht(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """vLLM's single randomized Hadamard transform, fp32: ``H(x * s)``; inverse ``H(y) * s / block``."""
     d = x.shape[-1]
-    block = _rht_block(d)
+    block = hadamard_block(d)  # vLLM's blocks too: the largest power of two dividing the head size
     # vLLM's H is unnormalized (H @ H = block * I): the signs of our orthonormal one, exactly ±1
     h, s = hadamard(block, device=x.device).sign(), _rht_signs(block).to(x.device)
     xb = x.float().unflatten(-1, (d // block, block))
