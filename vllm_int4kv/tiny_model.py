@@ -11,8 +11,9 @@ overrides ``hidden_size`` or ``num_attention_heads`` without ``head_dim``, it be
 ``hidden_size // num_attention_heads`` (the usual Llama convention).
 
 ``build_tiny_gpt_oss(path, seed=0)`` writes a tiny gpt-oss (attention sinks, sliding-window layers
-alternating with full ones, a mixture of experts) and ``build_tiny_hybrid(path, seed=0)`` a tiny
-Granite-4-style hybrid (a Mamba-2 layer, then an attention layer), with the same tokenizer.
+alternating with full ones, a mixture of experts), ``build_tiny_hybrid(path, seed=0)`` a tiny
+Granite-4-style hybrid (a Mamba-2 layer, then an attention layer) and ``build_tiny_qwen3_next`` a tiny
+Qwen3-Next (a Gated DeltaNet layer, then an attention layer; experts), with the same tokenizer.
 """
 from __future__ import annotations
 
@@ -131,6 +132,23 @@ def build_tiny_hybrid(path: str | os.PathLike, seed: int = 0) -> Path:
         max_position_embeddings=4096, initializer_range=0.08, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=3)
     return _save(path, GraniteMoeHybridForCausalLM, config, tokenizer, seed)
+
+
+def build_tiny_qwen3_next(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny Qwen3-Next. vLLM's CPU kernel for its Gated DeltaNet layers wants bf16 and 128-channel
+    linear-attention heads, so those are kept at that size."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = Qwen3NextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"], num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128,
+        linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, shared_expert_intermediate_size=64, decoder_sparse_step=1,
+        max_position_embeddings=4096, initializer_range=0.08, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return _save(path, Qwen3NextForCausalLM, config, tokenizer, seed)
 
 
 def _save(path, model_cls, config, tokenizer, seed: int, adjust=None) -> Path:
