@@ -39,75 +39,12 @@ def test_unsupported_kv_cache_dtype_stops_startup_with_a_clear_message(tiny_mode
     assert any("--kv-cache-dtype fp8 is not supported by vllm-int4kv" in m for m in chain), chain
 
 
-@pytest.mark.slow
-def test_triton_kernels_serve_the_same_tokens_as_torch(tiny_model_dir):
-    """The whole engine on the Triton write and attention kernels (interpreted here) vs torch."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    prompts = [TokensPrompt(prompt_token_ids=list(range(10, 10 + n))) for n in (37, 20)]
-    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True)
-    results = {}
-    for impl in ("torch", "triton"):
-        with vllm_engine(tiny_model_dir, policy="k4v4", impl=impl, block_size=16,
-                         max_num_batched_tokens=64) as llm:
-            outs = llm.generate(prompts, params, use_tqdm=False)
-        results[impl] = [(list(o.outputs[0].token_ids),
-                          [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
-                         for o in outs]
-    for (tok_torch, lp_torch), (tok_triton, lp_triton) in zip(results["torch"], results["triton"]):
-        assert tok_triton == tok_torch
-        assert max(abs(a - b) for a, b in zip(lp_torch, lp_triton)) < 1e-4
-
-
-def test_sliding_window_model_matches_vllm_cpu_attention(tmp_path):
-    """Llama with a 48-token sliding window on layer 0 (vLLM's hybrid KV manager) and q/k/v biases."""
-    import torch
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from vllm_int4kv.tiny_model import build_tiny_llama
-
-    model = build_tiny_llama(tmp_path / "sw-llama", seed=0, attention_bias=True, sliding_window=48,
-                             layer_types=["sliding_attention", "full_attention"])
-    gen = torch.Generator().manual_seed(0)
-    prompts = [TokensPrompt(prompt_token_ids=torch.randint(6, 1024, (n,), generator=gen).tolist())
-               for n in (150, 70, 33)]
-    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1, prompt_logprobs=1, ignore_eos=True)
-    results = {}
-    for backend, policy in ((None, None), ("CUSTOM", "k16v16")):
-        with vllm_engine(model, backend=backend, policy=policy, block_size=32, max_num_batched_tokens=64) as llm:
-            outs = llm.generate(prompts, params, use_tqdm=False)
-        results[backend] = [
-            (list(o.outputs[0].token_ids),
-             [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
-             + [lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])])
-            for o in outs]
-    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results["CUSTOM"], results[None]):
-        assert tokens == ref_tokens
-        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) < 1e-4
-
-
-def test_int4_per_token_head_cache_dtype_selects_the_same_pages(tiny_model_dir):
-    """``--kv-cache-dtype int4_per_token_head`` (uint8 spec) and ``auto`` give the same K4V4 pages."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=1, ignore_eos=True)
-    seen = {}
-    for kv_cache_dtype in ("auto", "int4_per_token_head"):
-        with vllm_engine(tiny_model_dir, policy="k4v4", kv_cache_dtype=kv_cache_dtype) as llm:
-            out = llm.generate(["The licensee may copy"], params, use_tqdm=False)[0].outputs[0]
-            seen[kv_cache_dtype] = (num_kv_blocks(llm), list(out.token_ids),
-                                    [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)])
-    assert seen["auto"] == seen["int4_per_token_head"]
-
-
-def _serve(model, prompts, runs, prompt_logprobs=True, **engine):
+def _serve(model, prompts, runs, prompt_logprobs=True, max_tokens=4, **engine):
     """For each run ``(name, backend, policy, impl)``: per prompt, the greedy tokens and their logprobs
     (then the prompt's, with ``prompt_logprobs``). Also each run's block size."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True,
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1, ignore_eos=True,
                             prompt_logprobs=1 if prompt_logprobs else None)
     results, block_sizes = {}, {}
     for name, backend, policy, impl in runs:
@@ -137,6 +74,46 @@ def _prompts(*lengths):
 
 VLLM_CPU_ATTN = ("cpu_attn", None, None, None)
 SPEC_ENGINE = Path(__file__).with_name("spec_engine.py")
+
+
+@pytest.mark.slow
+def test_triton_kernels_serve_the_same_tokens_as_torch(tiny_model_dir):
+    """The whole engine on the Triton write and attention kernels (interpreted here) vs torch."""
+    results, _ = _serve(tiny_model_dir, _prompts(37, 20), [("torch", "CUSTOM", "k4v4", "torch"),
+                                                          ("triton", "CUSTOM", "k4v4", "triton")],
+                        prompt_logprobs=False, block_size=16, max_num_batched_tokens=64)
+    _assert_same(results, "triton", "torch")
+
+
+def test_sliding_window_model_matches_vllm_cpu_attention(tmp_path):
+    """Llama with a 48-token sliding window on layer 0 (vLLM's hybrid KV manager) and q/k/v biases."""
+    import torch
+    from vllm.inputs import TokensPrompt
+
+    from vllm_int4kv.tiny_model import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "sw-llama", seed=0, attention_bias=True, sliding_window=48,
+                             layer_types=["sliding_attention", "full_attention"])
+    gen = torch.Generator().manual_seed(0)
+    prompts = [TokensPrompt(prompt_token_ids=torch.randint(6, 1024, (n,), generator=gen).tolist())
+               for n in (150, 70, 33)]
+    results, _ = _serve(model, prompts, [VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch")],
+                        max_tokens=12, block_size=32, max_num_batched_tokens=64)
+    _assert_same(results, "k16v16", "cpu_attn")
+
+
+def test_int4_per_token_head_cache_dtype_selects_the_same_pages(tiny_model_dir):
+    """``--kv-cache-dtype int4_per_token_head`` (uint8 spec) and ``auto`` give the same K4V4 pages."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=1, ignore_eos=True)
+    seen = {}
+    for kv_cache_dtype in ("auto", "int4_per_token_head"):
+        with vllm_engine(tiny_model_dir, policy="k4v4", kv_cache_dtype=kv_cache_dtype) as llm:
+            out = llm.generate(["The licensee may copy"], params, use_tqdm=False)[0].outputs[0]
+            seen[kv_cache_dtype] = (num_kv_blocks(llm), list(out.token_ids),
+                                    [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)])
+    assert seen["auto"] == seen["int4_per_token_head"]
 
 
 @pytest.mark.slow
@@ -190,8 +167,6 @@ def test_hybrid_mamba_model_is_served(tmp_path):
     assert block_sizes["torch"] == block_sizes["triton"] == 192, block_sizes  # not a power of two
     _assert_same(results, "k16v16", "cpu_attn")
     _assert_same(results, "triton", "torch")
-
-
 
 
 @pytest.mark.slow

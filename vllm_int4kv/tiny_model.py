@@ -36,6 +36,10 @@ DEFAULTS = dict(
     initializer_range=0.08,
     tie_word_embeddings=False,
 )
+# Shared by the other architectures' builders: the token ids of SPECIAL_TOKENS and the same wide init.
+SPECIAL_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+SHARED = {name: DEFAULTS[name] for name in ("max_position_embeddings", "initializer_range",
+                                            "tie_word_embeddings")} | SPECIAL_IDS
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -106,9 +110,7 @@ def build_tiny_gpt_oss(path: str | os.PathLike, seed: int = 0, sliding_window: i
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
         sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=4096, initializer_range=0.08, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3,
-        rope_scaling={"rope_type": "yarn", "factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        **SHARED, rope_scaling={"rope_type": "yarn", "factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0,
                       "truncate": False, "original_max_position_embeddings": 4096})
 
     def sinks_around_two(model):
@@ -128,9 +130,7 @@ def build_tiny_hybrid(path: str | os.PathLike, seed: int = 0) -> Path:
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, shared_intermediate_size=256,
         num_local_experts=0, num_hidden_layers=2, layer_types=["mamba", "attention"], num_attention_heads=4,
         num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16,
-        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=64, position_embedding_type="rope",
-        max_position_embeddings=4096, initializer_range=0.08, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=64, position_embedding_type="rope", **SHARED)
     return _save(path, GraniteMoeHybridForCausalLM, config, tokenizer, seed)
 
 
@@ -145,9 +145,7 @@ def build_tiny_qwen3_next(path: str | os.PathLike, seed: int = 0) -> Path:
         layer_types=["linear_attention", "full_attention"], num_attention_heads=4, num_key_value_heads=2,
         head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128,
         linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=64, shared_expert_intermediate_size=64, decoder_sparse_step=1,
-        max_position_embeddings=4096, initializer_range=0.08, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        moe_intermediate_size=64, shared_expert_intermediate_size=64, decoder_sparse_step=1, **SHARED)
     return _save(path, Qwen3NextForCausalLM, config, tokenizer, seed)
 
 
@@ -167,7 +165,7 @@ def _save(path, model_cls, config, tokenizer, seed: int, adjust=None) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     with open(path / "generation_config.json", "w") as f:  # greedy unless the request says otherwise
-        json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}, f)
+        json.dump(SPECIAL_IDS, f)
     return path
 
 
