@@ -261,3 +261,13 @@ def test_prompts_are_real_text():
     assert len(prompts) == 5
     assert all(len(p) > 1000 and p.count(" ") > 150 for p in prompts)
     assert len(set(prompts)) == 5
+
+
+def test_a_model_whose_attention_ignores_the_interface_is_refused_not_measured_as_lossless():
+    """transformers' Bloom computes attention itself (ALiBi, baddbmm), never through AttentionInterface:
+    every candidate would measure KL 0 and K4V4 would win unmeasured. The session refuses instead."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2)).eval()
+    with pytest.raises(NotImplementedError, match="cannot calibrate BloomForCausalLM.*fixed policy"):
+        Session(model, token_ids(n=1, length=16))

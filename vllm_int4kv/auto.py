@@ -61,11 +61,12 @@ def _model_facts(model, revision, dtype, trust_remote_code):
 
 
 def _quantizer_digest() -> str:
-    """Hash of the code that defines what the cache stores: a changed quantizer recalibrates."""
+    """Hash of the code that defines what the cache stores and how a layout is measured: a changed
+    quantizer or measurement recalibrates."""
     from .kernels import page_format, reference
 
     digest = hashlib.sha256()
-    for module in (page_format, reference):
+    for module in (page_format, reference, calibration):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 

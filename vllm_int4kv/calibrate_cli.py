@@ -78,8 +78,12 @@ def run(args) -> int:
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--eval-text: {exc}") from exc
     ppl = {}
-    with calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=args.dtype,
-                                  trust_remote_code=args.trust_remote_code, device=args.device) as session:
+    try:
+        session = calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=args.dtype,
+                                           trust_remote_code=args.trust_remote_code, device=args.device)
+    except NotImplementedError as exc:  # a model the calibration cannot see into: say so, no traceback
+        raise SystemExit(f"vllm-int4kv calibrate: {exc}") from exc
+    with session:
         result = calibration.calibrate(session, head_dim, settings, elem_bytes=elem_bytes,
                                        measure_all=args.all or bool(args.eval_text))
         if chunks:

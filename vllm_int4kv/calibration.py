@@ -166,11 +166,14 @@ def prompts_digest(prompts: list[str]) -> str:
 # (k_bits, v_bits, k_group, rotate), a function (key, value) -> (key, value) for another cache format
 # (benchmarks/vllm_formats.py: vLLM's own), or None for full precision
 _ACTIVE: tuple | Callable | None = None
+_calls = 0  # how many attention layers ran through _quantizing_attention (see Session)
 
 
 def _quantizing_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    global _calls
+    _calls += 1
     if callable(_ACTIVE):
         key, value = _ACTIVE(key, value)
     elif _ACTIVE is not None:
@@ -252,9 +255,17 @@ class Session:
         self.device = next(model.parameters()).device
         self.inputs = [torch.tensor(ids, device=self.device)[None] for ids in token_ids]
         self.n_tokens = sum(x.shape[1] for x in self.inputs)
-        start = time.perf_counter()
+        start, calls_before = time.perf_counter(), _calls
         self.reference = [self._logprobs(x, None) for x in self.inputs]
         self.reference_seconds = time.perf_counter() - start
+        if _calls == calls_before:
+            # e.g. Bloom and Falcon in transformers: their attention code ignores AttentionInterface, so
+            # every candidate would measure a KL of exactly 0 and the cheapest would win unmeasured
+            raise NotImplementedError(
+                f"cannot calibrate {type(model).__name__}: its transformers implementation does not route "
+                "attention through AttentionInterface, so the calibration cannot quantize its K/V. Set "
+                "VLLM_INT4KV_POLICY to a fixed policy instead, and measure the candidates through vLLM "
+                "with `vllm-int4kv quality`")
         self.load_seconds = 0.0
 
     @classmethod
