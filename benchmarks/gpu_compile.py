@@ -56,13 +56,14 @@ class Case:
     softcap: bool = False
     window: bool = False
     sinks: bool = False  # gpt-oss's per-head sink logits
+    alibi: bool = False  # Bloom's and Falcon's per-head position-bias slopes
     num_warps: int = 4
     num_stages: int | None = None  # None: Triton's default (3 on NVIDIA)
     num_seqs: int = 8  # 1: the JIT makes num_seqs a constant
 
     @property
     def name(self) -> str:
-        extra = "".join(f"-{flag}" for flag in ("softcap", "window", "sinks") if getattr(self, flag))
+        extra = "".join(f"-{flag}" for flag in ("softcap", "window", "sinks", "alibi") if getattr(self, flag))
         extra += f"-w{self.num_warps}" if self.num_warps != 4 else ""
         extra += f"-s{self.num_stages}" if self.num_stages is not None else ""
         extra += f"-b{self.num_seqs}" if self.num_seqs != 8 else ""
@@ -158,7 +159,8 @@ def _record(case: Case) -> list:
                 sliding_window=128 if case.window else None,
                 num_splits=4 if case.op == "decode_split" else 1, num_warps=case.num_warps,
                 num_stages=case.num_stages,
-                sinks=torch.zeros(shape.num_q_heads) if case.sinks else None)
+                sinks=torch.zeros(shape.num_q_heads) if case.sinks else None,
+                alibi_slopes=torch.ones(shape.num_q_heads) if case.alibi else None)
     finally:
         (attention.paged_attention_kernel, attention._reduce_splits_kernel, cache_write._write_kv_kernel,
          attention._is_gpu) = saved

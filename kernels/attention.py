@@ -116,13 +116,15 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
                     sliding_window: int | None = None, softcap: float | None = None,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
                     num_warps: int = 4, num_stages: int | None = None,
-                    share_tiles: bool | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                    share_tiles: bool | None = None, sinks: torch.Tensor | None = None,
+                    alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``query`` ``[T, Hq, D]`` over the paged quantized ``cache``.
 
     Sequence ``s`` owns query rows ``query_start_loc[s]:query_start_loc[s+1]``, the last tokens of its
     ``seq_lens[s]`` tokens, whose pages are ``block_table[s]``. ``max_query_len``/``max_seq_len`` are
     host integers (no device sync here). ``sinks`` ``[Hq]`` fp32 (gpt-oss): one more logit per head in
-    every row's softmax, with no value. Returns ``out`` ``[T, Hq, D]`` in the query's dtype.
+    every row's softmax, with no value. ``alibi_slopes`` ``[Hq]`` fp32 (Bloom, Falcon): each score gains
+    ``slope * (key position - query position)``. Returns ``out`` ``[T, Hq, D]`` in the query's dtype.
     ``num_splits`` (flash-decoding), ``num_warps``, ``num_stages`` (software pipelining depth; None
     keeps Triton's default) and ``share_tiles`` (None: ``shares_tiles_by_default``; False: convert KV
     tiles in the dot's layout) override the defaults, for tuning.
@@ -162,10 +164,11 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
     if num_stages is not None and not 1 <= num_stages <= 8:
         raise ValueError(f"num_stages must be 1 to 8 (or None for Triton's default), got {num_stages}")
-    if sinks is not None and (sinks.shape != (num_q_heads,) or sinks.dtype != torch.float32
-                              or sinks.device != query.device or sinks.stride(0) != 1):
-        raise ValueError(f"sinks must be a contiguous float32 [{num_q_heads}] tensor on {query.device}, got "
-                         f"{sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
+    for name, per_head in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
+        if per_head is not None and (per_head.shape != (num_q_heads,) or per_head.dtype != torch.float32
+                                     or per_head.device != query.device or per_head.stride(0) != 1):
+            raise ValueError(f"{name} must be a contiguous float32 [{num_q_heads}] tensor on {query.device}, "
+                             f"got {per_head.dtype} {tuple(per_head.shape)} on {per_head.device}")
     if share_tiles and not can_share_tiles(query):
         raise ValueError("share_tiles=True needs an NVIDIA GPU and 16-bit queries (inline PTX)")
     # passed only when set: a launch without it compiles exactly as before
@@ -192,6 +195,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     paged_attention_kernel[grid](
         query, out, part_acc, part_max, part_sum, out if sinks is None else sinks,
+        out if alibi_slopes is None else alibi_slopes,
         planes.k, planes.v, planes.params,
         block_table, seq_lens, query_start_loc,
         num_seqs, num_q_heads, sm_scale if sm_scale is not None else head_dim ** -0.5,
@@ -209,7 +213,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         K_CODE_BIAS=code_bias(layout.k_bits, query.dtype), V_CODE_BIAS=code_bias(layout.v_bits, query.dtype),
         NUM_SPLITS=num_splits, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
         IEEE=query.dtype == torch.float32, PTX_UNPACK=_has_ptx(query.device),
-        K_SHARE=k_share, V_SHARE=v_share, USE_SINKS=sinks is not None,
+        K_SHARE=k_share, V_SHARE=v_share, USE_SINKS=sinks is not None, USE_ALIBI=alibi_slopes is not None,
         num_warps=num_warps, **pipelining,
     )
     if num_splits > 1:

@@ -219,7 +219,7 @@ def _find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q: tl.constexpr)
 
 @triton.jit
 def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos,
-                 kv_lo, kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr,
+                 alibi_slope, kv_lo, kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr,
                  k_block_stride, v_block_stride, p_block_stride, sm_scale, softcap, sliding_window,
                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  TILE_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr,
@@ -228,7 +228,7 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
                  DECODE: tl.constexpr, K_FOLD: tl.constexpr, V_FOLD: tl.constexpr,
                  K_CODE_BIAS: tl.constexpr, V_CODE_BIAS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
                  USE_WINDOW: tl.constexpr, IEEE: tl.constexpr, PTX_UNPACK: tl.constexpr,
-                 K_SHARE: tl.constexpr, V_SHARE: tl.constexpr,
+                 K_SHARE: tl.constexpr, V_SHARE: tl.constexpr, USE_ALIBI: tl.constexpr,
                  MASKED: tl.constexpr):
     """One KV tile into the online softmax: the updated (max, sum, even/odd accumulators, zero sum).
 
@@ -259,6 +259,10 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
     scores *= sm_scale
     if USE_SOFTCAP:  # softcap * tanh(s / softcap), with tanh from exp (no libdevice needed)
         scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+    if USE_ALIBI:  # (Bloom, Falcon) slope * (key position - query position): 0 at the row's own token
+        # Positions converted per column and per row, then subtracted in fp32 (exact below 2**24): a
+        # conversion per score would run on the quarter-rate conversion unit.
+        scores += alibi_slope[:, None] * (offs_n.to(tl.float32)[None, :] - q_pos.to(tl.float32)[:, None])
     if MASKED:
         if DECODE:
             # A decode row's token is its sequence's last, so it sees every valid position. Rows that
@@ -291,7 +295,7 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
 
 @triton.jit
 def paged_attention_kernel(
-    q_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr,
+    q_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, alibi_ptr,
     k_plane_ptr, v_plane_ptr, par_ptr,
     block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
     num_seqs, num_q_heads, sm_scale, softcap, sliding_window,
@@ -305,7 +309,7 @@ def paged_attention_kernel(
     K_CODE_BIAS: tl.constexpr, V_CODE_BIAS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr, PTX_UNPACK: tl.constexpr, K_SHARE: tl.constexpr, V_SHARE: tl.constexpr,
-    USE_SINKS: tl.constexpr,
+    USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -348,6 +352,9 @@ def paged_attention_kernel(
         with_sink = row_valid & (split == 0)
         m_i = tl.load(sinks_ptr + q_head, mask=with_sink, other=float("-inf"))  # fp32, from the launcher
         l_i = tl.where(with_sink, 1.0, 0.0)  # e^(sink - m_i)
+    alibi_slope = tl.zeros([BLOCK_M], tl.float32)
+    if USE_ALIBI:
+        alibi_slope = tl.load(alibi_ptr + q_head, mask=row_valid, other=0.0)  # fp32, from the launcher
     acc_even = tl.zeros([BLOCK_M, HEAD_PAD // 2], tl.float32)
     acc_odd = tl.zeros([BLOCK_M, HEAD_PAD // 2], tl.float32)
     acc_zero = tl.zeros([BLOCK_M], tl.float32)  # sum of p * (V zero point), the same for every channel
@@ -374,12 +381,13 @@ def paged_attention_kernel(
         loop_end = unmasked_end if masked == 0 else tile_end
         for tile in range(loop_begin, loop_end):
             m_i, l_i, acc_even, acc_odd, acc_zero = _attend_tile(
-                tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos, kv_lo,
-                kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr, k_block_stride, v_block_stride,
-                p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE_N,
-                K_BITS, V_BITS, K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW, V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD,
+                tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos,
+                alibi_slope, kv_lo, kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr,
+                k_block_stride, v_block_stride, p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM,
+                HEAD_PAD, BLOCK_SIZE, TILE_N, K_BITS, V_BITS, K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW,
+                V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD,
                 K_CODE_BIAS, V_CODE_BIAS, USE_SOFTCAP, USE_WINDOW, IEEE, PTX_UNPACK, K_SHARE, V_SHARE,
-                masked == 1)
+                USE_ALIBI, masked == 1)
 
     tok = (q_start + q_tok).to(tl.int64)
     acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_PAD))  # interleave channels back

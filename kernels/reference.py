@@ -128,12 +128,14 @@ def paged_attention_reference(query: torch.Tensor, cache: torch.Tensor, layout: 
                               block_table: torch.Tensor, seq_lens: torch.Tensor,
                               query_start_loc: torch.Tensor, sm_scale: float | None = None,
                               sliding_window: int | None = None, softcap: float | None = None,
-                              kv_dtype=None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                              kv_dtype=None, sinks: torch.Tensor | None = None,
+                              alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its whole paged context.
 
     Sequence ``s`` owns query rows ``query_start_loc[s]:query_start_loc[s+1]``, which are the last
     tokens of its ``seq_lens[s]`` tokens; its cache blocks are ``block_table[s]``. ``sinks``
     ``[num_q_heads]`` (gpt-oss): one more logit per head in every row's softmax, with no value.
+    ``alibi_slopes`` ``[num_q_heads]`` (Bloom, Falcon): each score gains ``slope * (key pos - query pos)``.
     Returns fp32 ``[num_tokens, num_q_heads, D]``.
     """
     kv_dtype = kv_dtype or query.dtype
@@ -155,6 +157,8 @@ def paged_attention_reference(query: torch.Tensor, cache: torch.Tensor, layout: 
             scores = softcap * torch.tanh(scores / softcap)
         q_pos = torch.arange(seq_len - (q1 - q0), seq_len)[:, None]
         k_pos = torch.arange(seq_len)[None, :]
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.float()[:, None, None] * (k_pos - q_pos)
         visible = k_pos <= q_pos
         if sliding_window:
             visible &= k_pos > q_pos - sliding_window

@@ -28,7 +28,8 @@ from .reference import _run_views, read_cache_reference
 MAX_GATHERED_VALUES = 1 << 22  # positions x KV heads x head_dim gathered at once (bounds the scratch)
 PREFILL_ROWS = 256  # query rows per prefill step (see _prefill_sequence)
 MAX_PREFILL_SCORES = 1 << 24  # query heads x query rows x context per prefill step (bounds the mask and
-#                               any fallback that builds the scores: softcap, sinks or SDPA's math kernel)
+#                               any fallback that builds the scores: softcap, sinks, ALiBi or SDPA's math
+#                               kernel)
 
 
 class _Scratch(threading.local):
@@ -109,7 +110,7 @@ def _sink_factor(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding_window, softcap, kv_dtype,
-                  sinks=None):
+                  sinks=None, alibi_slopes=None):
     """``query`` ``[B, Hq, D]``, one token per sequence at position ``seq_lens - 1`` -> fp32 ``[B, Hq, D]``."""
     num_seqs, num_q_heads, head_dim = query.shape
     num_kv_heads, n = cache.shape[1], layout.block_size
@@ -150,6 +151,9 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
     scores = scores * sm_scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:  # slope * (key position - query position), the query at seq_lens - 1
+        distance = positions[None, :] - (seq_lens.long() - 1)[:, None]  # [B, S]
+        scores = scores + alibi_slopes.float().view(1, num_kv_heads, -1, 1) * distance[:, None, None, :]
     invalid = ~valid[:, None, :]  # [B, 1, S]
     scores = scores.masked_fill(invalid[:, :, None, :], float("-inf"))
     probs = scores.softmax(-1)  # hides NaN keys too
@@ -171,7 +175,7 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
 
 
 def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, sliding_window, softcap,
-                      kv_dtype, sinks=None) -> torch.Tensor:
+                      kv_dtype, sinks=None, alibi_slopes=None) -> torch.Tensor:
     """One sequence's query rows ``[T, Hq, D]`` (its last ``T`` tokens) over its ``seq_len`` tokens."""
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, bs = cache.shape[1], layout.block_size
@@ -198,7 +202,7 @@ def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, s
         visible = pos <= q_pos  # [t, keys]
         if sliding_window:
             visible &= pos > q_pos - sliding_window
-        if not softcap and sinks is None:
+        if not softcap and sinks is None and alibi_slopes is None:
             out[:, :, t0:t1] = F.scaled_dot_product_attention(q[:, :, t0:t1], keys, values, attn_mask=visible,
                                                               scale=sm_scale, enable_gqa=True)
             continue
@@ -206,6 +210,8 @@ def _prefill_sequence(query, cache, layout, block_row, seq_len: int, sm_scale, s
         scores = torch.matmul(grouped, keys[0, :, None].transpose(-1, -2)) * sm_scale  # [Hkv, G, t, keys]
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
+        if alibi_slopes is not None:
+            scores += alibi_slopes.float().view(num_kv_heads, -1, 1, 1) * (pos - q_pos)
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = scores.softmax(-1)
         if sinks is not None:
@@ -229,7 +235,8 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
                           block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                           sm_scale: float | None = None, sliding_window: int | None = None,
                           softcap: float | None = None, kv_dtype=None,
-                          sinks: torch.Tensor | None = None) -> torch.Tensor:
+                          sinks: torch.Tensor | None = None,
+                          alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract and result as ``paged_attention_reference`` (fp32 ``[T, Hq, D]``), batched."""
     kv_dtype = kv_dtype or query.dtype
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(query.shape[-1])
@@ -238,7 +245,7 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
     if query.shape[0] == num_seqs and bool((q_lens == 1).all()) and _fits_one_chunk(seq_lens, cache, layout):
         # the common decode step: rows are the sequences in order, no sorting or scattering needed
         return _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding_window, softcap,
-                             kv_dtype, sinks)
+                             kv_dtype, sinks, alibi_slopes)
     decode = torch.nonzero(q_lens == 1).flatten()
     out = torch.full(query.shape, float("nan"), dtype=torch.float32)
     if decode.numel():  # chunks of decode sequences, longest first so each chunk pads little
@@ -249,10 +256,10 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
             chunk = decode[start:start + max(1, MAX_GATHERED_VALUES // per_seq)]
             rows = query_start_loc[chunk].long()
             out[rows] = _decode_chunk(query[rows], cache, layout, block_table[chunk], seq_lens[chunk],
-                                      sm_scale, sliding_window, softcap, kv_dtype, sinks)
+                                      sm_scale, sliding_window, softcap, kv_dtype, sinks, alibi_slopes)
             start += chunk.numel()
     for s in torch.nonzero(q_lens > 1).flatten().tolist():  # prefill: one sequence at a time
         q0, q1 = int(query_start_loc[s]), int(query_start_loc[s + 1])
         out[q0:q1] = _prefill_sequence(query[q0:q1], cache, layout, block_table[s], int(seq_lens[s]),
-                                       sm_scale, sliding_window, softcap, kv_dtype, sinks)
+                                       sm_scale, sliding_window, softcap, kv_dtype, sinks, alibi_slopes)
     return out

@@ -81,3 +81,25 @@ def full_precision_attention(case: PagedCase, sliding_window=None, softcap=None)
         out.append(torch.einsum("hts,shd->thd", scores.masked_fill(~visible, -torch.inf).softmax(-1), v))
         row, qrow = row + n, qrow + q_len
     return torch.cat(out)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Bloom's ALiBi slopes (a geometric series per head), fp32 ``[num_heads]``, for a power of two."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)])
+
+
+def alibi_oracle(case: PagedCase, slopes: torch.Tensor) -> torch.Tensor:
+    """Attention with an ALiBi bias on the original K/V by torch's SDPA and an explicit float mask: an
+    oracle written apart from the reference (``slope * (key pos - query pos)``, -inf above the diagonal)."""
+    out, row, qrow = [], 0, 0
+    for s, n in enumerate(case.seq_lens.tolist()):
+        q_len = int(case.query_start_loc[s + 1] - case.query_start_loc[s])
+        q_pos = torch.arange(n - q_len, n)[:, None]
+        k_pos = torch.arange(n)[None, :]
+        bias = (slopes[:, None, None] * (k_pos - q_pos)).masked_fill(k_pos > q_pos, -torch.inf)
+        q = case.query[qrow:qrow + q_len].float().transpose(0, 1)[None]
+        k, v = (x[row:row + n].float().transpose(0, 1)[None] for x in (case.key, case.value))
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], enable_gqa=True)
+        out.append(attn[0].transpose(0, 1))
+        row, qrow = row + n, qrow + q_len
+    return torch.cat(out)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_utils import full_precision_attention, make_case
+from kernel_utils import alibi_oracle, alibi_slopes, full_precision_attention, make_case
 from vllm_int4kv.kernels import attention
 from vllm_int4kv.kernels.attention import paged_attention
 from vllm_int4kv.kernels.reference import error_ratio, paged_attention_reference
@@ -154,6 +154,27 @@ def test_attention_sinks(shape, k_bits, v_bits):
     assert error_ratio(run_kernel(case, sinks=sinks, **window), expected) < 1e-6
     with pytest.raises(ValueError, match="sinks must be a contiguous float32"):
         run_kernel(case, sinks=sinks.double())
+
+
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (16, 16)])
+def test_alibi(shape, k_bits, v_bits):
+    """Bloom's and Falcon's ALiBi: each score gains slope * (key position - query position), in every
+    split and in both loops (tiles seen in full by every row, and the masked ones)."""
+    case = make_case(**shape, k_bits=k_bits, v_bits=v_bits)
+    slopes = alibi_slopes(case.query.shape[1])
+    expected = run_reference(case, alibi_slopes=slopes)
+    assert error_ratio(expected, run_reference(case)) > 0.3  # the bias moves the output
+    if k_bits == 16:  # the reference's bias, against an oracle written apart from it
+        assert error_ratio(expected, alibi_oracle(case, slopes)) < 1e-3
+    for num_splits in (1, 4):
+        out = run_kernel(case, alibi_slopes=slopes, num_splits=num_splits)
+        assert error_ratio(out, expected) < 1e-6, num_splits
+    window = dict(sliding_window=20, softcap=5.0)
+    expected = run_reference(case, alibi_slopes=slopes, **window)
+    assert error_ratio(run_kernel(case, alibi_slopes=slopes, **window), expected) < 1e-6
+    with pytest.raises(ValueError, match="alibi_slopes must be a contiguous float32"):
+        run_kernel(case, alibi_slopes=slopes[:-1])
 
 
 def test_large_block_index_does_not_overflow():

@@ -1,7 +1,7 @@
 """Engine-level checks of single properties: KV capacity at equal memory, a refused configuration, the
 Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation, and the model
-families whose attention differs: sliding windows, a 96-channel head, gpt-oss's sinks, a Mamba hybrid,
-and ngram speculative decoding (multi-token verification steps)."""
+families whose attention differs: sliding windows, a 96-channel head, gpt-oss's sinks, Bloom's ALiBi, a
+Mamba hybrid, and ngram speculative decoding (multi-token verification steps)."""
 from __future__ import annotations
 
 import json
@@ -144,6 +144,24 @@ def test_gpt_oss_attention_sinks_are_served(tmp_path):
     from vllm_int4kv.tiny_model import build_tiny_gpt_oss
 
     model = build_tiny_gpt_oss(tmp_path / "tiny-gpt-oss", seed=0)
+    results, _ = _serve(model, _prompts(70, 20), [
+        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
+        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")],
+        block_size=32, max_num_batched_tokens=64)
+    _assert_same(results, "k16v16", "cpu_attn")
+    _assert_same(results, "triton", "torch")
+
+
+@pytest.mark.slow
+def test_bloom_alibi_is_served(tmp_path):
+    """Bloom: ALiBi position biases (slopes 1/4 to 1/256) instead of RoPE.
+
+    K16V16 gives vLLM's own CPU attention's tokens and logprobs, prompts included (without the biases
+    they differ by ~0.8); the Triton kernels (interpreted) serve the torch path's over K4V4 pages.
+    """
+    from vllm_int4kv.tiny_model import build_tiny_bloom
+
+    model = build_tiny_bloom(tmp_path / "tiny-bloom", seed=0)
     results, _ = _serve(model, _prompts(70, 20), [
         VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
         ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")],

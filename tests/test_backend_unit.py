@@ -108,9 +108,11 @@ def test_sinks_need_one_logit_per_query_head():
         backend.Int4KVImpl(4, 64, 0.125, 2, sinks=torch.zeros(2))
 
 
-def test_alibi_stops_with_a_clear_message():
-    with pytest.raises(ValueError, match="ALiBi"):
-        backend.Int4KVImpl(4, 64, 0.125, 2, alibi_slopes=[0.5] * 4)
+def test_alibi_slopes_become_one_fp32_slope_per_query_head():
+    impl = backend.Int4KVImpl(4, 64, 0.125, 2, alibi_slopes=[0.5, 0.25, 0.125, 0.0625])
+    assert impl.alibi_slopes.dtype == torch.float32 and impl.alibi_slopes.tolist() == [0.5, 0.25, 0.125, 0.0625]
+    with pytest.raises(ValueError, match=r"one slope per query head \(4\), got 2"):
+        backend.Int4KVImpl(4, 64, 0.125, 2, alibi_slopes=[0.5] * 2)
 
 
 # -- page sizing and the policy -------------------------------------------------------------------

@@ -50,6 +50,7 @@ def built():
         cases += [Case(op, "llama3-8b", "k4v4", d) for d in ("fp16", "fp32") for op in ("decode", "prefill")]
         cases += [Case(op, "qwen2.5-7b", "k4v4-g32", softcap=True, window=True) for op in ("decode", "prefill")]
         cases += [Case(op, "llama3-8b", "k4v4", window=True, sinks=True) for op in ("decode_split", "prefill")]
+        cases += [Case(op, "llama3-8b", "k4v4", alibi=True) for op in ("decode_split", "prefill")]
         cases += [Case(op, "llama3-8b", "k4v4", num_stages=n) for op in ("decode", "prefill") for n in (1, 2)]
         print(json.dumps([r.as_dict() for r in build_all(cases, 90, 2)]))
     """)
@@ -62,8 +63,9 @@ def test_every_kernel_compiles_for_sm90(built):
     assert not failed, failed
     kernels = {r["kernel"] for r in built}
     assert kernels == {"paged_attention_kernel", "_reduce_splits_kernel", "_write_kv_kernel"}
+    # a split decode launches the reduce kernel too: 5 shapes, then the sinks and the ALiBi cases
     assert sum(r["case"].startswith("decode_split/") and r["kernel"] == "_reduce_splits_kernel"
-               for r in built) == 2 * 5 + 1  # a split decode launches the reduce kernel too (5 shapes, sinks)
+               for r in built) == 2 * 5 + 2
 
 
 def test_stage_count_reaches_the_compiler(built):

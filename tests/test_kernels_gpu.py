@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_utils import make_case
+from kernel_utils import alibi_slopes, make_case
 from vllm_int4kv.kernels.attention import paged_attention
 from vllm_int4kv.kernels.cache_write import write_kv_cache
 from vllm_int4kv.kernels.reference import (error_ratio, paged_attention_reference, read_cache_reference,
@@ -82,6 +82,9 @@ def test_softcap_sliding_window_warps_and_stages():
     sinks = (torch.randn(case.query.shape[1]) + 2.0).cuda()  # gpt-oss's attention sinks, split or not
     assert _check(case, sinks=sinks) < TOLERANCE[torch.bfloat16]
     assert _check(long, sinks=sinks, num_splits=8) < TOLERANCE[torch.bfloat16]
+    slopes = alibi_slopes(case.query.shape[1]).cuda()  # Bloom's ALiBi, split or not
+    assert _check(case, alibi_slopes=slopes) < TOLERANCE[torch.bfloat16]
+    assert _check(long, alibi_slopes=slopes, num_splits=8) < TOLERANCE[torch.bfloat16]
     hybrid = _on_gpu(make_case(**MIXED, block_size=192, dtype=torch.bfloat16))  # a block that is no power of 2
     assert _check(hybrid) < TOLERANCE[torch.bfloat16]
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_utils import make_case
+from kernel_utils import alibi_slopes, make_case
 from vllm_int4kv.kernels import torch_attention
 from vllm_int4kv.kernels.reference import error_ratio, paged_attention_reference
 from vllm_int4kv.kernels.torch_attention import paged_attention_torch
@@ -86,6 +86,18 @@ def test_attention_sinks(shape, k_bits, v_bits, options):
     rows = ~ref.isnan()
     assert error_ratio(ours[rows], ref[rows]) < TOLERANCE
     assert error_ratio(ref[rows], _both(case, **options)[1][rows]) > 0.3  # the sinks take a real share
+
+
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("options", [{}, dict(sliding_window=20, softcap=5.0)], ids=["plain", "window_softcap"])
+def test_alibi(shape, options):
+    """ALiBi (Bloom, Falcon): a bias on the decode scores; prefill leaves SDPA for explicit scores."""
+    case = make_case(**shape, num_kv_heads=4, group=2)
+    slopes = alibi_slopes(case.query.shape[1])
+    ours, ref = _both(case, alibi_slopes=slopes, **options)
+    rows = ~ref.isnan()
+    assert error_ratio(ours[rows], ref[rows]) < TOLERANCE
+    assert error_ratio(ref[rows], _both(case, **options)[1][rows]) > 0.3  # the bias moves the output
 
 
 def test_decode_batch_in_several_chunks(monkeypatch):

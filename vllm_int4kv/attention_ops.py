@@ -163,9 +163,9 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, runs: torch.Tensor, slot_ma
 def attend(query: torch.Tensor, runs: torch.Tensor, layout: PageLayout, meta: Int4KVMetadata,
            out: torch.Tensor, *, impl: str, rotated: bool, sm_scale: float,
            sliding_window: int | None, softcap: float | None,
-           sinks: torch.Tensor | None = None) -> torch.Tensor:
+           sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal paged attention of ``query[:num_actual_tokens]`` into ``out`` ``[T, Hq, D]``; ``sinks``: fp32
-    ``[Hq]`` logits with no value (gpt-oss)."""
+    ``[Hq]`` logits with no value (gpt-oss); ``alibi_slopes``: fp32 ``[Hq]`` ALiBi slopes (Bloom, Falcon)."""
     n = meta.num_actual_tokens
     q = query[:n]
     if rotated:  # (qH)·(kH) = q·k
@@ -176,10 +176,11 @@ def attend(query: torch.Tensor, runs: torch.Tensor, layout: PageLayout, meta: In
         result = paged_attention(q, runs, layout, meta.block_table, meta.seq_lens, meta.query_start_loc,
                                  max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
                                  sm_scale=sm_scale, sliding_window=sliding_window, softcap=softcap,
-                                 out=None if rotated else out[:n], sinks=sinks)
+                                 out=None if rotated else out[:n], sinks=sinks, alibi_slopes=alibi_slopes)
     else:
         result = paged_attention_torch(q, runs, layout, meta.block_table, meta.seq_lens, meta.query_start_loc,
-                                       sm_scale, sliding_window, softcap, kv_dtype=query.dtype, sinks=sinks)
+                                       sm_scale, sliding_window, softcap, kv_dtype=query.dtype, sinks=sinks,
+                                       alibi_slopes=alibi_slopes)
     if rotated:  # sum p·(vH) = (sum p·v)·H, and H is its own inverse
         result = unrotate(result.float())
     if result.data_ptr() != out.data_ptr():

@@ -225,8 +225,8 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
                  kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
                  attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
                  sinks: torch.Tensor | None = None, **unsupported) -> None:
-        if alibi_slopes is not None:
-            raise ValueError(f"vllm-int4kv does not support ALiBi position biases; {_HINT}")
+        if alibi_slopes is not None and len(alibi_slopes) != num_heads:
+            raise ValueError(f"ALiBi needs one slope per query head ({num_heads}), got {len(alibi_slopes)}")
         if any(v not in (None, False, -1) for v in unsupported.values()):
             raise ValueError(f"vllm-int4kv does not support {sorted(unsupported)}; {_HINT}")
         if sinks is not None and sinks.shape != (num_heads,):
@@ -252,6 +252,9 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sinks = sinks  # (gpt-oss) the model's parameter: its weights are loaded after this
+        # (Bloom, Falcon) fp32 [Hq]; made under vLLM's device context, moved at first use if it was not
+        self.alibi_slopes = (None if alibi_slopes is None
+                             else torch.tensor(alibi_slopes, dtype=torch.float32).contiguous())
         self.impl = ops.default_impl()
         if self.impl == "torch" and torch.cuda.is_available():
             # the torch implementation builds its masks and indices on the host: CPU serving only
@@ -267,6 +270,8 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
             self._layout = ops.policy_layout(self._policy, self.head_size, kv_cache, model_dtype)
             if self._policy.rotate:  # build the cached Hadamard matrix now, not inside a graph capture
                 hadamard(self.head_size, device=kv_cache.device)
+            if self.alibi_slopes is not None:
+                self.alibi_slopes = self.alibi_slopes.to(kv_cache.device)
         return self._layout
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -288,4 +293,5 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
         return ops.attend(query, ops.cache_runs(kv_cache, layout), layout, attn_metadata, output,
                           impl=self.impl, rotated=self._policy.rotate, sm_scale=self.scale,
                           sliding_window=self.sliding_window, softcap=self.logits_soft_cap,
-                          sinks=None if self.sinks is None else self.sinks.float())  # (fp32: a no-op)
+                          sinks=None if self.sinks is None else self.sinks.float(),  # (fp32: a no-op)
+                          alibi_slopes=self.alibi_slopes)

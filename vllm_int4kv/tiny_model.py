@@ -13,7 +13,8 @@ overrides ``hidden_size`` or ``num_attention_heads`` without ``head_dim``, it be
 ``build_tiny_gpt_oss(path, seed=0)`` writes a tiny gpt-oss (attention sinks, sliding-window layers
 alternating with full ones, a mixture of experts), ``build_tiny_hybrid(path, seed=0)`` a tiny
 Granite-4-style hybrid (a Mamba-2 layer, then an attention layer) and ``build_tiny_qwen3_next`` a tiny
-Qwen3-Next (a Gated DeltaNet layer, then an attention layer; experts), with the same tokenizer.
+Qwen3-Next (a Gated DeltaNet layer, then an attention layer; experts) and ``build_tiny_bloom`` a tiny
+Bloom (ALiBi position biases instead of RoPE), with the same tokenizer.
 """
 from __future__ import annotations
 
@@ -147,6 +148,17 @@ def build_tiny_qwen3_next(path: str | os.PathLike, seed: int = 0) -> Path:
         linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=64, shared_expert_intermediate_size=64, decoder_sparse_step=1, **SHARED)
     return _save(path, Qwen3NextForCausalLM, config, tokenizer, seed)
+
+
+def build_tiny_bloom(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny Bloom: ALiBi biases (slopes 1/4, 1/16, 1/64, 1/256 for its 4 heads) and no RoPE, 64-channel
+    heads, tied embeddings as in the released Blooms."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = BloomConfig(vocab_size=len(tokenizer), hidden_size=256, n_layer=2, n_head=4,
+                         **SHARED | dict(tie_word_embeddings=True))
+    return _save(path, BloomForCausalLM, config, tokenizer, seed)
 
 
 def _save(path, model_cls, config, tokenizer, seed: int, adjust=None) -> Path:
