@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import num_kv_blocks, vllm_engine
+from conftest import env_vars, num_kv_blocks, vllm_engine
 
 
 def test_k4v4_gives_3_76x_the_blocks_of_k16v16_in_bf16(tiny_model_d128_dir):
@@ -32,11 +32,17 @@ def test_unsupported_kv_cache_dtype_stops_startup_with_a_clear_message(tiny_mode
     with pytest.raises(Exception) as err:
         with vllm_engine(tiny_model_dir, policy="k4v4", kv_cache_dtype="fp8"):
             pass
-    chain, e = [], err.value
-    while e is not None:  # the message may be wrapped by the engine's own error
+    chain = _error_chain(err.value)
+    assert any("--kv-cache-dtype fp8 is not supported by vllm-int4kv" in m for m in chain), chain
+
+
+def _error_chain(e: BaseException | None) -> list[str]:
+    """The messages of an error and of those it wraps (the engine wraps start-up errors in its own)."""
+    chain = []
+    while e is not None:
         chain.append(str(e))
         e = e.__cause__ or e.__context__
-    assert any("--kv-cache-dtype fp8 is not supported by vllm-int4kv" in m for m in chain), chain
+    return chain
 
 
 def _serve(model, prompts, runs, prompt_logprobs=True, max_tokens=4, **engine):
@@ -168,6 +174,12 @@ def test_bloom_alibi_is_served(tmp_path):
         block_size=32, max_num_batched_tokens=64)
     _assert_same(results, "k16v16", "cpu_attn")
     _assert_same(results, "triton", "torch")
+    # transformers' Bloom bypasses AttentionInterface: auto cannot calibrate it and stops start-up
+    with pytest.raises(Exception) as err:
+        with env_vars(VLLM_INT4KV_CACHE_DIR=str(tmp_path / "decisions")), vllm_engine(model, policy="auto"):
+            pass
+    chain = _error_chain(err.value)
+    assert any("cannot calibrate BloomForCausalLM" in m and "fixed policy" in m for m in chain), chain
 
 
 @pytest.mark.slow
