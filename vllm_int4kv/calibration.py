@@ -228,6 +228,13 @@ def spec_of(policy: KVPolicy) -> tuple:
     return (policy.k_bits, policy.v_bits, policy.k_group, policy.rotate)
 
 
+def _cannot_calibrate(model_name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"cannot calibrate {model_name}: its transformers implementation does not route attention through "
+        "AttentionInterface, so the calibration cannot quantize its K/V. Set VLLM_INT4KV_POLICY to a fixed "
+        "policy instead, and measure the candidates through vLLM with `vllm-int4kv quality`")
+
+
 # -- the session: one loaded model, one reference pass ---------------------------------------------
 def pick_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,13 +266,9 @@ class Session:
         self.reference = [self._logprobs(x, None) for x in self.inputs]
         self.reference_seconds = time.perf_counter() - start
         if _calls == calls_before:
-            # e.g. Bloom and Falcon in transformers: their attention code ignores AttentionInterface, so
-            # every candidate would measure a KL of exactly 0 and the cheapest would win unmeasured
-            raise NotImplementedError(
-                f"cannot calibrate {type(model).__name__}: its transformers implementation does not route "
-                "attention through AttentionInterface, so the calibration cannot quantize its K/V. Set "
-                "VLLM_INT4KV_POLICY to a fixed policy instead, and measure the candidates through vLLM "
-                "with `vllm-int4kv quality`")
+            # e.g. Bloom in transformers: its attention code ignores AttentionInterface, so every
+            # candidate would measure a KL of exactly 0 and the cheapest would win unmeasured
+            raise _cannot_calibrate(type(model).__name__)
         self.load_seconds = 0.0
 
     @classmethod
@@ -276,9 +279,14 @@ class Session:
         device = pick_device(device)
         _register_attention()  # before loading: from_pretrained checks the name
         start = time.perf_counter()
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            model, revision=revision, dtype=pick_dtype(dtype, device),
-            trust_remote_code=trust_remote_code, attn_implementation=ATTN_NAME).to(device).eval()
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                model, revision=revision, dtype=pick_dtype(dtype, device),
+                trust_remote_code=trust_remote_code, attn_implementation=ATTN_NAME).to(device).eval()
+        except KeyError as exc:  # e.g. Falcon: attention classes looked up by implementation name
+            if exc.args != (ATTN_NAME,):
+                raise
+            raise _cannot_calibrate(model) from exc
         load_seconds = time.perf_counter() - start
         session = cls(hf_model, token_ids)
         session.load_seconds = load_seconds

@@ -13,8 +13,9 @@ overrides ``hidden_size`` or ``num_attention_heads`` without ``head_dim``, it be
 ``build_tiny_gpt_oss(path, seed=0)`` writes a tiny gpt-oss (attention sinks, sliding-window layers
 alternating with full ones, a mixture of experts), ``build_tiny_hybrid(path, seed=0)`` a tiny
 Granite-4-style hybrid (a Mamba-2 layer, then an attention layer) and ``build_tiny_qwen3_next`` a tiny
-Qwen3-Next (a Gated DeltaNet layer, then an attention layer; experts) and ``build_tiny_bloom`` a tiny
-Bloom (ALiBi position biases instead of RoPE), with the same tokenizer.
+Qwen3-Next (a Gated DeltaNet layer, then an attention layer; experts), ``build_tiny_bloom`` a tiny
+Bloom and ``build_tiny_falcon`` a tiny Falcon of the ALiBi variant (position biases instead of RoPE),
+with the same tokenizer.
 """
 from __future__ import annotations
 
@@ -159,6 +160,18 @@ def build_tiny_bloom(path: str | os.PathLike, seed: int = 0) -> Path:
     config = BloomConfig(vocab_size=len(tokenizer), hidden_size=256, n_layer=2, n_head=4,
                          **SHARED | dict(tie_word_embeddings=True))
     return _save(path, BloomForCausalLM, config, tokenizer, seed)
+
+
+def build_tiny_falcon(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny Falcon of the ALiBi variant (Falcon-RW's): one KV head for 4 query heads (multi-query), and
+    vLLM folds 1/sqrt(head_dim) into the slopes it passes."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = FalconConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, alibi=True, multi_query=True,
+                          new_decoder_architecture=False, parallel_attn=True, bias=False, **SHARED)
+    return _save(path, FalconForCausalLM, config, tokenizer, seed)
 
 
 def _save(path, model_cls, config, tokenizer, seed: int, adjust=None) -> Path:
