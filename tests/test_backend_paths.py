@@ -1,7 +1,7 @@
 """Engine-level checks of single properties: KV capacity at equal memory, a refused configuration, the
 Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation, and the model
 families whose attention differs: sliding windows, a 96-channel head, gpt-oss's sinks, ALiBi (Bloom,
-Falcon), a Mamba hybrid, and ngram speculative decoding (multi-token verification steps)."""
+Falcon), Llama 4's chunked local attention, a Mamba hybrid, and ngram speculative decoding (multi-token verification steps)."""
 from __future__ import annotations
 
 import json
@@ -182,6 +182,28 @@ def test_alibi_models_are_served(tmp_path, family):
             pass
     chain = _error_chain(err.value)
     assert any("cannot calibrate" in m and "fixed policy" in m for m in chain), chain
+
+
+@pytest.mark.slow
+def test_llama4_chunked_local_attention_is_served(tmp_path):
+    """Llama 4: chunked local attention (32-token chunks: vLLM cuts each sequence into virtual sequences,
+    one per chunk, before our metadata builder sees them), a NoPE layer, experts.
+
+    K16V16 gives vLLM's own CPU attention's tokens and logprobs (the 70-token prompt spans three chunks;
+    with 4096-token chunks its tokens differ); the Triton kernels (interpreted) serve the torch path's.
+    """
+    from vllm_int4kv.tiny_model import build_tiny_llama4
+
+    engine = dict(block_size=32, max_num_batched_tokens=64)
+    model = build_tiny_llama4(tmp_path / "tiny-llama4", seed=0)
+    results, _ = _serve(model, _prompts(70, 20), [
+        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
+        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")], **engine)
+    _assert_same(results, "k16v16", "cpu_attn")
+    _assert_same(results, "triton", "torch")
+    unchunked = build_tiny_llama4(tmp_path / "unchunked", seed=0, attention_chunk_size=4096)
+    plain, _ = _serve(unchunked, _prompts(70), [VLLM_CPU_ATTN], **engine)
+    assert plain["cpu_attn"][0][0] != results["cpu_attn"][0][0]  # the chunks did change the long prompt
 
 
 @pytest.mark.slow

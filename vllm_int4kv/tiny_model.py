@@ -15,7 +15,7 @@ alternating with full ones, a mixture of experts), ``build_tiny_hybrid(path, see
 Granite-4-style hybrid (a Mamba-2 layer, then an attention layer) and ``build_tiny_qwen3_next`` a tiny
 Qwen3-Next (a Gated DeltaNet layer, then an attention layer; experts), ``build_tiny_bloom`` a tiny
 Bloom and ``build_tiny_falcon`` a tiny Falcon of the ALiBi variant (position biases instead of RoPE),
-with the same tokenizer.
+and ``build_tiny_llama4`` a tiny Llama 4 text model (chunked local attention), with the same tokenizer.
 """
 from __future__ import annotations
 
@@ -172,6 +172,22 @@ def build_tiny_falcon(path: str | os.PathLike, seed: int = 0) -> Path:
                           num_attention_heads=4, alibi=True, multi_query=True,
                           new_decoder_architecture=False, parallel_attn=True, bias=False, **SHARED)
     return _save(path, FalconForCausalLM, config, tokenizer, seed)
+
+
+def build_tiny_llama4(path: str | os.PathLike, seed: int = 0, attention_chunk_size: int = 32) -> Path:
+    """A tiny Llama 4 text model: a RoPE layer with chunked local attention (each token sees only its own
+    ``attention_chunk_size``-token chunk; vLLM splits sequences into virtual ones per chunk), then a
+    NoPE layer with full attention and query temperature tuning; experts in both."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    tokenizer = build_tokenizer()
+    config = Llama4TextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=128, intermediate_size_mlp=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=2,
+        num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=attention_chunk_size,
+        no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"], floor_scale=32,
+        attn_scale=0.1, architectures=["Llama4ForCausalLM"], **SHARED)
+    return _save(path, Llama4ForCausalLM, config, tokenizer, seed)
 
 
 def _save(path, model_cls, config, tokenizer, seed: int, adjust=None) -> Path:
