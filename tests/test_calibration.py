@@ -137,6 +137,27 @@ def test_attention_sinks_are_calibrated_with_them(tmp_path):
         assert session.measure("k4v4", (4, 4, None, False)).kl > 0.0
 
 
+def test_chunked_local_attention_is_calibrated_with_its_chunks(tmp_path):
+    """Llama 4's chunked layers take their mask from transformers' mask interface, where the calibration
+    registers SDPA's: its full-precision pass must equal eager attention over 32-token chunks."""
+    from transformers import Llama4ForCausalLM
+
+    from vllm_int4kv.tiny_model import build_tiny_llama4
+
+    ids = token_ids(n=1, length=100)
+    logprobs = {}
+    for chunk in (32, 4096):
+        path = build_tiny_llama4(tmp_path / f"chunk{chunk}", seed=0, attention_chunk_size=chunk)
+        model = Llama4ForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+        with torch.no_grad():
+            logprobs[chunk] = model(torch.tensor(ids)).logits[0].log_softmax(-1)
+    assert (logprobs[32] - logprobs[4096]).abs().max() > 0.1  # the chunks matter at 100 tokens
+    model = Llama4ForCausalLM.from_pretrained(tmp_path / "chunk32", dtype=torch.float32).eval()
+    with Session(model, ids) as session:
+        torch.testing.assert_close(session.reference[0], logprobs[32], rtol=0, atol=1e-4)
+        assert session.measure("k4v4", (4, 4, None, False)).kl > 0.0
+
+
 def test_fake_quant_is_applied_and_kl_grows_as_bits_shrink():
     with Session(tiny_model(), token_ids(n=1)) as session:
         kls = [session.measure(f"k{b}v8", (b, 8, None, False)).kl for b in (8, 6, 4)]
