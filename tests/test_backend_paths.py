@@ -1,7 +1,7 @@
 """Engine-level checks of single properties: KV capacity at equal memory, a refused configuration, the
 Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation, and the model
 families whose attention differs: sliding windows, a 96-channel head, gpt-oss's sinks, ALiBi (Bloom,
-Falcon), Llama 4's chunked local attention, a Mamba hybrid, and ngram speculative decoding (multi-token verification steps)."""
+Falcon), Llama 4's chunked local attention, Gemma 2 and 3, a Mamba hybrid, and ngram speculative decoding (multi-token verification steps)."""
 from __future__ import annotations
 
 import json
@@ -204,6 +204,23 @@ def test_llama4_chunked_local_attention_is_served(tmp_path):
     unchunked = build_tiny_llama4(tmp_path / "unchunked", seed=0, attention_chunk_size=4096)
     plain, _ = _serve(unchunked, _prompts(70), [VLLM_CPU_ATTN], **engine)
     assert plain["cpu_attn"][0][0] != results["cpu_attn"][0][0]  # the chunks did change the long prompt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [2, 3])
+def test_gemma_is_served(tmp_path, version):
+    """Gemma 2 (attention logits soft-capped at 5) and Gemma 3 (q/k norms, local and global RoPE), each
+    with a 32-token sliding-window layer then a full one: K16V16 gives vLLM's own CPU attention's tokens
+    and logprobs, prompts included; the Triton kernels (interpreted) serve the torch path's over K4V4."""
+    from vllm_int4kv.tiny_model import build_tiny_gemma
+
+    model = build_tiny_gemma(tmp_path / f"gemma{version}", version, seed=0)
+    results, _ = _serve(model, _prompts(70, 20), [
+        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
+        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")],
+        block_size=32, max_num_batched_tokens=64)
+    _assert_same(results, "k16v16", "cpu_attn")
+    _assert_same(results, "triton", "torch")
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ alternating with full ones, a mixture of experts), ``build_tiny_hybrid(path, see
 Granite-4-style hybrid (a Mamba-2 layer, then an attention layer) and ``build_tiny_qwen3_next`` a tiny
 Qwen3-Next (a Gated DeltaNet layer, then an attention layer; experts), ``build_tiny_bloom`` a tiny
 Bloom and ``build_tiny_falcon`` a tiny Falcon of the ALiBi variant (position biases instead of RoPE),
-and ``build_tiny_llama4`` a tiny Llama 4 text model (chunked local attention), with the same tokenizer.
+``build_tiny_llama4`` a tiny Llama 4 text model (chunked local attention) and ``build_tiny_gemma(path,
+version)`` a tiny Gemma 2 (logit soft-capping) or Gemma 3 text model, with the same tokenizer.
 """
 from __future__ import annotations
 
@@ -188,6 +189,28 @@ def build_tiny_llama4(path: str | os.PathLike, seed: int = 0, attention_chunk_si
         no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"], floor_scale=32,
         attn_scale=0.1, architectures=["Llama4ForCausalLM"], **SHARED)
     return _save(path, Llama4ForCausalLM, config, tokenizer, seed)
+
+
+def build_tiny_gemma(path: str | os.PathLike, version: int = 2, seed: int = 0) -> Path:
+    """A tiny Gemma 2 (attention logits soft-capped at 5, strong enough to matter) or Gemma 3 text model
+    (q/k norms, separate RoPE bases for local and global layers): a 32-token sliding-window layer, then a
+    full one; tied embeddings, as vLLM's Gemma models require."""
+    import transformers
+
+    tokenizer = build_tokenizer()
+    fields = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=32,
+                  query_pre_attn_scalar=64, layer_types=["sliding_attention", "full_attention"],
+                  **SHARED | dict(tie_word_embeddings=True))
+    if version == 2:
+        config = transformers.Gemma2Config(attn_logit_softcapping=5.0, final_logit_softcapping=30.0, **fields)
+        model_cls = transformers.Gemma2ForCausalLM
+    elif version == 3:
+        config, model_cls = transformers.Gemma3TextConfig(**fields), transformers.Gemma3ForCausalLM
+    else:
+        raise ValueError(f"Gemma version 2 or 3, not {version}")
+    config.architectures = [model_cls.__name__]
+    return _save(path, model_cls, config, tokenizer, seed)
 
 
 def _save(path, model_cls, config, tokenizer, seed: int, adjust=None) -> Path:
