@@ -137,6 +137,26 @@ def test_attention_sinks_are_calibrated_with_them(tmp_path):
         assert session.measure("k4v4", (4, 4, None, False)).kl > 0.0
 
 
+def test_soft_capped_attention_is_calibrated_with_its_cap(tmp_path):
+    """Gemma 2 passes its attention soft-cap as ``softcap``, which SDPA would drop silently (it did: the
+    calibration measured another model, ~0.4 nats off in log-probability here): the calibration pass must
+    equal the model's own eager attention."""
+    from transformers import Gemma2ForCausalLM
+
+    from vllm_int4kv.tiny_model import build_tiny_gemma
+
+    path = build_tiny_gemma(tmp_path / "tiny-gemma2", 2)
+    ids = token_ids(n=1, length=80)
+    eager, uncapped = (Gemma2ForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32)
+                       .eval() for impl in ("eager", "sdpa"))
+    with torch.no_grad():
+        expected = eager(torch.tensor(ids)).logits[0].log_softmax(-1)
+        assert (expected - uncapped(torch.tensor(ids)).logits[0].log_softmax(-1)).abs().max() > 0.05
+    with Session(eager, ids) as session:
+        torch.testing.assert_close(session.reference[0], expected, rtol=0, atol=1e-5)
+        assert session.measure("k4v4", (4, 4, None, False)).kl > 0.0
+
+
 def test_chunked_local_attention_is_calibrated_with_its_chunks(tmp_path):
     """Llama 4's chunked layers take their mask from transformers' mask interface, where the calibration
     registers SDPA's: its full-precision pass must equal eager attention over 32-token chunks."""

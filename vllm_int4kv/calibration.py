@@ -180,21 +180,22 @@ def _quantizing_attention(module, query, key, value, attention_mask, **kwargs):
         k_bits, v_bits, k_group, rotate = _ACTIVE
         d = key.shape[-1]
         key, value = fake_quantize_kv(key, value, k_bits, v_bits, min(k_group or d, d), d, rotate)
-    if kwargs.get("s_aux") is not None:
-        return _attention_with_sinks(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("s_aux") is not None or kwargs.get("softcap"):
+        return _eager_attention(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _attention_with_sinks(module, query, key, value, attention_mask, **kwargs):
-    """Attention sinks (gpt-oss, ``s_aux``) have no place in SDPA, which would drop them silently: run
-    the model's own eager attention, with the boolean mask (``sdpa_mask``) made additive as it expects.
-    ``sdpa_mask`` returns None where plain causal attention needs no mask (SDPA's ``is_causal``)."""
+def _eager_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention sinks (gpt-oss, ``s_aux``) and logit soft-capping (Gemma 2, ``softcap``) have no place in
+    SDPA, which would drop them silently: run the model's own eager attention, with the boolean mask
+    (``sdpa_mask``) made additive as it expects. ``sdpa_mask`` returns None where plain causal attention
+    needs no mask (SDPA's ``is_causal``)."""
     import importlib
 
     eager = getattr(importlib.import_module(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
-        raise NotImplementedError(f"{type(module).__name__} passes attention sinks but its module has no "
-                                  "eager_attention_forward to calibrate them with")
+        raise NotImplementedError(f"{type(module).__name__} passes attention sinks or a soft-cap but its "
+                                  "module has no eager_attention_forward to calibrate them with")
     if attention_mask is None:
         q_len, kv_len = query.shape[-2], key.shape[-2]
         q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
