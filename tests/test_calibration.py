@@ -168,9 +168,9 @@ def test_chunked_local_attention_is_calibrated_with_its_chunks(tmp_path):
     logprobs = {}
     for chunk in (32, 4096):
         path = build_tiny_llama4(tmp_path / f"chunk{chunk}", seed=0, attention_chunk_size=chunk)
-        model = Llama4ForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+        eager = Llama4ForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
         with torch.no_grad():
-            logprobs[chunk] = model(torch.tensor(ids)).logits[0].log_softmax(-1)
+            logprobs[chunk] = eager.eval()(torch.tensor(ids)).logits[0].log_softmax(-1)
     assert (logprobs[32] - logprobs[4096]).abs().max() > 0.1  # the chunks matter at 100 tokens
     model = Llama4ForCausalLM.from_pretrained(tmp_path / "chunk32", dtype=torch.float32).eval()
     with Session(model, ids) as session:
