@@ -95,3 +95,17 @@ def test_pipeline_parallel_auto_is_shared_and_matches_one_rank(tiny_model_dir, t
         assert len(ours["tokens"]) == 12 and ours["tokens"][:4] == ref["tokens"][:4]
         n = next((i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"])) if a != b), 12)
         assert max(abs(a - b) for a, b in zip(ours["logprobs"][:n], ref["logprobs"][:n])) < 0.05
+
+
+def test_alibi_slopes_split_over_two_ranks(tmp_path):
+    """Bloom's ALiBi slopes are per query head: vLLM hands each TP rank the slopes of its own heads (2 of
+    the tiny Bloom's 4), and two ranks serve what one does."""
+    from vllm_int4kv.tiny_model import build_tiny_bloom
+
+    model = build_tiny_bloom(tmp_path / "tiny-bloom", seed=0)
+    one, _ = run_engine(model, 1, "k16v16", tmp_path / "tp1")
+    two, log = run_engine(model, 2, "k16v16", tmp_path / "tp2")
+    assert policy_lines(log) == {0: "k16v16", 1: "k16v16"}
+    for ours, ref in zip(two["outputs"], one["outputs"], strict=True):
+        assert ours["tokens"] == ref["tokens"]
+        assert max(abs(a - b) for a, b in zip(ours["logprobs"], ref["logprobs"])) < 1e-3
