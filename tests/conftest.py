@@ -84,7 +84,14 @@ def vllm_engine(model, *, backend: str | None = "CUSTOM", policy: str | None = "
     kwargs.update(engine_kwargs)
     with env_vars(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_INT4KV_POLICY=policy, VLLM_INT4KV_IMPL=impl):
         attention_ops.reset_policy()
-        llm = LLM(str(model), **kwargs)
+        try:
+            llm = LLM(str(model), **kwargs)
+        except BaseException:
+            # A start-up that fails midway (a refused configuration) leaves its process groups behind,
+            # and the next engine would reuse them: e.g. without the expert-parallel group a MoE needs.
+            cleanup_dist_env_and_memory()
+            attention_ops.reset_policy()
+            raise
         try:
             yield llm
         finally:
