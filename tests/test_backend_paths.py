@@ -1,7 +1,8 @@
 """Engine-level checks of single properties: KV capacity at equal memory, a refused configuration, the
 Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation, and the model
 families whose attention differs: sliding windows, a 96-channel head, gpt-oss's sinks, ALiBi (Bloom,
-Falcon), Llama 4's chunked local attention, Gemma 2 and 3, a Mamba hybrid, and ngram speculative decoding (multi-token verification steps)."""
+Falcon), Llama 4's chunked local attention, Gemma 2 and 3, Mamba and Gated DeltaNet hybrids, and ngram
+speculative decoding (multi-token verification steps)."""
 from __future__ import annotations
 
 import json
@@ -79,6 +80,19 @@ def _prompts(*lengths):
 
 
 VLLM_CPU_ATTN = ("cpu_attn", None, None, None)
+
+
+def _serve_four_ways(model, policy: str = "k4v4", lengths=(70, 20), **engine):
+    """The four runs of a model-family test and their two comparisons: K16V16 pages (torch path) give
+    vLLM's own CPU attention's tokens and logprobs, and ``policy`` over the Triton kernels (interpreted)
+    gives the torch path's. Returns ``_serve``'s results and block sizes."""
+    results, block_sizes = _serve(model, _prompts(*lengths), [
+        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
+        ("torch", "CUSTOM", policy, "torch"), ("triton", "CUSTOM", policy, "triton")],
+        **dict(dict(block_size=32, max_num_batched_tokens=64), **engine))
+    _assert_same(results, "k16v16", "cpu_attn")
+    _assert_same(results, "triton", "torch")
+    return results, block_sizes
 SPEC_ENGINE = Path(__file__).with_name("spec_engine.py")
 
 
@@ -132,12 +146,7 @@ def test_head_size_96_is_served(tmp_path):
     from vllm_int4kv.tiny_model import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "d96-llama", seed=0, head_dim=96)
-    results, _ = _serve(model, _prompts(37, 20), [
-        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
-        ("torch", "CUSTOM", "k4v4-g32-rot", "torch"), ("triton", "CUSTOM", "k4v4-g32-rot", "triton")],
-        prompt_logprobs=False, block_size=32, max_num_batched_tokens=64)
-    _assert_same(results, "k16v16", "cpu_attn")
-    _assert_same(results, "triton", "torch")
+    _serve_four_ways(model, "k4v4-g32-rot", (37, 20), prompt_logprobs=False)
 
 
 @pytest.mark.slow
@@ -149,13 +158,7 @@ def test_gpt_oss_attention_sinks_are_served(tmp_path):
     """
     from vllm_int4kv.tiny_model import build_tiny_gpt_oss
 
-    model = build_tiny_gpt_oss(tmp_path / "tiny-gpt-oss", seed=0)
-    results, _ = _serve(model, _prompts(70, 20), [
-        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
-        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")],
-        block_size=32, max_num_batched_tokens=64)
-    _assert_same(results, "k16v16", "cpu_attn")
-    _assert_same(results, "triton", "torch")
+    _serve_four_ways(build_tiny_gpt_oss(tmp_path / "tiny-gpt-oss", seed=0))
 
 
 @pytest.mark.slow
@@ -171,12 +174,7 @@ def test_alibi_models_are_served(tmp_path, family):
     from vllm_int4kv import tiny_model
 
     model = getattr(tiny_model, f"build_tiny_{family}")(tmp_path / family, seed=0)
-    results, _ = _serve(model, _prompts(70, 20), [
-        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
-        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")],
-        block_size=32, max_num_batched_tokens=64)
-    _assert_same(results, "k16v16", "cpu_attn")
-    _assert_same(results, "triton", "torch")
+    _serve_four_ways(model)
     with pytest.raises(Exception) as err:
         with env_vars(VLLM_INT4KV_CACHE_DIR=str(tmp_path / "decisions")), vllm_engine(model, policy="auto"):
             pass
@@ -194,15 +192,9 @@ def test_llama4_chunked_local_attention_is_served(tmp_path):
     """
     from vllm_int4kv.tiny_model import build_tiny_llama4
 
-    engine = dict(block_size=32, max_num_batched_tokens=64)
-    model = build_tiny_llama4(tmp_path / "tiny-llama4", seed=0)
-    results, _ = _serve(model, _prompts(70, 20), [
-        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
-        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")], **engine)
-    _assert_same(results, "k16v16", "cpu_attn")
-    _assert_same(results, "triton", "torch")
+    results, _ = _serve_four_ways(build_tiny_llama4(tmp_path / "tiny-llama4", seed=0))
     unchunked = build_tiny_llama4(tmp_path / "unchunked", seed=0, attention_chunk_size=4096)
-    plain, _ = _serve(unchunked, _prompts(70), [VLLM_CPU_ATTN], **engine)
+    plain, _ = _serve(unchunked, _prompts(70), [VLLM_CPU_ATTN], block_size=32, max_num_batched_tokens=64)
     assert plain["cpu_attn"][0][0] != results["cpu_attn"][0][0]  # the chunks did change the long prompt
 
 
@@ -214,13 +206,7 @@ def test_gemma_is_served(tmp_path, version):
     and logprobs, prompts included; the Triton kernels (interpreted) serve the torch path's over K4V4."""
     from vllm_int4kv.tiny_model import build_tiny_gemma
 
-    model = build_tiny_gemma(tmp_path / f"gemma{version}", version, seed=0)
-    results, _ = _serve(model, _prompts(70, 20), [
-        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
-        ("torch", "CUSTOM", "k4v4", "torch"), ("triton", "CUSTOM", "k4v4", "triton")],
-        block_size=32, max_num_batched_tokens=64)
-    _assert_same(results, "k16v16", "cpu_attn")
-    _assert_same(results, "triton", "torch")
+    _serve_four_ways(build_tiny_gemma(tmp_path / f"gemma{version}", version, seed=0))
 
 
 @pytest.mark.slow
@@ -230,14 +216,8 @@ def test_hybrid_mamba_model_is_served(tmp_path):
     attention's tokens and logprobs; the Triton kernels (interpreted) serve the torch path's over K8V4."""
     from vllm_int4kv.tiny_model import build_tiny_hybrid
 
-    model = build_tiny_hybrid(tmp_path / "tiny-hybrid", seed=0)
-    results, block_sizes = _serve(model, _prompts(250, 20), [
-        VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"),
-        ("torch", "CUSTOM", "k8v4", "torch"), ("triton", "CUSTOM", "k8v4", "triton")],
-        block_size=32, max_num_batched_tokens=64)
+    _, block_sizes = _serve_four_ways(build_tiny_hybrid(tmp_path / "tiny-hybrid", seed=0), "k8v4", (250, 20))
     assert block_sizes["torch"] == block_sizes["triton"] == 192, block_sizes  # not a power of two
-    _assert_same(results, "k16v16", "cpu_attn")
-    _assert_same(results, "triton", "torch")
 
 
 @pytest.mark.slow
