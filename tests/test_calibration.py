@@ -157,6 +157,29 @@ def test_soft_capped_attention_is_calibrated_with_its_cap(tmp_path):
         assert session.measure("k4v4", (4, 4, None, False)).kl > 0.0
 
 
+@pytest.mark.parametrize("family", ["llama", "llama_d96", "gemma3", "hybrid", "qwen3_next"])
+def test_other_families_calibrate_like_their_eager_attention(tmp_path, family):
+    """Llama (with a 96-channel head too), Gemma 3 (q/k norms, local and global RoPE, a sliding window), a
+    Granite-4-style Mamba hybrid and Qwen3-Next (Gated DeltaNet): the calibration pass equals the model's
+    own eager attention (its attention layers route through AttentionInterface) and quantizes K/V."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_int4kv import tiny_model
+
+    build = {"llama": tiny_model.build_tiny_llama,
+             "llama_d96": lambda path: tiny_model.build_tiny_llama(path, head_dim=96),
+             "gemma3": lambda path: tiny_model.build_tiny_gemma(path, 3),
+             "hybrid": tiny_model.build_tiny_hybrid, "qwen3_next": tiny_model.build_tiny_qwen3_next}[family]
+    model = AutoModelForCausalLM.from_pretrained(build(tmp_path / family), attn_implementation="eager",
+                                                 dtype=torch.float32).eval()
+    ids = token_ids(n=1, length=80)
+    with torch.no_grad():
+        eager = model(torch.tensor(ids)).logits[0].log_softmax(-1)
+    with Session(model, ids) as session:
+        torch.testing.assert_close(session.reference[0], eager, rtol=0, atol=1e-4)
+        assert session.measure("k4v4", (4, 4, None, False)).kl > 0.0
+
+
 def test_chunked_local_attention_is_calibrated_with_its_chunks(tmp_path):
     """Llama 4's chunked layers take their mask from transformers' mask interface, where the calibration
     registers SDPA's: its full-precision pass must equal eager attention over 32-token chunks."""
