@@ -20,6 +20,7 @@ version)`` a tiny Gemma 2 (logit soft-capping) or Gemma 3 text model, with the s
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -65,8 +66,12 @@ def _corpus() -> list[str]:
     return texts
 
 
+@functools.lru_cache(maxsize=None)
 def build_tokenizer(vocab_size: int = VOCAB_SIZE):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with BOS prepended and a chat template."""
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with BOS prepended and a chat template.
+
+    Trained once per process (about a second) and shared by every builder, which only saves it.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -91,7 +96,7 @@ def tiny_llama_config(vocab_size: int, **overrides):
         fields["head_dim"] = (overrides.get("hidden_size", fields["hidden_size"])
                               // overrides.get("num_attention_heads", fields["num_attention_heads"]))
     fields.update(overrides)
-    return LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    return LlamaConfig(vocab_size=vocab_size, **SPECIAL_IDS,
                        architectures=["LlamaForCausalLM"], dtype="float32", **fields)
 
 
