@@ -111,16 +111,19 @@ def default_impl() -> str:
     return envs.impl_name("triton" if torch.cuda.is_available() else "torch")
 
 
-def describe(policy: KVPolicy, layout: PageLayout, num_kv_heads: int, model_dtype: torch.dtype) -> str:
-    """The start-up line: policy, bytes per token per layer, capacity gain against a BF16 cache."""
+def describe(policy: KVPolicy, layout: PageLayout, num_kv_heads: int, model_dtype: torch.dtype,
+             source: str | None = None) -> str:
+    """The start-up line: policy, bytes per token per layer, capacity gain against a BF16 cache, and
+    where the policy came from (``source``, else the process's policy source)."""
     line = (f"vllm-int4kv: KV policy {policy.name}, {layout.slot_bytes * num_kv_heads} bytes/token/layer "
             f"({num_kv_heads} KV heads x {layout.slot_bytes} B, head_dim {layout.head_dim}), "
             f"{layout.compression_vs(2):.2f}x the tokens of a BF16 cache")
     if model_dtype.itemsize != 2:  # fp32 models: also say how this compares with their own cache
         dtype_name = str(model_dtype).removeprefix("torch.")
         line += f", {layout.compression_vs(model_dtype.itemsize):.2f}x the tokens of a {dtype_name} cache"
-    if _policy_source:
-        line += f" (from {_policy_source})"
+    source = source or _policy_source
+    if source:
+        line += f" (from {source})"
     return line
 
 

@@ -7,7 +7,9 @@ metadata, and forwards each layer's cache write and attention to ``attention_ops
 
 Which ``--kv-cache-dtype`` selects our pages: ``auto`` (the pages follow ``VLLM_INT4KV_POLICY``, any
 policy including the unquantized ``k16v16``) and ``int4_per_token_head`` (the same, but the policy must
-quantize something). Every other value stops start-up: this backend has one page format.
+quantize something). Every other value stops start-up: this backend has one page format. With
+``int4_per_token_head``, the layers named by ``--kv-cache-dtype-skip-layers`` (vLLM hands them over as
+``auto`` layers) keep ``k16v16`` pages in the same block pool; each layer's pages have their own size.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ from .policy import KVPolicy
 logger = logging.getLogger("vllm.int4kv")
 
 KV_CACHE_DTYPES = ("auto", "int4_per_token_head")
+QUANTIZED_CACHE_DTYPE = "int4_per_token_head"
+UNQUANTIZED = KVPolicy(16, 16)  # the pages of layers --kv-cache-dtype-skip-layers keeps unquantized
 BACKEND_NAME = "CUSTOM"
 _HINT = "or drop --attention-backend CUSTOM to use vLLM's default attention"
 
@@ -61,6 +65,17 @@ def _model_dtype(spec_dtype: torch.dtype) -> torch.dtype:
     if config is None or config.model_config is None:
         raise RuntimeError("vllm-int4kv: cannot tell the model dtype of a uint8 KV cache spec")
     return config.model_config.dtype
+
+
+def _engine_cache_dtype() -> str | None:
+    config = get_current_vllm_config_or_none() or _vllm_config
+    return None if config is None else config.cache_config.cache_dtype
+
+
+def _kept_unquantized(layer_cache_dtype: str) -> bool:
+    """Whether ``--kv-cache-dtype-skip-layers`` keeps this layer unquantized: vLLM gives such layers
+    ``auto`` while the engine asked for ``int4_per_token_head``."""
+    return layer_cache_dtype == "auto" and _engine_cache_dtype() == QUANTIZED_CACHE_DTYPE
 
 
 def _ranks() -> tuple[int, int]:
@@ -89,6 +104,23 @@ def _policy() -> KVPolicy:
     rank, world = _ranks()
     return ops.resolve_policy(get_current_vllm_config_or_none() or _vllm_config,
                               all_gather=_all_gather if world > 1 else None, rank=rank)
+
+
+def _warn_if_padded(policy: KVPolicy, layout, kv_cache: torch.Tensor) -> None:
+    """Say so when vLLM pads our pages: it pads a page to the pool's largest when their sizes do not
+    divide each other (vLLM's CPU platform does so for sliding-window layers that
+    --kv-cache-dtype-skip-layers keeps unquantized; GPU platforms raise the block size instead), and
+    the padding holds no tokens: the capacity the policy promises is silently lost."""
+    used = kv_cache.shape[1] * layout.run_bytes
+    page = kv_cache.stride(0) * kv_cache.element_size()
+    key = ("padded", policy, used, page)
+    if page > used and policy.quantized and key not in _announced:
+        _announced.add(key)
+        logger.warning(f"vllm-int4kv: vLLM pads each {policy.name} page of {used} bytes to {page} to share the "
+                       f"block pool with larger pages: {1 - used / page:.0%} of these layers' cache holds "
+                       "nothing (page sizes that do not divide each other, e.g. sliding-window layers "
+                       "kept unquantized on CPU; naming layer indices in --kv-cache-dtype-skip-layers "
+                       "does not pad)")
 
 
 class Int4KVBackend(AttentionBackend):
@@ -144,10 +176,14 @@ class Int4KVBackend(AttentionBackend):
             raise ValueError(f"vllm-int4kv needs equal K and V head sizes, got {spec.head_size} and "
                              f"{spec.head_size_v}; {_HINT}")
         policy = _policy()
-        if spec.kv_quant_mode.name == "INT4_PER_TOKEN_HEAD" and not policy.quantized:
+        quantized_layer = spec.kv_quant_mode.name == "INT4_PER_TOKEN_HEAD"
+        if quantized_layer and not policy.quantized:
             raise ValueError(f"--kv-cache-dtype int4_per_token_head asks for a quantized cache, but "
                              f"VLLM_INT4KV_POLICY gives {policy.name}: set a quantized policy (e.g. k4v4) "
                              "or use --kv-cache-dtype auto")
+        kept = not quantized_layer and _kept_unquantized("auto")
+        if kept:
+            policy = UNQUANTIZED
         model_dtype = _model_dtype(spec.dtype)
         elem_bytes = model_dtype.itemsize
         layout = policy.layout(spec.head_size, 16, elem_bytes)  # slot size does not depend on blocks
@@ -156,7 +192,8 @@ class Int4KVBackend(AttentionBackend):
             _announced.add(key)
             rank, world = _ranks()
             where = f" [rank {rank} of {world}: {spec.num_kv_heads} KV heads on this rank]" if world > 1 else ""
-            logger.info(ops.describe(policy, layout, spec.num_kv_heads, model_dtype) + where)
+            source = "--kv-cache-dtype-skip-layers" if kept else None
+            logger.info(ops.describe(policy, layout, spec.num_kv_heads, model_dtype, source=source) + where)
         return dataclasses.replace(spec, state_content_bytes=layout.slot_bytes)
 
     @classmethod
@@ -239,9 +276,13 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
                              "auto or int4_per_token_head")
         _remember_config()
         config = _vllm_config
-        if config is not None and config.cache_config.kv_cache_dtype_skip_layers:
-            raise ValueError("vllm-int4kv applies one policy to every layer: drop "
-                             "--kv-cache-dtype-skip-layers (choose the policy with VLLM_INT4KV_POLICY)")
+        if (config is not None and config.cache_config.kv_cache_dtype_skip_layers
+                and config.cache_config.cache_dtype != QUANTIZED_CACHE_DTYPE):
+            raise ValueError("--kv-cache-dtype-skip-layers keeps the named layers unquantized beside "
+                             "quantized ones: use it with --kv-cache-dtype int4_per_token_head (with "
+                             "auto every layer follows VLLM_INT4KV_POLICY)")
+        # a layer --kv-cache-dtype-skip-layers names: k16v16 pages, whatever the engine's policy
+        self._kept_unquantized = _kept_unquantized(kv_cache_dtype)
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -265,9 +306,10 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
 
     def _layout_for(self, kv_cache: torch.Tensor, model_dtype: torch.dtype):
         if self._policy is None:
-            self._policy = _policy()
+            self._policy = UNQUANTIZED if self._kept_unquantized else _policy()
         if self._layout is None or self._layout.block_size != kv_cache.shape[2]:
             self._layout = ops.policy_layout(self._policy, self.head_size, kv_cache, model_dtype)
+            _warn_if_padded(self._policy, self._layout, kv_cache)
             if self._policy.rotate:  # build the cached Hadamard matrix now, not inside a graph capture
                 hadamard(self.head_size, device=kv_cache.device)
             if self.alibi_slopes is not None:
