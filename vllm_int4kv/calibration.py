@@ -164,9 +164,25 @@ def prompts_digest(prompts: list[str]) -> str:
 
 # -- the quantizing attention function --------------------------------------------------------------
 # (k_bits, v_bits, k_group, rotate), a function (key, value) -> (key, value) for another cache format
-# (benchmarks/vllm_formats.py: vLLM's own), or None for full precision
-_ACTIVE: tuple | Callable | None = None
+# (benchmarks/vllm_formats.py: vLLM's own), None for full precision, or a PerLayer of those
+_ACTIVE: "tuple | Callable | PerLayer | None" = None
 _calls = 0  # how many attention layers ran through _quantizing_attention (see Session)
+
+
+@dataclass(frozen=True)
+class PerLayer:
+    """A cache format per layer: ``overrides`` (HF ``layer_idx`` -> spec, None = full precision), else
+    ``default``. HF's layer index is the one ``--kv-cache-dtype-skip-layers`` names in vLLM."""
+
+    default: tuple | Callable | None
+    overrides: dict[int, tuple | Callable | None]
+
+    def for_layer(self, module) -> tuple | Callable | None:
+        index = getattr(module, "layer_idx", None)
+        if index is None:
+            raise NotImplementedError(f"{type(module).__name__} has no layer_idx, so its layers cannot be "
+                                      "measured one by one")
+        return self.overrides.get(index, self.default)
 
 
 def _quantizing_attention(module, query, key, value, attention_mask, **kwargs):
@@ -174,10 +190,11 @@ def _quantizing_attention(module, query, key, value, attention_mask, **kwargs):
 
     global _calls
     _calls += 1
-    if callable(_ACTIVE):
-        key, value = _ACTIVE(key, value)
-    elif _ACTIVE is not None:
-        k_bits, v_bits, k_group, rotate = _ACTIVE
+    spec = _ACTIVE.for_layer(module) if isinstance(_ACTIVE, PerLayer) else _ACTIVE
+    if callable(spec):
+        key, value = spec(key, value)
+    elif spec is not None:
+        k_bits, v_bits, k_group, rotate = spec
         d = key.shape[-1]
         key, value = fake_quantize_kv(key, value, k_bits, v_bits, min(k_group or d, d), d, rotate)
     if kwargs.get("s_aux") is not None or kwargs.get("softcap"):

@@ -10,6 +10,7 @@ import sys
 SUBCOMMANDS = {
     "plan": ("planner_cli", "KV capacity and decode traffic per policy for a model and a memory budget"),
     "calibrate": ("calibrate_cli", "measure a model's K/V sensitivity and choose its policy (auto)"),
+    "layers": ("layers_cli", "which layers carry a policy's error; what --kv-cache-dtype-skip-layers should keep"),
     "quality": ("quality", "perplexity, agreement, KL and lm-eval per policy through vLLM, as a report"),
 }
 

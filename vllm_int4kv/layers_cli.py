@@ -1,0 +1,147 @@
+"""Which layers carry a policy's error, and which ones ``--kv-cache-dtype-skip-layers`` should keep.
+
+    vllm-int4kv layers MODEL [--policy k4v4] [--budget NATS] [--max-skip N] [--prompts N]
+                             [--device cpu|cuda] [--json FILE]
+
+First each layer alone is stored at ``--policy`` (every other layer in full precision) and measured as
+``calibrate`` measures whole policies: mean next-token KL against full precision on the calibration
+prompts. Then the whole model is stored at ``--policy`` while the worst layers stay unquantized, one
+more at a time in the order of their single-layer KL, until the KL is within the budget or
+``--max-skip`` layers are kept. Every step is measured, not added up; the order is greedy (layers are
+ranked alone, not by how their errors combine). The first step within budget is printed as the vLLM
+flags that serve it. ``auto`` does not consider such mixed layouts: it picks one policy for every layer.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+
+from . import auto, calibration
+from .policy import KVPolicy, parse_policy
+
+UNQUANTIZED = KVPolicy(16, 16)
+
+
+def add_parser(parser) -> None:
+    parser.add_argument("model", help="HF model folder or hub id")
+    parser.add_argument("--policy", default="k4v4", help="the policy of the quantized layers (default k4v4)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="mean KL budget in nats (default: VLLM_INT4KV_KL_BUDGET or "
+                             f"{calibration.DEFAULT_KL_BUDGET})")
+    parser.add_argument("--max-skip", type=int, default=8, help="most layers to keep unquantized")
+    parser.add_argument("--prompts", type=int, default=calibration.DEFAULT_PROMPTS,
+                        help="number of calibration prompts")
+    parser.add_argument("--max-tokens", type=int, default=calibration.DEFAULT_MAX_TOKENS,
+                        help="tokens kept per prompt")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="serving dtype (sizes of 16-bit planes; GPU runs)")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--json", default=None, help="also write every measurement here")
+    parser.set_defaults(run=run)
+
+
+@dataclass
+class Step:
+    """The whole model at the policy except the ``kept`` layers (unquantized)."""
+
+    kept: list[int]
+    bytes_per_token: float  # per KV head, averaged over the layers
+    kl: float
+    top1: float
+
+
+@dataclass
+class Sweep:
+    policy: str
+    budget: float
+    num_layers: int
+    single: dict[int, float]  # layer -> KL with only that layer at the policy
+    steps: list[Step]
+
+    @property
+    def within_budget(self) -> Step | None:
+        return next((s for s in self.steps if s.kl <= self.budget), None)
+
+
+def sweep(session: calibration.Session, policy: KVPolicy, num_layers: int, head_dim: int, elem_bytes: int,
+          budget: float, max_skip: int) -> Sweep:
+    spec = calibration.spec_of(policy)
+    quantized, full = policy.slot_bytes(head_dim, elem_bytes), UNQUANTIZED.slot_bytes(head_dim, elem_bytes)
+    single = {i: session.measure(f"layer {i}", calibration.PerLayer(None, {i: spec})).kl
+              for i in range(num_layers)}
+    order = sorted(single, key=single.get, reverse=True)
+    steps = []
+    for n in range(min(max_skip, num_layers) + 1):
+        kept = order[:n]
+        m = session.measure(f"keep {kept}", calibration.PerLayer(spec, dict.fromkeys(kept)))
+        steps.append(Step(sorted(kept), (n * full + (num_layers - n) * quantized) / num_layers, m.kl, m.top1))
+        if m.kl <= budget:
+            break
+    return Sweep(policy.name, budget, num_layers, single, steps)
+
+
+def serve_flags(model: str, policy: str, kept: list[int]) -> str:
+    flags = f"VLLM_INT4KV_POLICY={policy} vllm serve {model} --attention-backend CUSTOM"
+    if kept:
+        flags += " --kv-cache-dtype int4_per_token_head --kv-cache-dtype-skip-layers " + " ".join(map(str, kept))
+    return flags
+
+
+def report(result: Sweep, model: str) -> str:
+    total = sum(result.single.values())
+    lines = [f"{'layer':>6}{'KL, this layer alone at ' + result.policy:>34}{'share':>8}"]
+    for layer in sorted(result.single, key=result.single.get, reverse=True):
+        share = result.single[layer] / total if total else 0.0
+        lines.append(f"{layer:>6}{result.single[layer]:>34.5f}{share:>8.1%}")
+    lines += ["", f"{'kept unquantized':<28}{'mean B/token/KV head':>22}{'mean KL':>10}{'top-1':>8}"]
+    for step in result.steps:
+        kept = " ".join(map(str, step.kept)) or "(none)"
+        mark = "  <- within budget" if step is result.within_budget else ""
+        lines.append(f"{kept:<28}{step.bytes_per_token:>22.1f}{step.kl:>10.5f}{step.top1:>8.1%}{mark}")
+    chosen = result.within_budget
+    lines.append("")
+    if chosen is None:
+        last = result.steps[-1]
+        lines.append(f"no set of up to {len(last.kept)} unquantized layers brings {result.policy} within "
+                     f"{result.budget:g} nats (KL {result.steps[0].kl:.4g} -> {last.kl:.4g}); compare whole "
+                     "policies with `vllm-int4kv calibrate`")
+    elif not chosen.kept:
+        lines.append(f"{result.policy} is within budget on every layer: {serve_flags(model, result.policy, [])}")
+    else:
+        lines.append(f"within budget: {serve_flags(model, result.policy, chosen.kept)}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    policy = parse_policy(args.policy)
+    if not policy.quantized:
+        raise SystemExit("vllm-int4kv layers: --policy must quantize something (k16v16 has no error)")
+    settings = replace(auto.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens)
+    budget = settings.budget if args.budget is None else args.budget
+    head_dim, elem_bytes = auto._model_facts(args.model, args.revision, args.dtype, args.trust_remote_code)
+    policy.layout(head_dim, 16, elem_bytes)  # a policy this head size cannot take fails here, with its reason
+    token_ids = calibration.prompt_token_ids(args.model, calibration.load_prompts(settings.n_prompts),
+                                             settings.max_tokens, revision=args.revision,
+                                             trust_remote_code=args.trust_remote_code)
+    try:
+        session = calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=args.dtype,
+                                           trust_remote_code=args.trust_remote_code, device=args.device)
+    except NotImplementedError as exc:
+        raise SystemExit(f"vllm-int4kv layers: {exc}") from exc
+    with session:
+        num_layers = session.model.config.get_text_config().num_hidden_layers
+        print(f"model {args.model}: {num_layers} layers, head_dim {head_dim}; {policy.name} layers "
+              f"{policy.slot_bytes(head_dim, elem_bytes)} B/token/KV head, unquantized ones "
+              f"{UNQUANTIZED.slot_bytes(head_dim, elem_bytes)}; budget {budget:g} nats "
+              f"(≈ {math.expm1(budget):+.2%} ppl); {session.n_tokens} tokens on {session.device}", flush=True)
+        try:
+            result = sweep(session, policy, num_layers, head_dim, elem_bytes, budget, args.max_skip)
+        except NotImplementedError as exc:
+            raise SystemExit(f"vllm-int4kv layers: {exc}") from exc
+    print(report(result, args.model))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, "n_tokens": session.n_tokens, **asdict(result)}, f, indent=1)
+    return 0
