@@ -106,13 +106,13 @@ def test_quality_command_end_to_end(tmp_path):
     model = build_tiny_llama(tmp_path / "tiny")
     tasks, corpus = _write_inputs(tmp_path)
     out = tmp_path / "report"
-    code = main(["quality", str(model), "--policies", "k16v16,k4v4,vllm:fp8", "--tasks", "tiny_mc",
+    code = main(["quality", str(model), "--policies", "k16v16,k4v4,k4v4@skip=0,vllm:fp8", "--tasks", "tiny_mc",
                  "--include-path", str(tasks), "--corpus", str(corpus), "--ppl-chunks", "2",
                  "--chunk-tokens", "128", "--long-prompts", "1", "--long-tokens", "600",
                  "--gen-lengths", "16,300", "--gen-tokens", "8", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert list(report["policies"]) == ["k16v16", "k4v4", "vllm:fp8"]
+    assert list(report["policies"]) == ["k16v16", "k4v4", "k4v4@skip=0", "vllm:fp8"]
     assert {"cpu", "torch", "vllm", "lm_eval", "vllm_int4kv", "date"} <= report["machine"].keys()
     assert report["settings"]["ppl_tokens"] == 2 * 128  # BOS prepended: every chunk token scored
     for name, entry in report["policies"].items():
@@ -130,6 +130,11 @@ def test_quality_command_end_to_end(tmp_path):
     k4v4 = report["policies"]["k4v4"]
     assert k4v4["bytes_per_token"] == 72 and ref["bytes_per_token"] == 256  # head_dim 64
     assert 0 < k4v4["vs_reference"]["mean_kl"] < 5 and 0 <= k4v4["vs_reference"]["top1_agreement"] < 1
+
+    # layer 0 kept unquantized (it carries most of K4V4's error on this model), layer 1 at k4v4
+    skip0 = report["policies"]["k4v4@skip=0"]
+    assert skip0["bytes_per_token"] == (256 + 72) / 2
+    assert 0 < skip0["vs_reference"]["mean_kl"] < k4v4["vs_reference"]["mean_kl"]
 
     fp8 = report["policies"]["vllm:fp8"]  # vLLM's own CPU attention over its fp8 cache, for comparison
     assert fp8["resolved"]["source"].startswith("vLLM's own") and fp8["bytes_per_token"] == 128
@@ -157,7 +162,9 @@ def test_a_silent_worker_is_killed_at_the_timeout(tmp_path, monkeypatch):
 def test_unknown_policy_names_fail_before_any_engine_starts(tmp_path):
     from vllm_int4kv.cli import main
 
-    for bad, message in (("k5v4", "unknown KV policy"), ("vllm:int3", "no size known")):
+    for bad, message in (("k5v4", "unknown KV policy"), ("vllm:int3", "no size known"),
+                         ("k4v4@skip=first", "as indices"), ("k16v16@skip=0", "needs a quantized policy"),
+                         ("vllm:fp8@skip=0", "this backend's policies only")):
         with pytest.raises(SystemExit, match=message):
             main(["quality", str(tmp_path / "no-model"), "--policies", bad, "--corpus", str(tmp_path / "c"),
                   "--out", str(tmp_path / "out")])

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from .quality_worker import VLLM_PREFIX
+from .quality_worker import SKIP_MARK, VLLM_PREFIX, split_run_name
 
 REFERENCE = "k16v16"
 PLOT_NAME = "quality.png"
@@ -29,7 +29,8 @@ def add_parser(parser) -> None:
     parser.add_argument("model", help="Hugging Face model folder (or a name in the local HF cache)")
     parser.add_argument("--policies", default="k16v16,k8v4,k4v4,auto",
                         help="comma-separated VLLM_INT4KV_POLICY values; k16v16 (the reference) is added "
-                             "first if missing. vllm:DTYPE runs vLLM's own attention with "
+                             "first if missing. POLICY@skip=I:J keeps layers I and J unquantized "
+                             "(--kv-cache-dtype-skip-layers). vllm:DTYPE runs vLLM's own attention with "
                              "--kv-cache-dtype DTYPE instead (e.g. vllm:auto, vllm:fp8), for comparison")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (empty: none)")
     parser.add_argument("--include-path", help="folder of lm-eval task YAMLs (lm-eval --include_path)")
@@ -93,7 +94,7 @@ def build_prompts(args, out: Path) -> dict:
 
 # -- one process per policy -------------------------------------------------------------------------
 def worker_env(policy: str) -> dict:
-    env = dict(os.environ, VLLM_INT4KV_POLICY=policy, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+    env = dict(os.environ, VLLM_INT4KV_POLICY=split_run_name(policy)[0], VLLM_ENABLE_V1_MULTIPROCESSING="0",
                TOKENIZERS_PARALLELISM="false")
     if policy.startswith(VLLM_PREFIX):  # our backend stays unused; it must not try to resolve this name
         env.pop("VLLM_INT4KV_POLICY")
@@ -183,17 +184,24 @@ def vllm_cache_bytes(kv_cache_dtype: str, head_dim: int) -> int:
                      "int4_per_token_head")
 
 
-def _bytes_per_token(resolved: str, model: str) -> int | None:
-    """Bytes per token per KV head of the policy that ran (BF16 basis for 16-bit planes)."""
+def _bytes_per_token(resolved: str, model: str) -> float | None:
+    """Bytes per token per KV head of the policy that ran (BF16 basis for 16-bit planes), averaged over
+    the layers when some were kept unquantized."""
     from transformers import AutoConfig
 
     from .policy import parse_policy
 
-    config = AutoConfig.from_pretrained(model)
+    config = AutoConfig.from_pretrained(model).get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if resolved.startswith(VLLM_PREFIX):
         return vllm_cache_bytes(resolved.removeprefix(VLLM_PREFIX), head_dim)
-    return parse_policy(resolved).slot_bytes(head_dim, 2)
+    policy, skipped = split_run_name(resolved)
+    quantized = parse_policy(policy).slot_bytes(head_dim, 2)
+    if not skipped:
+        return quantized
+    layers = config.num_hidden_layers
+    kept = len(set(skipped))
+    return round((kept * parse_policy("k16v16").slot_bytes(head_dim, 2) + (layers - kept) * quantized) / layers, 1)
 
 
 def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
@@ -258,11 +266,19 @@ def check_policy_names(policies: list[str]) -> None:
     from .policy import parse_policy
 
     for name in policies:
+        policy, skipped = split_run_name(name)
         try:
-            if name.startswith(VLLM_PREFIX):
-                vllm_cache_bytes(name.removeprefix(VLLM_PREFIX), 64)
-            elif name != "auto":
-                parse_policy(name)
+            if policy.startswith(VLLM_PREFIX):
+                if skipped:
+                    raise ValueError(f"{name}: {SKIP_MARK} applies to this backend's policies only")
+                vllm_cache_bytes(policy.removeprefix(VLLM_PREFIX), 64)
+            elif policy != "auto":
+                parse_policy(policy)
+            if SKIP_MARK in name and not (skipped and all(x.isdigit() for x in skipped)):
+                raise ValueError(f"{name}: write the layers to keep unquantized as indices, e.g. "
+                                 f"{policy}{SKIP_MARK}0:1")
+            if skipped and policy != "auto" and not parse_policy(policy).quantized:
+                raise ValueError(f"{name}: keeping layers unquantized needs a quantized policy")
         except ValueError as exc:
             raise SystemExit(f"--policies: {exc}") from exc
 

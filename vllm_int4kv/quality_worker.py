@@ -44,12 +44,22 @@ def vllm_version_shim() -> str:
 
 
 VLLM_PREFIX = "vllm:"  # a policy "vllm:fp8" runs vLLM's own attention with --kv-cache-dtype fp8
+SKIP_MARK = "@skip="  # "k4v4@skip=1:19": k4v4, layers 1 and 19 unquantized (--kv-cache-dtype-skip-layers)
+
+
+def split_run_name(name: str) -> tuple[str, list[str]]:
+    """``"k4v4@skip=1:19"`` -> ``("k4v4", ["1", "19"])``; a plain policy has no skipped layers."""
+    policy, _, skipped = name.partition(SKIP_MARK)
+    return policy, [x for x in skipped.split(":") if x]
 
 
 def engine_kwargs(spec: dict) -> dict:
-    policy = spec["policy"]
+    policy, skipped = split_run_name(spec["policy"])
     if policy.startswith(VLLM_PREFIX):  # vLLM's own backend for this platform, and its own cache
         cache = {"kv_cache_dtype": policy.removeprefix(VLLM_PREFIX)}
+    elif skipped:
+        cache = {"attention_backend": "CUSTOM", "kv_cache_dtype": "int4_per_token_head",
+                 "kv_cache_dtype_skip_layers": skipped}
     else:
         cache = {"attention_backend": "CUSTOM"}
     return dict(dtype=spec["dtype"], enforce_eager=True, enable_prefix_caching=False,
@@ -82,7 +92,9 @@ def resolved_policy(requested: str) -> dict:
     if policy is None:
         raise RuntimeError("the engine ran without the vllm-int4kv backend (no policy was resolved): "
                            "is the plugin installed and attention_backend='CUSTOM' honoured?")
-    return {"name": policy.name, "source": attention_ops.policy_source()}
+    skipped = split_run_name(requested)[1]
+    name = policy.name + (SKIP_MARK + ":".join(skipped) if skipped else "")
+    return {"name": name, "source": attention_ops.policy_source()}
 
 
 def score_prompts(llm, prompts: list[list[int]], first_row: int, k: int, first_sequence: int):
