@@ -203,30 +203,34 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     entries = {n: e for n, e in report["policies"].items() if e.get("ok") and e.get("vs_reference")}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = list(entries)
+    # horizontal bars keep long run names (k4v4@skip=...) readable; the figure grows with the runs
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, max(4.2, 0.35 * len(names) + 1.6)),
+                                      gridspec_kw={"width_ratios": [1, 1.15]})
     deltas = [100 * (entries[n]["vs_reference"]["ppl_ratio"] - 1) for n in names]
-    left.bar(names, deltas, color=["#888" if n == report["reference"] else "#3a7" for n in names])
-    left.axhline(0.77, color="#c33", linestyle="--", linewidth=1, label="llama.cpp q4_0 KV: +0.77 %")
-    left.set_ylabel("perplexity vs reference (%)")
+    left.barh(names, deltas, color=["#888" if n == report["reference"] else "#3a7" for n in names])
+    left.invert_yaxis()  # the report's order, top to bottom
+    left.axvline(0.77, color="#c33", linestyle="--", linewidth=1, label="llama.cpp q4_0 KV: +0.77 %")
+    left.set_xlabel("perplexity vs reference (%)")
     left.set_title(f"Perplexity gap ({report['settings']['corpus_name']})")
-    left.legend(fontsize=8)
-    left.tick_params(axis="x", rotation=30)
+    left.legend(fontsize=8, loc="lower right")
+    left.set_xlim(right=max(deltas + [1.0]) * 1.25)
     for bar, delta in zip(left.patches, deltas):
-        left.annotate(f"{delta:+.2f} %", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                      ha="center", va="bottom", fontsize=8)
+        left.annotate(f" {delta:+.2f} %", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                      ha="left", va="center", fontsize=8)
+    right.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more runs than the default 10 colours
     for name in names:
-        if name == report["reference"]:  # KL 0 by construction
-            continue
         buckets = entries[name]["vs_reference"]["by_position"]
+        if all(b["mean_kl"] < 1e-9 for b in buckets):  # the reference, or a run equal to it up to rounding
+            continue
         xs = [(b["positions"][0] + b["positions"][1]) / 2 for b in buckets]
-        right.plot(xs, [max(b["mean_kl"], 1e-7) for b in buckets], marker="o", label=name)
+        right.plot(xs, [b["mean_kl"] for b in buckets], marker="o", label=name)
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("context length (tokens, bucket centre)")
     right.set_ylabel(f"mean KL vs reference (nats, top-{report['settings']['kl_top_k']}+tail)")
-    right.set_title("Next-token KL by context length")
-    right.legend(fontsize=8)
+    right.set_title("Next-token KL by context length (runs with KL ~0 left out)")
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{report['model_name']}: KV policies through vLLM ({report['settings']['dtype']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
