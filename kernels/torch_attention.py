@@ -62,9 +62,20 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def _plane_values(rows: torch.Tensor, nibbles, bits: int, kv_dtype, role: str) -> torch.Tensor:
+def _copy_positions(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst`` ``[B, H, S, C]`` <- the first ``S`` positions of ``src`` ``[B, H, blocks, N, C]``: whole
+    blocks in one copy, the part of the last one that holds positions below ``S`` in another."""
+    span, n = dst.shape[2], src.shape[3]
+    full = span // n
+    if full:
+        dst[:, :, :full * n].unflatten(2, (full, n)).copy_(src[:, :, :full])
+    if span % n:
+        dst[:, :, full * n:].copy_(src[:, :, full, :span % n])
+
+
+def _plane_values(rows: torch.Tensor, nibbles, bits: int, kv_dtype, role: str, span: int) -> torch.Tensor:
     """A plane ``[B, H, blocks, N, row_bytes]`` (strided view of the gathered pages) -> fp32
-    ``[B, H, S, D]`` in scratch: the codes, or the values at 16 bits.
+    ``[B, H, span, D]`` in scratch, its first ``span`` positions: the codes, or the values at 16 bits.
 
     4-bit planes come from ``nibbles`` (the same plane of the low and high nibbles) and come out as all
     even channels then all odd ones; 8- and 16-bit planes keep the model's channel order. Laying out and
@@ -74,13 +85,13 @@ def _plane_values(rows: torch.Tensor, nibbles, bits: int, kv_dtype, role: str) -
     if bits == 16:
         rows = rows.view(kv_dtype)
     head_dim = 2 * row if bits == 4 else rows.shape[-1]
-    out = _scratch.get(role, (b, h, blocks, n, head_dim))
+    out = _scratch.get(role, (b, h, span, head_dim))
     if bits == 4:
-        out[..., :row].copy_(nibbles[0])
-        out[..., row:].copy_(nibbles[1])
+        _copy_positions(out[..., :row], nibbles[0])
+        _copy_positions(out[..., row:], nibbles[1])
     else:
-        out.copy_(rows)
-    return out.view(b, h, blocks * n, head_dim)
+        _copy_positions(out, rows)
+    return out
 
 
 def _to_plane_order(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -114,13 +125,17 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
     """``query`` ``[B, Hq, D]``, one token per sequence at position ``seq_lens - 1`` -> fp32 ``[B, Hq, D]``."""
     num_seqs, num_q_heads, head_dim = query.shape
     num_kv_heads, n = cache.shape[1], layout.block_size
-    num_blocks = -(-int(seq_lens.max()) // n)
+    # Only the first `span` positions are converted and attended: vLLM's CPU blocks hold 128 tokens, so
+    # short contexts would otherwise spend most of the step on padding.
+    span = int(seq_lens.max())
+    num_blocks = -(-span // n)
     ids = block_table[:, :num_blocks].long()
     positions = torch.arange(num_blocks * n)
-    valid = positions[None, :] < seq_lens[:, None].long()  # [B, S]
+    valid = positions[None, :] < seq_lens[:, None].long()  # [B, blocks * N]
     if sliding_window:
         valid &= positions[None, :] > seq_lens[:, None].long() - 1 - sliding_window
     used = valid.view(num_seqs, num_blocks, n).any(-1)
+    positions, valid = positions[:span], valid[:, :span]  # [S], [B, S]
     # entries past a sequence's end (or before its window) may hold anything: read its last block there
     last = ids.gather(1, ((seq_lens.long() - 1) // n)[:, None])
     ids = torch.where(used, ids, last).flatten()
@@ -137,12 +152,15 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
     if 4 in (layout.k_bits, layout.v_bits):  # bit ops run ~5x faster on the contiguous pages than strided
         low = planes(torch.bitwise_and(pages, 0xF, out=_scratch.get("low", pages.shape, pages.dtype)))
         high = planes(torch.bitwise_right_shift(pages, 4, out=_scratch.get("high", pages.shape, pages.dtype)))
-    params = (p_rows.flatten(2, 3).view(torch.float16).float() if layout.param_row_bytes
-              else None)  # [B, H, S, 2 * (k_groups + v_groups)]
+    params = None
+    if layout.param_row_bytes:  # [B, H, S, 2 * (k_groups + v_groups)]
+        param_bytes = torch.empty(num_seqs, num_kv_heads, span, p_rows.shape[-1], dtype=torch.uint8)
+        _copy_positions(param_bytes, p_rows)
+        params = param_bytes.view(torch.float16).float()
     nk = 2 * layout.k_groups
     q = query.float().view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [B, H, G, D]
 
-    k = _plane_values(k_rows, (low[0], high[0]), layout.k_bits, kv_dtype, "k")  # [B, H, S, D]
+    k = _plane_values(k_rows, (low[0], high[0]), layout.k_bits, kv_dtype, "k", span)  # [B, H, S, D]
     if layout.k_bits != 16 and layout.k_groups > 1:
         _apply_group_params(k, params[..., :nk], layout.k_group, layout.k_bits)
     scores = torch.matmul(_to_plane_order(q, layout.k_bits), k.transpose(-1, -2))  # [B, H, G, S]
@@ -160,7 +178,7 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
     if sinks is not None:
         probs *= _sink_factor(scores, sinks.float().view(1, num_kv_heads, -1, 1))
 
-    v = _plane_values(v_rows, (low[1], high[1]), layout.v_bits, kv_dtype, "v")
+    v = _plane_values(v_rows, (low[1], high[1]), layout.v_bits, kv_dtype, "v", span)
     offset = 0.0
     if layout.v_bits == 16 or layout.v_groups > 1:
         if layout.v_bits != 16:
