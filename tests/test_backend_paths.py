@@ -1,8 +1,8 @@
 """Engine-level checks of single properties: KV capacity at equal memory, a refused configuration, the
 Triton kernels (interpreted on CPU) serving the same tokens as the torch implementation, and the model
 families whose attention differs: sliding windows, a 96-channel head, gpt-oss's sinks, ALiBi (Bloom,
-Falcon), Llama 4's chunked local attention, Gemma 2 and 3, Mamba and Gated DeltaNet hybrids, and ngram
-speculative decoding (multi-token verification steps)."""
+Falcon), Llama 4's chunked local attention, Gemma 2 and 3, Mamba and Gated DeltaNet hybrids, ngram
+speculative decoding (multi-token verification steps), and a decoder run as an embedding model."""
 from __future__ import annotations
 
 import json
@@ -266,3 +266,21 @@ def test_ngram_speculative_decoding(tiny_model_dir):
     results = {name: [(o["tokens"], o["logprobs"]) for o in r["outputs"]] for name, r in done.items()}
     _assert_same(results, "k16v16", "cpu_attn")
     _assert_same(results, "triton", "plain")
+
+
+def test_decoder_embedding_model_is_served(tiny_model_dir):
+    """``runner="pooling"`` on a decoder (as Qwen3-Embedding runs): the prompt is prefilled through our
+    cache and pooled. K16V16 gives vLLM's own CPU attention's embeddings; K4V4 prefill reads its
+    quantized pages, so its embeddings move a little (cosine 0.98 or more on this tiny model)."""
+    import torch
+
+    prompts = ["The licensee may copy the software", "hello world " * 40]
+    embeddings = {}
+    for name, backend, policy in (("cpu_attn", None, None), ("k16v16", "CUSTOM", "k16v16"),
+                                  ("k4v4", "CUSTOM", "k4v4")):
+        with vllm_engine(tiny_model_dir, backend=backend, policy=policy, runner="pooling") as llm:
+            embeddings[name] = torch.stack([torch.tensor(o.outputs.embedding)
+                                            for o in llm.embed(prompts, use_tqdm=False)])
+    assert (embeddings["k16v16"] - embeddings["cpu_attn"]).abs().max() < 1e-5
+    cosine = torch.nn.functional.cosine_similarity(embeddings["k4v4"], embeddings["cpu_attn"], dim=-1)
+    assert (embeddings["k4v4"] - embeddings["cpu_attn"]).abs().max() > 1e-3 and cosine.min() > 0.98, cosine
