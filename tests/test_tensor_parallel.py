@@ -55,6 +55,18 @@ def test_k16v16_on_two_ranks_equals_one_rank(tiny_model_dir, single_rank_k16v16,
         assert max(abs(a - b) for a, b in zip(ours["logprobs"], ref["logprobs"])) < 1e-3
 
 
+def test_skipped_layers_on_two_ranks_equal_one_rank_k16v16(tiny_model_dir, single_rank_k16v16, tmp_path):
+    """``--kv-cache-dtype-skip-layers`` naming both layers under k4v4: every rank's pages are K16V16."""
+    skip_all = {"TP_ENGINE_KWARGS": json.dumps({"kv_cache_dtype": "int4_per_token_head",
+                                                "kv_cache_dtype_skip_layers": ["0", "1"]})}
+    result, log = run_engine(tiny_model_dir, 2, "k4v4", tmp_path, extra_env=skip_all)
+    assert policy_lines(log) == {0: "k16v16", 1: "k16v16"}
+    assert log.count("(from --kv-cache-dtype-skip-layers) [rank") == 2, log[-4000:]
+    for ours, ref in zip(result["outputs"], single_rank_k16v16["outputs"]):
+        assert ours["tokens"] == ref["tokens"]
+        assert max(abs(a - b) for a, b in zip(ours["logprobs"], ref["logprobs"])) < 1e-3
+
+
 def test_k4v4_on_two_ranks_matches_one_rank(tiny_model_dir, tmp_path):
     """Pages are quantized per (token, head), so splitting heads over ranks changes nothing but fp32
     rounding of the projections (which can move a code across a rounding boundary: loose bound)."""

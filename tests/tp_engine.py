@@ -1,13 +1,15 @@
 """Run one vLLM engine (CPU build) with our backend and print its greedy outputs as a JSON line.
 
 Used by test_tensor_parallel.py in a fresh process per engine: tensor-parallel workers are spawned,
-and each engine must see its own VLLM_INT4KV_POLICY. Usage: ``python tp_engine.py MODEL TP [PP]``.
+and each engine must see its own VLLM_INT4KV_POLICY. Usage: ``python tp_engine.py MODEL TP [PP]``;
+``TP_ENGINE_KWARGS`` (JSON) adds engine arguments.
 
 Pipeline parallel runs without ``enforce_eager``: on the CPU build of vLLM 0.32 an eager engine with
 PP > 1 fails in vLLM's model runner (``intermediate_tensors`` is never allocated), with vLLM's own CPU
 attention backend as with ours; the compiled path allocates them during warm-up.
 """
 import json
+import os
 import sys
 
 PROMPTS = [
@@ -22,7 +24,8 @@ def main(model: str, tp: int, pp: int = 1) -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model, dtype="float32", enforce_eager=pp == 1, seed=0, max_model_len=512,
-              tensor_parallel_size=tp, pipeline_parallel_size=pp, attention_config={"backend": "CUSTOM"})
+              tensor_parallel_size=tp, pipeline_parallel_size=pp, attention_config={"backend": "CUSTOM"},
+              **json.loads(os.environ.get("TP_ENGINE_KWARGS", "{}")))
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     result = []
