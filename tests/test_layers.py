@@ -49,7 +49,7 @@ def _fragile_second_layer():
 def test_sweep_keeps_the_worst_layer_first_and_measures_every_step():
     policy = KVPolicy(4, 4)
     with Session(_fragile_second_layer(), token_ids()) as session:
-        tight = layers_cli.sweep(session, policy, 2, 64, 2, budget=1e-9, max_skip=2)
+        tight = layers_cli.sweep(session, policy, 64, 2, budget=1e-9, max_skip=2)
         assert tight.single[1] > 10 * tight.single[0] > 0
         assert [s.kept for s in tight.steps] == [[], [1], [0, 1]]
         assert tight.steps[0].kl > tight.steps[1].kl > tight.steps[2].kl == 0.0
@@ -57,7 +57,7 @@ def test_sweep_keeps_the_worst_layer_first_and_measures_every_step():
         assert tight.within_budget is tight.steps[2]
 
         budget = tight.steps[1].kl * 1.01  # keeping layer 1 is enough, keeping nothing is not
-        enough = layers_cli.sweep(session, policy, 2, 64, 2, budget=budget, max_skip=2)
+        enough = layers_cli.sweep(session, policy, 64, 2, budget=budget, max_skip=2)
     assert [s.kept for s in enough.steps] == [[], [1]] and enough.within_budget.kept == [1]
     text = layers_cli.report(enough, "MODEL")
     assert text.splitlines()[-1] == ("within budget: VLLM_INT4KV_POLICY=k4v4 vllm serve MODEL --attention-backend "
@@ -71,8 +71,23 @@ def test_cli_reports_and_refuses_an_unquantized_policy(tiny_model_dir, tmp_path,
     assert main(["layers", str(tiny_model_dir), "--prompts", "1", "--max-tokens", "48", "--budget", "1e-9",
                  "--max-skip", "1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "2 layers, head_dim 64" in text and "no set of up to 1 unquantized layers" in text, text
+    assert "2 attention layers, head_dim 64" in text and "no set of up to 1 unquantized layers" in text, text
     saved = json.loads(out.read_text())
     assert sorted(saved["single"]) == ["0", "1"] and len(saved["steps"]) == 2
     with pytest.raises(SystemExit, match="must quantize something"):
         main(["layers", str(tiny_model_dir), "--policy", "k16v16"])
+    with pytest.raises(SystemExit):  # argparse: "needs a count of 0 or more"
+        main(["layers", str(tiny_model_dir), "--max-skip", "-1"])
+    assert "needs a count of 0 or more" in capsys.readouterr().err
+
+
+def test_a_hybrid_model_is_swept_over_its_attention_layers_only(tmp_path):
+    """Tiny Granite-4-style hybrid: layer 0 is Mamba-2 (no KV cache), layer 1 attention."""
+    from vllm_int4kv.tiny_model import build_tiny_hybrid
+
+    model = build_tiny_hybrid(tmp_path / "hybrid")
+    with Session.load(str(model), token_ids(n=1, length=32)) as session:
+        assert session.attention_layers == [1]
+        result = layers_cli.sweep(session, KVPolicy(4, 4), 64, 2, budget=1e-9, max_skip=3)
+    assert list(result.single) == [1] and result.num_layers == 1
+    assert [s.kept for s in result.steps] == [[], [1]] and result.steps[1].kl == 0.0

@@ -133,6 +133,7 @@ def test_quality_command_end_to_end(tmp_path):
 
     # layer 0 kept unquantized (it carries most of K4V4's error on this model), layer 1 at k4v4
     skip0 = report["policies"]["k4v4@skip=0"]
+    assert skip0["resolved"]["attention_layers"] == 2 and skip0["resolved"]["kept_unquantized"] == 1
     assert skip0["bytes_per_token"] == (256 + 72) / 2
     assert 0 < skip0["vs_reference"]["mean_kl"] < k4v4["vs_reference"]["mean_kl"]
 
@@ -163,7 +164,7 @@ def test_unknown_policy_names_fail_before_any_engine_starts(tmp_path):
     from vllm_int4kv.cli import main
 
     for bad, message in (("k5v4", "unknown KV policy"), ("vllm:int3", "no size known"),
-                         ("k4v4@skip=first", "as indices"), ("k16v16@skip=0", "needs a quantized policy"),
+                         ("k4v4@skip=first", "as indices"), ("k4v4@skip=01", "as indices"), ("k16v16@skip=0", "needs a quantized policy"),
                          ("vllm:fp8@skip=0", "this backend's policies only")):
         with pytest.raises(SystemExit, match=message):
             main(["quality", str(tmp_path / "no-model"), "--policies", bad, "--corpus", str(tmp_path / "c"),

@@ -72,15 +72,20 @@ def test_named_layers_keep_unquantized_pages(tiny_model_dir):
     assert _logprob_gap(skip0, k4v4) > 1e-3 and _logprob_gap(skip0, k16v16) > 1e-3
 
 
-def test_skip_layers_need_the_int4_cache_dtype(tiny_model_dir):
-    """With ``--kv-cache-dtype auto`` every layer follows the policy, so a skip list would be ignored."""
+@pytest.mark.parametrize("skip, kv_cache_dtype, message", [
+    (["0"], "auto", "use it with --kv-cache-dtype int4_per_token_head"),  # auto: every layer follows the policy
+    (["2"], "int4_per_token_head", "--kv-cache-dtype-skip-layers 2: no such layer; give layer indices 0 to 1"),
+    (["00", "first"], "int4_per_token_head", "--kv-cache-dtype-skip-layers 00 first: no such layer"),
+])
+def test_skip_lists_vllm_would_ignore_stop_start_up(tiny_model_dir, skip, kv_cache_dtype, message):
+    """vLLM compares each entry with str(layer index): these would keep nothing unquantized, silently."""
     with pytest.raises(Exception) as err:
-        _run(tiny_model_dir, ["0"], kv_cache_dtype="auto")
+        _run(tiny_model_dir, skip, kv_cache_dtype=kv_cache_dtype)
     chain, e = [], err.value
     while e is not None:
         chain.append(str(e))
         e = e.__cause__ or e.__context__
-    assert any("use it with --kv-cache-dtype int4_per_token_head" in m for m in chain), chain
+    assert any(message in m for m in chain), chain
 
 
 class _Warnings(logging.Handler):
@@ -97,7 +102,9 @@ def test_skipped_sliding_window_layers_on_both_block_layouts(tmp_path, monkeypat
     """Tiny Gemma 2 (a 32-token sliding-window layer, then a full one; fp32, head_dim 64, 2 KV heads)
     with ``sliding_window`` skipped, so layer 0 keeps K16V16 pages (1024 B per token) beside K4V4 (144 B).
 
-    CPU layout: one block size (128), the K4V4 page padded to the K16V16 one, which start-up says. GPU
+    CPU layout: one block size (128), the K4V4 page padded to the K16V16 one, which start-up says (so it
+    is when the full-attention layer is the one kept, on either layout: vLLM pads the K4V4 sliding-window
+    pages to the K16V16 full-attention ones). GPU
     layout: blocks of 128 tokens for K4V4, the sliding-window layer at 16 tokens padded to that page, no
     K4V4 padding and several times the capacity. Both give the same output; so do the Triton kernels
     (interpreted) over the GPU layout, whose sliding-window pages are strided by the padded page."""
@@ -113,8 +120,13 @@ def test_skipped_sliding_window_layers_on_both_block_layouts(tmp_path, monkeypat
     test_logger = logging.getLogger("int4kv-skip-layers-test")
     test_logger.addHandler(warnings)
     monkeypatch.setattr(backend, "logger", test_logger)
+    backend._announced.clear()
     cpu = _run(model, ["sliding_window"], lengths=(70, 20))
     cpu_warnings, warnings.messages = warnings.messages, []
+    # the full-attention layer kept instead: a K16V16 full layer beside a K4V4 sliding one pads too
+    backend._announced.clear()  # each warning is said once per process
+    full_kept = _run(model, ["1"], lengths=(70, 20))
+    full_kept_warnings, warnings.messages = warnings.messages, []
     monkeypatch.setattr(type(current_platform), "update_block_size_for_backend",
                         classmethod(Platform.update_block_size_for_backend.__func__))
     gpu = _run(model, ["sliding_window"], lengths=(70, 20))
@@ -123,6 +135,8 @@ def test_skipped_sliding_window_layers_on_both_block_layouts(tmp_path, monkeypat
     assert cpu["layers"] == {0: ("k16v16", 512, 128, 128 * 2 * 512),
                              1: ("k4v4", 72, 128, 128 * 2 * 512)}  # K4V4 padded to the K16V16 page
     assert any("pads each k4v4 page of 18432 bytes to 131072" in m for m in cpu_warnings), cpu_warnings
+    assert full_kept["layers"] == {0: ("k4v4", 72, 128, 128 * 2 * 512), 1: ("k16v16", 512, 128, 128 * 2 * 512)}
+    assert any("pads each k4v4 page of 18432 bytes to 131072" in m for m in full_kept_warnings)
     assert gpu["layers"] == {0: ("k16v16", 512, 16, 128 * 2 * 72),  # 16384 B padded to the K4V4 page
                              1: ("k4v4", 72, 128, 128 * 2 * 72)}
     assert not warnings.messages, warnings.messages

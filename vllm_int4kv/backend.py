@@ -67,15 +67,34 @@ def _model_dtype(spec_dtype: torch.dtype) -> torch.dtype:
     return config.model_config.dtype
 
 
-def _engine_cache_dtype() -> str | None:
-    config = get_current_vllm_config_or_none() or _vllm_config
-    return None if config is None else config.cache_config.cache_dtype
-
-
 def _kept_unquantized(layer_cache_dtype: str) -> bool:
     """Whether ``--kv-cache-dtype-skip-layers`` keeps this layer unquantized: vLLM gives such layers
     ``auto`` while the engine asked for ``int4_per_token_head``."""
-    return layer_cache_dtype == "auto" and _engine_cache_dtype() == QUANTIZED_CACHE_DTYPE
+    config = get_current_vllm_config_or_none() or _vllm_config
+    return (layer_cache_dtype == "auto" and config is not None
+            and config.cache_config.cache_dtype == QUANTIZED_CACHE_DTYPE
+            and bool(config.cache_config.kv_cache_dtype_skip_layers))
+
+
+def _check_skip_layers(config) -> None:
+    """``--kv-cache-dtype-skip-layers`` entries vLLM would silently ignore stop start-up instead: vLLM
+    compares each entry with ``str(layer index)``, so ``99`` on a 30-layer model or ``01`` keeps nothing
+    unquantized."""
+    names = config.cache_config.kv_cache_dtype_skip_layers
+    if not names:
+        return
+    if config.cache_config.cache_dtype != QUANTIZED_CACHE_DTYPE:
+        raise ValueError("--kv-cache-dtype-skip-layers keeps the named layers unquantized beside "
+                         "quantized ones: use it with --kv-cache-dtype int4_per_token_head (with "
+                         "auto every layer follows VLLM_INT4KV_POLICY)")
+    num_layers = getattr(config.model_config.hf_text_config, "num_hidden_layers", None)
+    unknown = [name for name in names if name != "sliding_window" and not (
+        name.isdigit() and str(int(name)) == name and (num_layers is None or int(name) < num_layers))]
+    if unknown:
+        indices = f"layer indices 0 to {num_layers - 1}" if num_layers else "layer indices"
+        raise ValueError(f"--kv-cache-dtype-skip-layers {' '.join(unknown)}: no such layer; give {indices} "
+                         "as plain numbers, or sliding_window (vLLM would ignore these and quantize the "
+                         "layers you meant to keep)")
 
 
 def _ranks() -> tuple[int, int]:
@@ -108,9 +127,10 @@ def _policy() -> KVPolicy:
 
 def _warn_if_padded(policy: KVPolicy, layout, kv_cache: torch.Tensor) -> None:
     """Say so when vLLM pads our pages: it pads a page to the pool's largest when their sizes do not
-    divide each other (vLLM's CPU platform does so for sliding-window layers that
-    --kv-cache-dtype-skip-layers keeps unquantized; GPU platforms raise the block size instead), and
-    the padding holds no tokens: the capacity the policy promises is silently lost."""
+    divide each other, and the padding holds no tokens, so the capacity the policy promises is lost.
+    With --kv-cache-dtype-skip-layers that happens on models that mix layer types (an unquantized
+    full-attention layer beside quantized sliding-window ones, on any platform) and, on vLLM's CPU
+    platform, for skipped sliding-window layers (its GPU platforms raise the block size instead)."""
     used = kv_cache.shape[1] * layout.run_bytes
     page = kv_cache.stride(0) * kv_cache.element_size()
     key = ("padded", policy, used, page)
@@ -118,9 +138,10 @@ def _warn_if_padded(policy: KVPolicy, layout, kv_cache: torch.Tensor) -> None:
         _announced.add(key)
         logger.warning(f"vllm-int4kv: vLLM pads each {policy.name} page of {used} bytes to {page} to share the "
                        f"block pool with larger pages: {1 - used / page:.0%} of these layers' cache holds "
-                       "nothing (page sizes that do not divide each other, e.g. sliding-window layers "
-                       "kept unquantized on CPU; naming layer indices in --kv-cache-dtype-skip-layers "
-                       "does not pad)")
+                       "nothing. vLLM pads pages whose sizes do not divide each other: with "
+                       "--kv-cache-dtype-skip-layers on a model that mixes layer types (sliding-window or "
+                       "state layers beside full attention), and for skipped sliding-window layers on CPU. "
+                       "Drop the flag to get the policy's capacity back")
 
 
 class Int4KVBackend(AttentionBackend):
@@ -275,12 +296,8 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
             raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is not supported by vllm-int4kv: use "
                              "auto or int4_per_token_head")
         _remember_config()
-        config = _vllm_config
-        if (config is not None and config.cache_config.kv_cache_dtype_skip_layers
-                and config.cache_config.cache_dtype != QUANTIZED_CACHE_DTYPE):
-            raise ValueError("--kv-cache-dtype-skip-layers keeps the named layers unquantized beside "
-                             "quantized ones: use it with --kv-cache-dtype int4_per_token_head (with "
-                             "auto every layer follows VLLM_INT4KV_POLICY)")
+        if _vllm_config is not None:
+            _check_skip_layers(_vllm_config)
         # a layer --kv-cache-dtype-skip-layers names: k16v16 pages, whatever the engine's policy
         self._kept_unquantized = _kept_unquantized(kv_cache_dtype)
         self.num_heads = num_heads

@@ -167,6 +167,7 @@ def prompts_digest(prompts: list[str]) -> str:
 # (benchmarks/vllm_formats.py: vLLM's own), None for full precision, or a PerLayer of those
 _ACTIVE: "tuple | Callable | PerLayer | None" = None
 _calls = 0  # how many attention layers ran through _quantizing_attention (see Session)
+_layers_seen: set[int] = set()  # the layer_idx of every attention module that ran through it
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,8 @@ def _quantizing_attention(module, query, key, value, attention_mask, **kwargs):
 
     global _calls
     _calls += 1
+    if getattr(module, "layer_idx", None) is not None:
+        _layers_seen.add(module.layer_idx)
     spec = _ACTIVE.for_layer(module) if isinstance(_ACTIVE, PerLayer) else _ACTIVE
     if callable(spec):
         key, value = spec(key, value)
@@ -281,8 +284,11 @@ class Session:
         self.inputs = [torch.tensor(ids, device=self.device)[None] for ids in token_ids]
         self.n_tokens = sum(x.shape[1] for x in self.inputs)
         start, calls_before = time.perf_counter(), _calls
+        _layers_seen.clear()
         self.reference = [self._logprobs(x, None) for x in self.inputs]
         self.reference_seconds = time.perf_counter() - start
+        # the attention layers' indices: hybrid models' Mamba / linear-attention layers never get here
+        self.attention_layers = sorted(_layers_seen)
         if _calls == calls_before:
             # e.g. Bloom in transformers: its attention code ignores AttentionInterface, so every
             # candidate would measure a KL of exactly 0 and the cheapest would win unmeasured

@@ -13,6 +13,7 @@ flags that serve it. ``auto`` does not consider such mixed layouts: it picks one
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +30,7 @@ def add_parser(parser) -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="mean KL budget in nats (default: VLLM_INT4KV_KL_BUDGET or "
                              f"{calibration.DEFAULT_KL_BUDGET})")
-    parser.add_argument("--max-skip", type=int, default=8, help="most layers to keep unquantized")
+    parser.add_argument("--max-skip", type=_count, default=8, help="most layers to keep unquantized")
     parser.add_argument("--prompts", type=int, default=calibration.DEFAULT_PROMPTS,
                         help="number of calibration prompts")
     parser.add_argument("--max-tokens", type=int, default=calibration.DEFAULT_MAX_TOKENS,
@@ -40,6 +41,13 @@ def add_parser(parser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--json", default=None, help="also write every measurement here")
     parser.set_defaults(run=run)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"needs a count of 0 or more, got {value}")
+    return value
 
 
 @dataclass
@@ -56,7 +64,7 @@ class Step:
 class Sweep:
     policy: str
     budget: float
-    num_layers: int
+    num_layers: int  # attention layers (a hybrid model's state layers hold no KV cache)
     single: dict[int, float]  # layer -> KL with only that layer at the policy
     steps: list[Step]
 
@@ -65,12 +73,17 @@ class Sweep:
         return next((s for s in self.steps if s.kl <= self.budget), None)
 
 
-def sweep(session: calibration.Session, policy: KVPolicy, num_layers: int, head_dim: int, elem_bytes: int,
+def sweep(session: calibration.Session, policy: KVPolicy, head_dim: int, elem_bytes: int,
           budget: float, max_skip: int) -> Sweep:
+    """Over the session's attention layers (the indices vLLM's --kv-cache-dtype-skip-layers takes)."""
     spec = calibration.spec_of(policy)
     quantized, full = policy.slot_bytes(head_dim, elem_bytes), UNQUANTIZED.slot_bytes(head_dim, elem_bytes)
+    if not session.attention_layers:
+        raise NotImplementedError(f"{type(session.model).__name__}'s attention modules have no layer_idx, so "
+                                  "its layers cannot be measured one by one")
+    num_layers = len(session.attention_layers)
     single = {i: session.measure(f"layer {i}", calibration.PerLayer(None, {i: spec})).kl
-              for i in range(num_layers)}
+              for i in session.attention_layers}
     order = sorted(single, key=single.get, reverse=True)
     steps = []
     for n in range(min(max_skip, num_layers) + 1):
@@ -131,13 +144,13 @@ def run(args) -> int:
     except NotImplementedError as exc:
         raise SystemExit(f"vllm-int4kv layers: {exc}") from exc
     with session:
-        num_layers = session.model.config.get_text_config().num_hidden_layers
-        print(f"model {args.model}: {num_layers} layers, head_dim {head_dim}; {policy.name} layers "
+        num_layers = len(session.attention_layers)
+        print(f"model {args.model}: {num_layers} attention layers, head_dim {head_dim}; {policy.name} layers "
               f"{policy.slot_bytes(head_dim, elem_bytes)} B/token/KV head, unquantized ones "
               f"{UNQUANTIZED.slot_bytes(head_dim, elem_bytes)}; budget {budget:g} nats "
               f"(≈ {math.expm1(budget):+.2%} ppl); {session.n_tokens} tokens on {session.device}", flush=True)
         try:
-            result = sweep(session, policy, num_layers, head_dim, elem_bytes, budget, args.max_skip)
+            result = sweep(session, policy, head_dim, elem_bytes, budget, args.max_skip)
         except NotImplementedError as exc:
             raise SystemExit(f"vllm-int4kv layers: {exc}") from exc
     print(report(result, args.model))

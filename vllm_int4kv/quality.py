@@ -184,23 +184,22 @@ def vllm_cache_bytes(kv_cache_dtype: str, head_dim: int) -> int:
                      "int4_per_token_head")
 
 
-def _bytes_per_token(resolved: str, model: str) -> float | None:
+def _bytes_per_token(resolved: dict, model: str) -> float | None:
     """Bytes per token per KV head of the policy that ran (BF16 basis for 16-bit planes), averaged over
-    the layers when some were kept unquantized."""
+    the attention layers when the engine kept some unquantized (as the worker counted them)."""
     from transformers import AutoConfig
 
     from .policy import parse_policy
 
     config = AutoConfig.from_pretrained(model).get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if resolved.startswith(VLLM_PREFIX):
-        return vllm_cache_bytes(resolved.removeprefix(VLLM_PREFIX), head_dim)
-    policy, skipped = split_run_name(resolved)
-    quantized = parse_policy(policy).slot_bytes(head_dim, 2)
-    if not skipped:
+    name = resolved["name"]
+    if name.startswith(VLLM_PREFIX):
+        return vllm_cache_bytes(name.removeprefix(VLLM_PREFIX), head_dim)
+    quantized = parse_policy(split_run_name(name)[0]).slot_bytes(head_dim, 2)
+    layers, kept = resolved.get("attention_layers"), resolved.get("kept_unquantized", 0)
+    if not kept:
         return quantized
-    layers = config.num_hidden_layers
-    kept = len(set(skipped))
     return round((kept * parse_policy("k16v16").slot_bytes(head_dim, 2) + (layers - kept) * quantized) / layers, 1)
 
 
@@ -221,7 +220,7 @@ def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
         if run.get("ok"):
             topk = qm.TopK.load(out / "runs" / name / "topk.npz")
             entry["perplexity"] = qm.perplexity(topk.target[ppl_rows])
-            entry["bytes_per_token"] = _bytes_per_token(run["resolved"]["name"], args.model)
+            entry["bytes_per_token"] = _bytes_per_token(run["resolved"], args.model)
             lm_eval = run.get("lm_eval", {})
             entry["lm_eval"] = {task: r["metrics"] for task, r in lm_eval.items()}
             entry["lm_eval_samples"] = {task: r["n_samples"] for task, r in lm_eval.items()}
@@ -274,7 +273,7 @@ def check_policy_names(policies: list[str]) -> None:
                 vllm_cache_bytes(policy.removeprefix(VLLM_PREFIX), 64)
             elif policy != "auto":
                 parse_policy(policy)
-            if SKIP_MARK in name and not (skipped and all(x.isdigit() for x in skipped)):
+            if SKIP_MARK in name and not (skipped and all(x.isdigit() and str(int(x)) == x for x in skipped)):
                 raise ValueError(f"{name}: write the layers to keep unquantized as indices, e.g. "
                                  f"{policy}{SKIP_MARK}0:1")
             if skipped and policy != "auto" and not parse_policy(policy).quantized:

@@ -80,6 +80,15 @@ def build_engine(spec: dict):
     return LLM(spec["model"], **engine_kwargs(spec)), None
 
 
+def served_layers(llm) -> dict:
+    """How many attention layers our backend serves and how many of them keep K16V16 pages
+    (--kv-cache-dtype-skip-layers): the layers that really hold a KV cache, not the config's count."""
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    ours = [layer.impl for layer in runner.compilation_config.static_forward_context.values()
+            if hasattr(getattr(layer, "impl", None), "_kept_unquantized")]
+    return {"attention_layers": len(ours), "kept_unquantized": sum(impl._kept_unquantized for impl in ours)}
+
+
 def resolved_policy(requested: str) -> dict:
     """What our backend actually ran with (in-process engine: the module state is this process's)."""
     from . import attention_ops
@@ -162,6 +171,8 @@ def main(spec_path: str) -> int:
     log(policy, f"starting the engine for {spec['model']} (dtype {spec['dtype']})")
     llm, lm = build_engine(spec)
     result["resolved"] = resolved_policy(policy)
+    if not policy.startswith(VLLM_PREFIX):
+        result["resolved"].update(served_layers(llm))
     stage("engine_start", t0)
     log(policy, f"backend policy: {result['resolved']['name']} ({result['resolved']['source']})")
 
