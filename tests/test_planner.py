@@ -249,3 +249,42 @@ def test_cli_budget_from_gpu_memory_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "80 GiB x 0.9 - weights/rank 14.96 GiB" in out
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kept_layers_cost_k16v16_bytes():
+    """Llama-3-8B shape (32 layers, 8 KV heads, D 128, bf16) with layers 0 and 31 kept unquantized."""
+    model = ModelKV(32, 8, 128, kept=(31, 0))
+    k4v4 = planner.plan(model, ["k4v4"], PlanInputs(context=4096, kv_budget_bytes=10 * GIB))[0]
+    assert model.kept == (0, 31)
+    assert k4v4.bytes_per_token == 30 * 8 * 136 + 2 * 8 * 512
+    assert k4v4.bytes_per_token_per_layer == 8 * (30 * 136 + 2 * 512) / 32  # the mean: 1276
+    assert k4v4.capacity_vs_bf16 == pytest.approx(32 * 512 / (30 * 136 + 2 * 512))
+    assert k4v4.seq_bytes == k4v4.bytes_per_token * 4096
+    assert k4v4.step_read_bytes == k4v4.bytes_per_token * 4096
+    # every layer kept: the k16v16 plan, whatever the policy
+    all_kept = planner.plan(ModelKV(32, 8, 128, kept=tuple(range(32))), ["k4v4"], PlanInputs())[0]
+    assert all_kept.bytes_per_token == planner.plan(ModelKV(32, 8, 128), ["k16v16"], PlanInputs())[0].bytes_per_token
+    with pytest.raises(ValueError, match="kept layers"):
+        ModelKV(32, 8, 128, kept=(32,))
+
+
+def test_kept_sliding_layers_hold_only_their_window():
+    model = ModelKV(4, 2, 64, windows=(512, None, 512, None), kept=(0, 2))  # the sliding layers kept
+    seq = planner.sequence_bytes(model, parse_policy("k4v4"), 4096)
+    assert seq == 2 * 2 * 256 * 512 + 2 * 2 * 72 * 4096
+
+
+def test_cli_skip_layers(capsys):
+    args = ["plan", "--num-layers", "4", "--num-kv-heads", "2", "--head-dim", "64", "--sliding-window", "512",
+            "--sliding-layers", "even", "--kv-budget-gib", "1", "--policies", "k4v4", "--json"]
+    assert main([*args, "--skip-layers", "sliding_window"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"]["kept"] == [0, 2] and result["policies"][0]["bytes_per_token"] == 2 * 2 * (256 + 72)
+    assert main([*args, "--skip-layers", "1-2"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["kept"] == [1, 2]
+    for bad, message in (("4", "names layers outside 0..3"), ("first", "give layer indices")):
+        assert main([*args, "--skip-layers", bad]) == 2
+        assert message in capsys.readouterr().out
+    no_window = ["plan", "--num-layers", "4", "--num-kv-heads", "2", "--head-dim", "64", "--kv-budget-gib", "1"]
+    assert main([*no_window, "--skip-layers", "sliding_window"]) == 2
+    assert "no sliding-window layer" in capsys.readouterr().out

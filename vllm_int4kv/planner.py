@@ -6,13 +6,15 @@ sequences that fit in the KV budget, the KV bytes one decode step reads from HBM
 read while generating G tokens after a cached context C0, and the decode-attention time those bytes take
 at a given bandwidth. It is plain arithmetic (no vLLM, no GPU) so anyone can check it:
 
-    bytes/token        = sum over layers of kv_heads_per_rank * slot_bytes
+    bytes/token        = sum over layers of kv_heads_per_rank * slot_bytes (K16V16's in kept layers)
     KV per sequence    = sum over layers of kv_heads_per_rank * slot_bytes * round_up(min(C, W_layer), block)
     read per step      = batch * sum over layers of kv_heads_per_rank * slot_bytes * min(C, W_layer)
     positions over G   = G*C0 + G*(G-1)/2   (step t reads the C0 + t cached positions; per full layer)
 
 A sliding-window layer (window W) never holds or reads more than W positions. Block rounding follows vLLM:
-each sequence owns whole blocks of ``block_size`` tokens in every layer.
+each sequence owns whole blocks of ``block_size`` tokens in every layer. Layers kept unquantized
+(``--kv-cache-dtype-skip-layers``) cost K16V16's slot bytes; where vLLM pads pages (models that mix layer
+types, see the README) the real cache holds fewer tokens than planned here.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class ModelKV:
-    """KV geometry of a decoder. ``windows[i]`` is layer i's sliding window, None for full attention."""
+    """KV geometry of a decoder as served. ``windows[i]`` is layer i's sliding window, None for full
+    attention; ``kept`` are the layers ``--kv-cache-dtype-skip-layers`` keeps at K16V16."""
 
     num_layers: int
     num_kv_heads: int
@@ -53,6 +56,7 @@ class ModelKV:
     elem_bytes: int = 2
     weights_bytes: int | None = None
     name: str = "model"
+    kept: tuple = ()
 
     def __post_init__(self):
         if min(self.num_layers, self.num_kv_heads, self.head_dim) < 1:
@@ -63,6 +67,9 @@ class ModelKV:
         if any(w is not None and w < 1 for w in windows):
             raise ValueError("sliding windows must be positive")
         object.__setattr__(self, "windows", windows)
+        if any(not 0 <= i < self.num_layers for i in self.kept):
+            raise ValueError(f"kept layers {sorted(self.kept)} must lie in 0..{self.num_layers - 1}")
+        object.__setattr__(self, "kept", tuple(sorted(set(self.kept))))
 
     @property
     def num_sliding(self) -> int:
@@ -168,19 +175,22 @@ def positions_read(c0: int, gen: int, window: int | None = None) -> int:
     return growing * c0 + growing * (growing - 1) // 2 + (gen - growing) * window
 
 
-def _layer_token_bytes(model: ModelKV, policy: KVPolicy, tp: int) -> int:
-    """Bytes one token costs in one layer on one rank."""
+def _layer_token_bytes(model: ModelKV, policy: KVPolicy, tp: int) -> list[int]:
+    """Bytes one token costs in each layer on one rank (K16V16's in the kept layers)."""
     if model.head_dim not in HEAD_DIMS:
         raise UnsupportedModel(f"head_dim {model.head_dim} is not supported by the int4kv backend "
                                f"(it must be {HEAD_DIMS_TEXT})")
-    return model.kv_heads_per_rank(tp) * policy.slot_bytes(model.head_dim, model.elem_bytes)
+    heads = model.kv_heads_per_rank(tp)
+    quantized = heads * policy.slot_bytes(model.head_dim, model.elem_bytes)
+    kept = heads * KVPolicy(16, 16).slot_bytes(model.head_dim, model.elem_bytes)
+    return [kept if i in model.kept else quantized for i in range(model.num_layers)]
 
 
 def sequence_bytes(model: ModelKV, policy: KVPolicy, context: int, block_size: int = 16,
                    tp: int = 1) -> int:
     """KV bytes one sequence of ``context`` tokens holds on one rank, in whole blocks per layer."""
-    per_token = _layer_token_bytes(model, policy, tp)
-    return per_token * sum(round_up(min(context, w or context), block_size) for w in model.windows)
+    return sum(b * round_up(min(context, w or context), block_size)
+               for b, w in zip(_layer_token_bytes(model, policy, tp), model.windows))
 
 
 def max_context(model: ModelKV, policy: KVPolicy, budget: int, block_size: int = 16,
@@ -193,7 +203,7 @@ def max_context(model: ModelKV, policy: KVPolicy, budget: int, block_size: int =
     largest_window = max((w for w in model.windows if w), default=0)
     if model.num_sliding == model.num_layers and fits(-(-largest_window // block_size)):
         return None
-    lo, hi = 0, budget // (_layer_token_bytes(model, policy, tp) * block_size) + 1
+    lo, hi = 0, budget // (min(_layer_token_bytes(model, policy, tp)) * block_size) + 1
     while lo < hi:  # largest block count that fits; memory grows monotonically with context
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
@@ -206,7 +216,7 @@ class PolicyPlan:
 
     policy: str
     bytes_per_token: int
-    bytes_per_token_per_layer: int
+    bytes_per_token_per_layer: float  # the mean over layers (an integer unless some are kept unquantized)
     seq_bytes: int
     max_tokens: int | None
     max_seqs: int
@@ -236,16 +246,20 @@ def plan(model: ModelKV, policies, inputs: PlanInputs) -> list[PolicyPlan]:
 
 
 def _plan_one(model: ModelKV, policy: KVPolicy, x: PlanInputs) -> PolicyPlan:
-    per_layer = _layer_token_bytes(model, policy, x.tp)
+    layer_bytes = _layer_token_bytes(model, policy, x.tp)
+    per_token = sum(layer_bytes)
+    mean = per_token / model.num_layers
     seq = sequence_bytes(model, policy, x.context, x.block_size, x.tp)
-    step = x.batch * per_layer * sum(min(x.context, w or x.context) for w in model.windows)
-    gen = x.batch * per_layer * sum(positions_read(x.context, x.gen_tokens, w) for w in model.windows)
+    step = x.batch * sum(b * min(x.context, w or x.context) for b, w in zip(layer_bytes, model.windows))
+    gen = x.batch * sum(b * positions_read(x.context, x.gen_tokens, w)
+                        for b, w in zip(layer_bytes, model.windows))
     bandwidth = x.bandwidth_gbs * 1e9
-    bf16_per_layer = model.kv_heads_per_rank(x.tp) * 2 * model.head_dim * 2
+    bf16_per_token = model.num_layers * model.kv_heads_per_rank(x.tp) * 2 * model.head_dim * 2
     return PolicyPlan(
-        policy=policy.name, bytes_per_token=per_layer * model.num_layers, bytes_per_token_per_layer=per_layer,
+        policy=policy.name, bytes_per_token=per_token,
+        bytes_per_token_per_layer=int(mean) if mean.is_integer() else round(mean, 1),
         seq_bytes=seq, max_tokens=max_context(model, policy, x.kv_budget_bytes, x.block_size, x.tp),
-        max_seqs=x.kv_budget_bytes // seq, capacity_vs_bf16=bf16_per_layer / per_layer,
+        max_seqs=x.kv_budget_bytes // seq, capacity_vs_bf16=bf16_per_token / per_token,
         step_read_bytes=step, gen_positions=positions_read(x.context, x.gen_tokens), gen_read_bytes=gen,
         step_time_s=step / bandwidth, gen_time_s=gen / bandwidth)
 

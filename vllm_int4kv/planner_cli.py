@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .planner import (GIB, DEFAULT_POLICIES, _ELEM_BYTES, ModelKV, load_config, model_from_config, round_up, sequence_bytes, PolicyPlan, PlanInputs, plan, measured_bandwidth)
@@ -20,10 +20,10 @@ def fmt_seconds(s: float) -> str:
     return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
 
 
-def format_table(rows: list[PolicyPlan], x: PlanInputs) -> str:
+def format_table(rows: list[PolicyPlan], x: PlanInputs, x_kept: bool = False) -> str:
     lines = [
         ("bytes/token, all layers", lambda r: f"{r.bytes_per_token}"),
-        ("bytes/token/layer", lambda r: f"{r.bytes_per_token_per_layer}"),
+        ("bytes/token/layer (mean)" if x_kept else "bytes/token/layer", lambda r: f"{r.bytes_per_token_per_layer}"),
         ("capacity vs BF16", lambda r: f"{r.capacity_vs_bf16:.2f}x"),
         (f"KV per sequence @ {x.context}", lambda r: fmt_bytes(r.seq_bytes)),
         ("max tokens (1 sequence)", lambda r: "unbounded" if r.max_tokens is None else f"{r.max_tokens}"),
@@ -99,23 +99,28 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--block-size", type=int, default=16)
     w.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     w.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated policies")
+    w.add_argument("--skip-layers", help="layers kept unquantized (K16V16), as --kv-cache-dtype-skip-layers "
+                   "serves them: e.g. 0,1 or 0-3, or sliding_window for every sliding-window layer")
     w.add_argument("--bandwidth-gbs", type=float, help="HBM bandwidth (default: measured, else datasheet)")
     parser.add_argument("--plot", help="write a PNG of KV memory against context")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)
 
 
-def parse_layers(spec: str, n: int) -> set[int]:
+def parse_layers(spec: str, n: int, flag: str = "--sliding-layers") -> set[int]:
     """``all``, ``even``, ``odd`` or ``0-13,20`` -> layer indices."""
     named = {"all": range(n), "even": range(0, n, 2), "odd": range(1, n, 2)}
     if spec in named:
         return set(named[spec])
     layers = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        layers.update(range(int(lo), int(hi or lo) + 1))
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            layers.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"{flag} {spec!r}: give layer indices such as 0,1 or 0-3") from None
     if not layers or max(layers) >= n:
-        raise ValueError(f"--sliding-layers {spec!r} names layers outside 0..{n - 1}")
+        raise ValueError(f"{flag} {spec!r} names layers outside 0..{n - 1}")
     return layers
 
 
@@ -135,7 +140,15 @@ def model_from_args(args) -> ModelKV:
         sliding = parse_layers(args.sliding_layers, n)
         cfg["layer_types"] = ["sliding_attention" if i in sliding else "full_attention" for i in range(n)]
     name = args.name or (Path(args.model).name if args.model else "model")
-    return model_from_config(cfg, name, _ELEM_BYTES[args.dtype] if args.dtype else None)
+    model = model_from_config(cfg, name, _ELEM_BYTES[args.dtype] if args.dtype else None)
+    if args.skip_layers == "sliding_window":
+        kept = [i for i, w in enumerate(model.windows) if w]
+        if not kept:
+            raise ValueError("--skip-layers sliding_window: this model has no sliding-window layer")
+        model = replace(model, kept=tuple(kept))
+    elif args.skip_layers:
+        model = replace(model, kept=tuple(parse_layers(args.skip_layers, model.num_layers, "--skip-layers")))
+    return model
 
 
 def _budget(args, model: ModelKV, weights: int | None, tp: int) -> tuple[int, str]:
@@ -174,7 +187,7 @@ def run(args) -> int:
                           "policies": [asdict(r) for r in rows]}, indent=2))
     else:
         print(_header(model, inputs, weights, budget_text, bw_text))
-        print(format_table(rows, inputs))
+        print(format_table(rows, inputs, bool(model.kept)))
         for r in rows:
             if r.max_seqs < args.batch:
                 print(f"note: batch {args.batch} does not fit with {r.policy} at context {args.context} "
@@ -193,6 +206,8 @@ def _header(model: ModelKV, x: PlanInputs, weights: int | None, budget_text: str
         f"{sliding}), {model.num_kv_heads} KV heads ({model.kv_heads_per_rank(x.tp)} per rank, tp {x.tp}), "
         f"head dim {model.head_dim}, {8 * model.elem_bytes}-bit model dtype"
         + (f", weights {fmt_bytes(weights)}" if weights else ""),
+        *([f"layers kept unquantized (K16V16 in every policy): {','.join(map(str, model.kept))}"]
+          if model.kept else []),
         f"budget per rank: {budget_text}; block size {x.block_size}",
         f"workload: context C0 = {x.context}, batch {x.batch}, G = {x.gen_tokens} generated tokens",
         f"bandwidth: {bw_text}; times count decode-attention KV reads only",
