@@ -19,7 +19,8 @@ from . import auto, calibration, decision_cache
 from .policy import parse_policy
 
 
-def add_parser(parser) -> None:
+def add_session_arguments(parser) -> None:
+    """The model, budget and calibration-prompt options of `calibrate` and `layers`."""
     parser.add_argument("model", help="HF model folder or hub id")
     parser.add_argument("--budget", type=float, default=None,
                         help="mean KL budget in nats (default: VLLM_INT4KV_KL_BUDGET or "
@@ -32,6 +33,24 @@ def add_parser(parser) -> None:
     parser.add_argument("--dtype", default=None, help="serving dtype (sizes of 16-bit planes; GPU runs)")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def settings_from_args(args) -> calibration.Settings:
+    settings = replace(auto.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens)
+    return settings if args.budget is None else replace(settings, budget=args.budget)
+
+
+def load_session(args, token_ids, command: str) -> calibration.Session:
+    """The model loaded for calibration; a model it cannot see into exits with the reason, no traceback."""
+    try:
+        return calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=args.dtype,
+                                        trust_remote_code=args.trust_remote_code, device=args.device)
+    except NotImplementedError as exc:
+        raise SystemExit(f"vllm-int4kv {command}: {exc}") from exc
+
+
+def add_parser(parser) -> None:
+    add_session_arguments(parser)
     parser.add_argument("--all", action="store_true", help="measure every candidate, not only up to the "
                         "decision (the decision is the same)")
     parser.add_argument("--eval-text", default=None, help="held-out text: perplexity of every candidate")
@@ -63,9 +82,7 @@ def _table(result: calibration.Calibration, ppl: dict) -> str:
 
 
 def run(args) -> int:
-    settings = replace(auto.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens)
-    if args.budget is not None:
-        settings = replace(settings, budget=args.budget)
+    settings = settings_from_args(args)
     prompts = calibration.load_prompts(settings.n_prompts)
     head_dim, elem_bytes = auto._model_facts(args.model, args.revision, args.dtype, args.trust_remote_code)
     token_ids = calibration.prompt_token_ids(args.model, prompts, settings.max_tokens, revision=args.revision,
@@ -78,12 +95,7 @@ def run(args) -> int:
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--eval-text: {exc}") from exc
     ppl = {}
-    try:
-        session = calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=args.dtype,
-                                           trust_remote_code=args.trust_remote_code, device=args.device)
-    except NotImplementedError as exc:  # a model the calibration cannot see into: say so, no traceback
-        raise SystemExit(f"vllm-int4kv calibrate: {exc}") from exc
-    with session:
+    with load_session(args, token_ids, "calibrate") as session:
         result = calibration.calibrate(session, head_dim, settings, elem_bytes=elem_bytes,
                                        measure_all=args.all or bool(args.eval_text))
         if chunks:

@@ -16,29 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from . import auto, calibration
+from .calibrate_cli import add_session_arguments, load_session, settings_from_args
 from .policy import KVPolicy, parse_policy
 
 UNQUANTIZED = KVPolicy(16, 16)
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("model", help="HF model folder or hub id")
+    add_session_arguments(parser)
     parser.add_argument("--policy", default="k4v4", help="the policy of the quantized layers (default k4v4)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="mean KL budget in nats (default: VLLM_INT4KV_KL_BUDGET or "
-                             f"{calibration.DEFAULT_KL_BUDGET})")
     parser.add_argument("--max-skip", type=_count, default=8, help="most layers to keep unquantized")
-    parser.add_argument("--prompts", type=int, default=calibration.DEFAULT_PROMPTS,
-                        help="number of calibration prompts")
-    parser.add_argument("--max-tokens", type=int, default=calibration.DEFAULT_MAX_TOKENS,
-                        help="tokens kept per prompt")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="serving dtype (sizes of 16-bit planes; GPU runs)")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--json", default=None, help="also write every measurement here")
     parser.set_defaults(run=run)
 
@@ -131,19 +121,14 @@ def run(args) -> int:
     policy = parse_policy(args.policy)
     if not policy.quantized:
         raise SystemExit("vllm-int4kv layers: --policy must quantize something (k16v16 has no error)")
-    settings = replace(auto.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens)
-    budget = settings.budget if args.budget is None else args.budget
+    settings = settings_from_args(args)
+    budget = settings.budget
     head_dim, elem_bytes = auto._model_facts(args.model, args.revision, args.dtype, args.trust_remote_code)
     policy.layout(head_dim, 16, elem_bytes)  # a policy this head size cannot take fails here, with its reason
     token_ids = calibration.prompt_token_ids(args.model, calibration.load_prompts(settings.n_prompts),
                                              settings.max_tokens, revision=args.revision,
                                              trust_remote_code=args.trust_remote_code)
-    try:
-        session = calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=args.dtype,
-                                           trust_remote_code=args.trust_remote_code, device=args.device)
-    except NotImplementedError as exc:
-        raise SystemExit(f"vllm-int4kv layers: {exc}") from exc
-    with session:
+    with load_session(args, token_ids, "layers") as session:
         num_layers = len(session.attention_layers)
         print(f"model {args.model}: {num_layers} attention layers, head_dim {head_dim}; {policy.name} layers "
               f"{policy.slot_bytes(head_dim, elem_bytes)} B/token/KV head, unquantized ones "
