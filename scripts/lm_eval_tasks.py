@@ -106,7 +106,14 @@ def ensure_bigbench_sdist(downloads: Path) -> Path:
                                  headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         index = json.load(r)
-    entry = next(f for f in index["files"] if f["filename"] == BIGBENCH_SDIST)
+    entry = next((f for f in index["files"] if f["filename"] == BIGBENCH_SDIST), None)
+    if entry is None:  # seen 2026-12: the registry lists only bigbench-0.0.1, a placeholder
+        listed = ", ".join(f["filename"] for f in index["files"]) or "nothing"
+        raise SystemExit(
+            f"the package index no longer offers {BIGBENCH_SDIST} (it lists {listed}), so the BIG-bench "
+            f"tasks cannot be built. Put a copy with sha256 {BIGBENCH_SHA256} at {target}, or run "
+            "with --skip-bigbench (the calibration text, the evaluation corpus and its perplexity task "
+            "need no BIG-bench).")
     if entry["hashes"].get("sha256") != BIGBENCH_SHA256:
         raise SystemExit("PyPI publishes a different sha256 for %s than the pinned one" % BIGBENCH_SDIST)
     log(f"downloading {entry['url']} (358 MB)")
