@@ -225,7 +225,11 @@ def test_gated_deltanet_hybrid_is_served(tmp_path):
     """A tiny Qwen3-Next (Gated DeltaNet beside attention), bf16 as vLLM's CPU kernel for it requires:
     blocks of 544 tokens even over K16V16 pages (vLLM refused those for our backend while it took powers
     of two only). K16V16 gives vLLM's CPU attention's tokens and logprobs; K8V4 serves with its own block
-    size and the same first token. (The Triton path is not run: the interpreter gets bf16 wrong.)"""
+    size and the same first token. (The Triton path is not run: the interpreter gets bf16 wrong.)
+
+    The logprob tolerance is bf16's: vLLM's CPU attention rounds in bf16 in an order that depends on the
+    machine. Against our fp32 arithmetic it differed by < 1e-3 on AMD EPYC VMs and by up to 0.016 (median
+    0.003) on an Intel Xeon with AMX; K8V4 pages move the same logprobs by 0.1-0.2, which 0.03 still sees."""
     from vllm_int4kv.tiny_model import build_tiny_qwen3_next
 
     model = build_tiny_qwen3_next(tmp_path / "tiny-qwen3-next", seed=0)
@@ -233,8 +237,10 @@ def test_gated_deltanet_hybrid_is_served(tmp_path):
         VLLM_CPU_ATTN, ("k16v16", "CUSTOM", "k16v16", "torch"), ("k8v4", "CUSTOM", "k8v4", "torch")],
         block_size=32, max_num_batched_tokens=64, dtype="bfloat16")
     assert block_sizes["k16v16"] % 16 == 0 and block_sizes["k16v16"] & (block_sizes["k16v16"] - 1), block_sizes
-    _assert_same(results, "k16v16", "cpu_attn", tolerance=1e-3)
+    _assert_same(results, "k16v16", "cpu_attn", tolerance=0.03)
     assert [tokens[0] for tokens, _ in results["k8v4"]] == [tokens[0] for tokens, _ in results["k16v16"]]
+    with pytest.raises(AssertionError):  # the tolerance can tell a quantized cache from vLLM's
+        _assert_same(results, "k8v4", "cpu_attn", tolerance=0.03)
 
 
 def _spec_engine(model, backend, policy, impl, speculate: bool) -> dict:
