@@ -20,9 +20,8 @@ from dataclasses import asdict, dataclass
 
 from . import auto, calibration
 from .calibrate_cli import add_session_arguments, load_session, settings_from_args
-from .policy import KVPolicy, parse_policy
+from .policy import UNQUANTIZED, KVPolicy, mean_slot_bytes, parse_policy
 
-UNQUANTIZED = KVPolicy(16, 16)
 
 
 def add_parser(parser) -> None:
@@ -67,7 +66,6 @@ def sweep(session: calibration.Session, policy: KVPolicy, head_dim: int, elem_by
           budget: float, max_skip: int) -> Sweep:
     """Over the session's attention layers (the indices vLLM's --kv-cache-dtype-skip-layers takes)."""
     spec = calibration.spec_of(policy)
-    quantized, full = policy.slot_bytes(head_dim, elem_bytes), UNQUANTIZED.slot_bytes(head_dim, elem_bytes)
     if not session.attention_layers:
         raise NotImplementedError(f"{type(session.model).__name__}'s attention modules have no layer_idx, so "
                                   "its layers cannot be measured one by one")
@@ -76,10 +74,10 @@ def sweep(session: calibration.Session, policy: KVPolicy, head_dim: int, elem_by
               for i in session.attention_layers}
     order = sorted(single, key=single.get, reverse=True)
     steps = []
-    for n in range(min(max_skip, num_layers) + 1):
+    for n in range(min(max_skip, num_layers - 1) + 1):  # every layer kept would just be k16v16
         kept = order[:n]
         m = session.measure(f"keep {kept}", calibration.PerLayer(spec, dict.fromkeys(kept)))
-        steps.append(Step(sorted(kept), (n * full + (num_layers - n) * quantized) / num_layers, m.kl, m.top1))
+        steps.append(Step(sorted(kept), mean_slot_bytes(policy, head_dim, elem_bytes, num_layers, n), m.kl, m.top1))
         if m.kl <= budget:
             break
     return Sweep(policy.name, budget, num_layers, single, steps)

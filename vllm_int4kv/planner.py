@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
-from .policy import KVPolicy, parse_policy
+from .policy import UNQUANTIZED, KVPolicy, parse_policy
 
 GIB = 1 << 30
 DEFAULT_POLICIES = ("k16v16", "k8v4", "k4v4")
@@ -182,7 +182,7 @@ def _layer_token_bytes(model: ModelKV, policy: KVPolicy, tp: int) -> list[int]:
                                f"(it must be {HEAD_DIMS_TEXT})")
     heads = model.kv_heads_per_rank(tp)
     quantized = heads * policy.slot_bytes(model.head_dim, model.elem_bytes)
-    kept = heads * KVPolicy(16, 16).slot_bytes(model.head_dim, model.elem_bytes)
+    kept = heads * UNQUANTIZED.slot_bytes(model.head_dim, model.elem_bytes)
     return [kept if i in model.kept else quantized for i in range(model.num_layers)]
 
 

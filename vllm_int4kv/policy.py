@@ -73,3 +73,21 @@ def parse_policy(text: str) -> KVPolicy:
                          "optionally with -g<N> (key channel groups) and/or -rot (Hadamard rotation)")
     k_bits, v_bits, group, rot = match.groups()
     return KVPolicy(int(k_bits), int(v_bits), int(group) if group else None, bool(rot))
+
+
+# The pages of layers kept unquantized beside a quantized policy (--kv-cache-dtype-skip-layers).
+UNQUANTIZED = KVPolicy(16, 16)
+
+
+def is_layer_index(entry: str) -> bool:
+    """Whether a ``--kv-cache-dtype-skip-layers`` entry can name a layer: vLLM compares each entry with
+    ``str(layer index)``, so only plain ASCII numbers without leading zeros ever match (not ``01``, not
+    ``²``, which ``str.isdigit`` accepts)."""
+    return entry.isascii() and entry.isdigit() and str(int(entry)) == entry
+
+
+def mean_slot_bytes(policy: KVPolicy, head_dim: int, elem_bytes: int, num_layers: int, kept: int) -> float:
+    """Bytes per token per KV head averaged over ``num_layers`` attention layers, ``kept`` of them
+    unquantized and the rest at ``policy``."""
+    quantized, full = policy.slot_bytes(head_dim, elem_bytes), UNQUANTIZED.slot_bytes(head_dim, elem_bytes)
+    return (kept * full + (num_layers - kept) * quantized) / num_layers

@@ -189,18 +189,18 @@ def _bytes_per_token(resolved: dict, model: str) -> float | None:
     the attention layers when the engine kept some unquantized (as the worker counted them)."""
     from transformers import AutoConfig
 
-    from .policy import parse_policy
+    from .policy import mean_slot_bytes, parse_policy
 
     config = AutoConfig.from_pretrained(model).get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     name = resolved["name"]
     if name.startswith(VLLM_PREFIX):
         return vllm_cache_bytes(name.removeprefix(VLLM_PREFIX), head_dim)
-    quantized = parse_policy(split_run_name(name)[0]).slot_bytes(head_dim, 2)
+    policy = parse_policy(split_run_name(name)[0])
     layers, kept = resolved.get("attention_layers"), resolved.get("kept_unquantized", 0)
     if not kept:
-        return quantized
-    return round((kept * parse_policy("k16v16").slot_bytes(head_dim, 2) + (layers - kept) * quantized) / layers, 1)
+        return policy.slot_bytes(head_dim, 2)
+    return round(mean_slot_bytes(policy, head_dim, 2, layers, kept), 1)
 
 
 def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
@@ -262,7 +262,7 @@ def worker_spec(args, out: Path, prompts: dict) -> dict:
 
 def check_policy_names(policies: list[str]) -> None:
     """Fail before any engine starts on a name no worker could run."""
-    from .policy import parse_policy
+    from .policy import is_layer_index, parse_policy
 
     for name in policies:
         policy, skipped = split_run_name(name)
@@ -273,7 +273,7 @@ def check_policy_names(policies: list[str]) -> None:
                 vllm_cache_bytes(policy.removeprefix(VLLM_PREFIX), 64)
             elif policy != "auto":
                 parse_policy(policy)
-            if SKIP_MARK in name and not (skipped and all(x.isdigit() and str(int(x)) == x for x in skipped)):
+            if SKIP_MARK in name and not (skipped and all(map(is_layer_index, skipped))):
                 raise ValueError(f"{name}: write the layers to keep unquantized as indices, e.g. "
                                  f"{policy}{SKIP_MARK}0:1")
             if skipped and policy != "auto" and not parse_policy(policy).quantized:
