@@ -288,3 +288,20 @@ def test_cli_skip_layers(capsys):
     no_window = ["plan", "--num-layers", "4", "--num-kv-heads", "2", "--head-dim", "64", "--kv-budget-gib", "1"]
     assert main([*no_window, "--skip-layers", "sliding_window"]) == 2
     assert "no sliding-window layer" in capsys.readouterr().out
+
+
+def test_cli_skip_sliding_window_leaves_chunked_layers_quantized(tmp_path, capsys):
+    """Llama 4: vLLM gives its chunked local layers no sliding window, so ``sliding_window`` keeps none
+    of them; the plan must not count them as kept (it did: their chunk is a window to the plan)."""
+    config = {"model_type": "llama4_text", "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 64, "attention_chunk_size": 32,
+              "layer_types": ["chunked_attention"] * 3 + ["full_attention"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = ["plan", "--model", str(tmp_path), "--kv-budget-gib", "1", "--policies", "k4v4", "--json"]
+    assert main([*args, "--skip-layers", "sliding_window"]) == 2
+    assert "no sliding-window layer" in capsys.readouterr().out
+    config["layer_types"][0] = "sliding_attention"
+    config["sliding_window"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main([*args, "--skip-layers", "sliding_window"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["kept"] == [0]

@@ -142,7 +142,10 @@ def model_from_args(args) -> ModelKV:
     name = args.name or (Path(args.model).name if args.model else "model")
     model = model_from_config(cfg, name, _ELEM_BYTES[args.dtype] if args.dtype else None)
     if args.skip_layers == "sliding_window":
-        kept = [i for i, w in enumerate(model.windows) if w]
+        # vLLM keeps the layers it gives a sliding window; Llama 4's chunked layers, whose span the plan
+        # counts as a window too, are not among them
+        types = cfg.get("layer_types") or ()
+        kept = [i for i, w in enumerate(model.windows) if w and (not types or types[i] == "sliding_attention")]
         if not kept:
             raise ValueError("--skip-layers sliding_window: this model has no sliding-window layer")
         model = replace(model, kept=tuple(kept))
