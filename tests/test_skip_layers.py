@@ -88,6 +88,69 @@ def test_skip_lists_vllm_would_ignore_stop_start_up(tiny_model_dir, skip, kv_cac
     assert any(message in m for m in chain), chain
 
 
+def _start_up_error(model, skip) -> list[str]:
+    """The messages of the exception chain an engine start-up with ``skip`` raises."""
+    with pytest.raises(Exception) as err:
+        _run(model, skip)
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def test_entries_that_keep_no_layer_of_the_built_model_stop_start_up(tiny_model_dir, tmp_path):
+    """Judged on the layers vLLM built: ``sliding_window`` on a model without one, and the index of a
+    hybrid model's Mamba layer (in range, so the config alone cannot tell), would keep nothing."""
+    from vllm_int4kv.tiny_model import build_tiny_hybrid
+
+    chain = _start_up_error(tiny_model_dir, ["sliding_window"])
+    assert any("sliding_window: this model has no sliding-window attention layer" in m for m in chain), chain
+    hybrid = build_tiny_hybrid(tmp_path / "hybrid")  # layer 0 Mamba-2, layer 1 attention
+    chain = _start_up_error(hybrid, ["0"])
+    assert any("0: layer 0 holds no attention KV cache in this model (its attention layers: 1)" in m
+               for m in chain), chain
+
+
+def _attention(name: str, kept: bool, sliding_window=None, shares=None):
+    """A stand-in for one of vLLM's built Attention layers: only what the skip check reads."""
+    from vllm.model_executor.layers.attention import Attention
+
+    layer = object.__new__(Attention)  # no nn.Module set-up: plain attributes
+    object.__setattr__(layer, "__dict__", {"kv_cache_dtype": "auto" if kept else "int4_per_token_head",
+                                           "sliding_window": sliding_window,
+                                           "kv_sharing_target_layer_name": shares})
+    return name, layer
+
+
+def _config(skip, *layers):
+    import types
+
+    return types.SimpleNamespace(
+        cache_config=types.SimpleNamespace(cache_dtype="int4_per_token_head", kv_cache_dtype_skip_layers=skip),
+        compilation_config=types.SimpleNamespace(static_forward_context=dict(layers)))
+
+
+def test_a_layer_kept_unlike_the_layer_whose_cache_it_reads_stops_start_up():
+    """KV sharing (a layer that reads an earlier layer's pages): naming only one of the two would read
+    quantized pages as unquantized ones, or the reverse."""
+    from vllm_int4kv import backend
+
+    target = "model.layers.0.self_attn.attn"
+    ok = _config(["0", "1"], _attention(target, True), _attention("model.layers.1.self_attn.attn", True, shares=target))
+    backend._check_kept_layers(ok)
+    only_reader = _config(["1"], _attention(target, False),
+                          _attention("model.layers.1.self_attn.attn", True, shares=target))
+    with pytest.raises(ValueError, match="layers.1.self_attn.attn reads the KV cache of model.layers.0"):
+        backend._check_kept_layers(only_reader)
+    # pipeline stages: each sees its own layers, the check their union
+    stage0 = _config(["1"], _attention(target, False))
+    stage1 = _config(["1"], _attention("model.layers.1.self_attn.attn", True))
+    backend._check_kept_layers(stage0, gather=lambda facts: [facts, backend._skip_facts(stage1)])
+    with pytest.raises(ValueError, match="layer 1 holds no attention KV cache"):
+        backend._check_kept_layers(stage0)
+
+
 class _Warnings(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -103,7 +166,7 @@ def test_skipped_sliding_window_layers_on_both_block_layouts(tmp_path, monkeypat
     with ``sliding_window`` skipped, so layer 0 keeps K16V16 pages (1024 B per token) beside K4V4 (144 B).
 
     CPU layout: one block size (128), the K4V4 page padded to the K16V16 one, which start-up says (so it
-    is when the full-attention layer is the one kept, on either layout: vLLM pads the K4V4 sliding-window
+    is when the full-attention layer is the one kept, on both layouts: vLLM pads the K4V4 sliding-window
     pages to the K16V16 full-attention ones). GPU
     layout: blocks of 128 tokens for K4V4, the sliding-window layer at 16 tokens padded to that page, no
     K4V4 padding and several times the capacity. Both give the same output; so do the Triton kernels
@@ -129,8 +192,12 @@ def test_skipped_sliding_window_layers_on_both_block_layouts(tmp_path, monkeypat
     full_kept_warnings, warnings.messages = warnings.messages, []
     monkeypatch.setattr(type(current_platform), "update_block_size_for_backend",
                         classmethod(Platform.update_block_size_for_backend.__func__))
+    backend._announced.clear()  # else a padding warning said by the CPU runs would not be said again
     gpu = _run(model, ["sliding_window"], lengths=(70, 20))
     gpu_triton = _run(model, ["sliding_window"], lengths=(70, 20), impl="triton")
+    gpu_warnings, warnings.messages = warnings.messages, []
+    backend._announced.clear()
+    gpu_full_kept = _run(model, ["1"], lengths=(70, 20))
 
     assert cpu["layers"] == {0: ("k16v16", 512, 128, 128 * 2 * 512),
                              1: ("k4v4", 72, 128, 128 * 2 * 512)}  # K4V4 padded to the K16V16 page
@@ -139,7 +206,10 @@ def test_skipped_sliding_window_layers_on_both_block_layouts(tmp_path, monkeypat
     assert any("pads each k4v4 page of 18432 bytes to 131072" in m for m in full_kept_warnings)
     assert gpu["layers"] == {0: ("k16v16", 512, 16, 128 * 2 * 72),  # 16384 B padded to the K4V4 page
                              1: ("k4v4", 72, 128, 128 * 2 * 72)}
-    assert not warnings.messages, warnings.messages
+    assert not gpu_warnings, gpu_warnings
+    # the GPU layout cannot line these up either: the same padded pages, the same warning
+    assert gpu_full_kept["layers"] == full_kept["layers"]
+    assert any("pads each k4v4 page of 18432 bytes to 131072" in m for m in warnings.messages)
     assert gpu["blocks"] > 7 * cpu["blocks"]  # 131072 / 18432 = 7.1 times the blocks, of as many tokens
     assert gpu["tokens"] == cpu["tokens"] and _logprob_gap(gpu, cpu) < 1e-5
     # (fp32 rounding of the two implementations' scales moves a logprob by ~1.5e-4 here; wrong strides

@@ -67,6 +67,33 @@ def test_skipped_layers_on_two_ranks_equal_one_rank_k16v16(tiny_model_dir, singl
         assert max(abs(a - b) for a, b in zip(ours["logprobs"], ref["logprobs"])) < 1e-3
 
 
+def _close_to(result, single):
+    """Quantized pages on two ranks against one: the same first tokens, then logprobs within fp32
+    rounding of the sharded projections (which can move a code across a rounding boundary)."""
+    for ours, ref in zip(result["outputs"], single["outputs"], strict=True):
+        assert len(ours["tokens"]) == 12 and ours["tokens"][:4] == ref["tokens"][:4]
+        n = next((i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"])) if a != b), 12)
+        assert max(abs(a - b) for a, b in zip(ours["logprobs"][:n], ref["logprobs"][:n])) < 0.05
+
+
+def test_one_skipped_layer_on_two_tensor_or_pipeline_ranks(tiny_model_dir, tmp_path):
+    """Layer 0 kept unquantized beside k4v4 in layer 1: with TP both ranks hold both kinds of pages;
+    with PP each stage holds one layer, and the start-up check of the skip list sees both stages."""
+    skip0 = {"TP_ENGINE_KWARGS": json.dumps({"kv_cache_dtype": "int4_per_token_head",
+                                             "kv_cache_dtype_skip_layers": ["0"]})}
+    single, _ = run_engine(tiny_model_dir, 1, "k4v4", tmp_path / "one", extra_env=skip0)
+    tp, tp_log = run_engine(tiny_model_dir, 2, "k4v4", tmp_path / "tp", extra_env=skip0)
+    pp, pp_log = run_engine(tiny_model_dir, 1, "k4v4", tmp_path / "pp", extra_env=skip0, pp=2)
+    for rank in (0, 1):
+        assert re.search(rf"KV policy k16v16,.*\(from --kv-cache-dtype-skip-layers\) \[rank {rank} of 2", tp_log)
+        assert re.search(rf"KV policy k4v4,.*\[rank {rank} of 2", tp_log)
+    # stage 0 holds the kept layer, stage 1 the quantized one
+    assert re.search(r"KV policy k16v16,.*\[rank 0 of 2", pp_log) and re.search(r"KV policy k4v4,.*\[rank 1 of 2", pp_log)
+    assert not re.search(r"KV policy k4v4,.*\[rank 0 of 2", pp_log), pp_log[-3000:]
+    _close_to(tp, single)
+    _close_to(pp, single)
+
+
 def test_k4v4_on_two_ranks_matches_one_rank(tiny_model_dir, tmp_path):
     """Pages are quantized per (token, head), so splitting heads over ranks changes nothing but fp32
     rounding of the projections (which can move a code across a rounding boundary: loose bound)."""

@@ -35,14 +35,13 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from . import attention_ops as ops
 from .kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
 from .kernels.rotation import hadamard
-from .policy import KVPolicy
+from .policy import UNQUANTIZED, KVPolicy, is_layer_index
 
 # A child of vLLM's logger, so our lines appear (and are filtered) with vLLM's own.
 logger = logging.getLogger("vllm.int4kv")
 
 KV_CACHE_DTYPES = ("auto", "int4_per_token_head")
 QUANTIZED_CACHE_DTYPE = "int4_per_token_head"
-UNQUANTIZED = KVPolicy(16, 16)  # the pages of layers --kv-cache-dtype-skip-layers keeps unquantized
 BACKEND_NAME = "CUSTOM"
 _HINT = "or drop --attention-backend CUSTOM to use vLLM's default attention"
 
@@ -89,12 +88,57 @@ def _check_skip_layers(config) -> None:
                          "auto every layer follows VLLM_INT4KV_POLICY)")
     num_layers = getattr(config.model_config.hf_text_config, "num_hidden_layers", None)
     unknown = [name for name in names if name != "sliding_window" and not (
-        name.isdigit() and str(int(name)) == name and (num_layers is None or int(name) < num_layers))]
+        is_layer_index(name) and (num_layers is None or int(name) < num_layers))]
     if unknown:
         indices = f"layer indices 0 to {num_layers - 1}" if num_layers else "layer indices"
         raise ValueError(f"--kv-cache-dtype-skip-layers {' '.join(unknown)}: no such layer; give {indices} "
                          "as plain numbers, or sliding_window (vLLM would ignore these and quantize the "
                          "layers you meant to keep)")
+
+
+def _skip_facts(config) -> dict:
+    """What ``--kv-cache-dtype-skip-layers`` did to this worker's attention layers (a pipeline stage
+    holds only its own): the index of each layer, the indices of those kept unquantized, whether a kept
+    one slides, and layers that read the cache of a layer kept differently (KV sharing)."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    layers = get_layers_from_vllm_config(config, Attention)
+    facts = {"indices": set(), "kept": set(), "sliding_kept": False, "shared": []}
+    for name, layer in layers.items():
+        index, kept = extract_layer_index(name), layer.kv_cache_dtype == "auto"
+        facts["indices"].add(index)
+        if kept:
+            facts["kept"].add(index)
+            facts["sliding_kept"] |= layer.sliding_window is not None
+        target = layers.get(layer.kv_sharing_target_layer_name or "")
+        if target is not None and (target.kv_cache_dtype == "auto") != kept:
+            facts["shared"].append((name, layer.kv_sharing_target_layer_name))
+    return facts
+
+
+def _check_kept_layers(config, gather=None) -> None:
+    """Entries that keep no layer stop start-up, judged on the model as built (over every pipeline
+    stage with ``gather``): the index of a layer with no attention cache (a hybrid model's Mamba or
+    linear-attention layers), ``sliding_window`` on a model with no sliding-window layer (Llama 4's
+    chunked layers are not one to vLLM); so does a layer kept unlike the layer whose cache it reads."""
+    cache = getattr(config, "cache_config", None)  # (none outside an engine)
+    names = getattr(cache, "kv_cache_dtype_skip_layers", None)
+    if not names or cache.cache_dtype != QUANTIZED_CACHE_DTYPE:
+        return
+    per_rank = gather(_skip_facts(config)) if gather else [_skip_facts(config)]
+    indices = sorted(set().union(*(f["indices"] for f in per_rank)))
+    kept = set().union(*(f["kept"] for f in per_rank))
+    problems = [f"{name}: layer {name} holds no attention KV cache in this model (its attention layers: "
+                f"{', '.join(map(str, indices))})" for name in names if is_layer_index(name) and int(name) not in kept]
+    if "sliding_window" in names and not any(f["sliding_kept"] for f in per_rank):
+        problems.append("sliding_window: this model has no sliding-window attention layer")
+    problems += [f"{name} reads the KV cache of {target} (KV sharing) and only one of the two is named: "
+                 "name both or neither" for f in per_rank for name, target in f["shared"]]
+    if problems:
+        raise ValueError("--kv-cache-dtype-skip-layers " + "; ".join(problems) + ". vLLM would keep nothing "
+                         "unquantized for these, or read pages in the wrong format")
 
 
 def _ranks() -> tuple[int, int]:
@@ -196,6 +240,10 @@ class Int4KVBackend(AttentionBackend):
         if spec.head_size_v != spec.head_size:
             raise ValueError(f"vllm-int4kv needs equal K and V head sizes, got {spec.head_size} and "
                              f"{spec.head_size_v}; {_HINT}")
+        if ops.current_policy() is None:  # the first spec: every layer is built, and every rank is here
+            _, world = _ranks()
+            _check_kept_layers(get_current_vllm_config_or_none() or _vllm_config,
+                               _all_gather if world > 1 else None)
         policy = _policy()
         quantized_layer = spec.kv_quant_mode.name == "INT4_PER_TOKEN_HEAD"
         if quantized_layer and not policy.quantized:
