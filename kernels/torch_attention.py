@@ -154,7 +154,7 @@ def _decode_chunk(query, cache, layout, block_table, seq_lens, sm_scale, sliding
         high = planes(torch.bitwise_right_shift(pages, 4, out=_scratch.get("high", pages.shape, pages.dtype)))
     params = None
     if layout.param_row_bytes:  # [B, H, S, 2 * (k_groups + v_groups)]
-        param_bytes = torch.empty(num_seqs, num_kv_heads, span, p_rows.shape[-1], dtype=torch.uint8)
+        param_bytes = _scratch.get("params", (num_seqs, num_kv_heads, span, p_rows.shape[-1]), torch.uint8)
         _copy_positions(param_bytes, p_rows)
         params = param_bytes.view(torch.float16).float()
     nk = 2 * layout.k_groups
