@@ -94,6 +94,26 @@ def test_unsupported_configurations_stop_with_a_clear_message(overrides, message
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("quantization_config, scheme", [
+    ({"quant_method": "compressed-tensors", "kv_cache_scheme": {"num_bits": 8, "type": "float"}},
+     "kv_cache_scheme {'num_bits': 8, 'type': 'float'}"),
+    ({"quant_method": "modelopt", "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}},
+     "kv_cache_quant_algo FP8"),
+], ids=["compressed_tensors", "modelopt"])
+def test_a_checkpoint_that_asks_for_an_fp8_cache_is_told_what_to_pass(monkeypatch, quantization_config, scheme):
+    """vLLM turns --kv-cache-dtype auto into fp8 for these checkpoints: the user typed no fp8, so the
+    message names the checkpoint's setting and the flag that keeps our pages."""
+    plugin.register()
+    monkeypatch.setattr(backend, "_vllm_config", types.SimpleNamespace(model_config=types.SimpleNamespace(
+        hf_config=types.SimpleNamespace(quantization_config=quantization_config))))
+    for raise_it in (lambda: plugin._select_custom(_selector(kv_cache_dtype="fp8")),
+                     lambda: backend.Int4KVImpl(4, 64, 0.125, 2, kv_cache_dtype="fp8")):
+        with pytest.raises(ValueError) as err:
+            raise_it()
+        assert (f"this checkpoint's quantization config asks for a fp8 KV cache ({scheme})" in str(err.value)
+                and "pass --kv-cache-dtype int4_per_token_head" in str(err.value)), str(err.value)
+
+
 @pytest.mark.parametrize("overrides", [dict(head_size=96), dict(head_size=80), dict(has_sink=True),
                                        dict(block_size=192)],
                          ids=["phi3_head96", "phi2_head80", "gpt_oss_sinks", "hybrid_block192"])

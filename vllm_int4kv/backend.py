@@ -75,6 +75,34 @@ def _kept_unquantized(layer_cache_dtype: str) -> bool:
             and bool(config.cache_config.kv_cache_dtype_skip_layers))
 
 
+def _checkpoint_kv_scheme(config) -> str | None:
+    """What the checkpoint's quantization config asks of the KV cache, if anything: vLLM turns
+    ``--kv-cache-dtype auto`` into that (fp8 for compressed-tensors' ``kv_cache_scheme`` and ModelOpt's
+    ``kv_cache_quant_algo``), so a user who typed no cache dtype still gets one we do not store."""
+    hf_config = getattr(getattr(config, "model_config", None), "hf_config", None)
+    quant = getattr(hf_config, "quantization_config", None)
+    if not isinstance(quant, dict):
+        return None
+    inner = quant.get("quantization") if isinstance(quant.get("quantization"), dict) else {}
+    for source in (quant, inner):
+        for key in ("kv_cache_scheme", "kv_cache_quant_algo"):
+            if source.get(key):
+                return f"{key} {source[key]}"
+    return None
+
+
+def _unsupported_cache_dtype(kv_cache_dtype: str) -> str:
+    """Why ``kv_cache_dtype`` stops start-up, and what to pass instead."""
+    scheme = _checkpoint_kv_scheme(get_current_vllm_config_or_none() or _vllm_config)
+    if scheme:
+        return (f"this checkpoint's quantization config asks for a {kv_cache_dtype} KV cache ({scheme}), "
+                "which vLLM picks when --kv-cache-dtype is auto, and vllm-int4kv stores its own pages "
+                "instead: pass --kv-cache-dtype int4_per_token_head (the checkpoint's KV scales are then "
+                f"not used), {_HINT}")
+    return (f"--kv-cache-dtype {kv_cache_dtype} is not supported by vllm-int4kv: use --kv-cache-dtype auto "
+            "(pages follow VLLM_INT4KV_POLICY) or int4_per_token_head")
+
+
 def _check_skip_layers(config) -> None:
     """``--kv-cache-dtype-skip-layers`` entries vLLM would silently ignore stop start-up instead: vLLM
     compares each entry with ``str(layer index)``, so ``99`` on a 30-layer model or ``01`` keeps nothing
@@ -282,9 +310,7 @@ class Int4KVBackend(AttentionBackend):
         if dtype not in ops.SUPPORTED_DTYPES:
             reasons.append(f"vllm-int4kv supports --dtype float16, bfloat16 or float32, not {dtype}")
         if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
-            reasons.append(f"--kv-cache-dtype {kv_cache_dtype} is not supported by vllm-int4kv: use "
-                           "--kv-cache-dtype auto (pages follow VLLM_INT4KV_POLICY) or "
-                           "int4_per_token_head")
+            reasons.append(_unsupported_cache_dtype(kv_cache_dtype))
         if not cls.supports_block_size(block_size):
             reasons.append(f"--block-size {block_size}: vllm-int4kv needs a multiple of 16")
         if use_sparse:
@@ -341,8 +367,7 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
         if attn_type != AttentionType.DECODER:
             raise ValueError(f"vllm-int4kv supports decoder self-attention only, not {attn_type}; {_HINT}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is not supported by vllm-int4kv: use "
-                             "auto or int4_per_token_head")
+            raise ValueError(_unsupported_cache_dtype(kv_cache_dtype))
         _remember_config()
         if _vllm_config is not None:
             _check_skip_layers(_vllm_config)
