@@ -90,7 +90,7 @@ def vllm_engine(model, *, backend: str | None = "CUSTOM", policy: str | None = "
             # A start-up that fails midway (a refused configuration) leaves its process groups behind,
             # and the next engine would reuse them: e.g. without the expert-parallel group a MoE needs.
             cleanup_dist_env_and_memory()
-            attention_ops.reset_policy()
+            _forget_engine()
             raise
         try:
             yield llm
@@ -101,7 +101,21 @@ def vllm_engine(model, *, backend: str | None = "CUSTOM", policy: str | None = "
             del llm
             gc.collect()
             cleanup_dist_env_and_memory()
-            attention_ops.reset_policy()
+            _forget_engine()
+
+
+def _forget_engine() -> None:
+    """Drop what the plugin remembered of an engine that has shut down: its policy, and the config the
+    backend keeps for calls made outside vLLM's config context (unit tests that run after this engine
+    would otherwise see its --kv-cache-dtype-skip-layers)."""
+    import sys
+
+    from vllm_int4kv import attention_ops
+
+    attention_ops.reset_policy()
+    backend = sys.modules.get("vllm_int4kv.backend")
+    if backend is not None:
+        backend._vllm_config = None
 
 
 def num_kv_blocks(llm) -> int:

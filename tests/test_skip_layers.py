@@ -134,21 +134,21 @@ def _config(skip, *layers):
 def test_a_layer_kept_unlike_the_layer_whose_cache_it_reads_stops_start_up():
     """KV sharing (a layer that reads an earlier layer's pages): naming only one of the two would read
     quantized pages as unquantized ones, or the reverse."""
-    from vllm_int4kv import backend
+    from vllm_int4kv import skip_layers
 
     target = "model.layers.0.self_attn.attn"
     ok = _config(["0", "1"], _attention(target, True), _attention("model.layers.1.self_attn.attn", True, shares=target))
-    backend._check_kept_layers(ok)
+    skip_layers.check_kept_layers(ok)
     only_reader = _config(["1"], _attention(target, False),
                           _attention("model.layers.1.self_attn.attn", True, shares=target))
     with pytest.raises(ValueError, match="layers.1.self_attn.attn reads the KV cache of model.layers.0"):
-        backend._check_kept_layers(only_reader)
+        skip_layers.check_kept_layers(only_reader)
     # pipeline stages: each sees its own layers, the check their union
     stage0 = _config(["1"], _attention(target, False))
     stage1 = _config(["1"], _attention("model.layers.1.self_attn.attn", True))
-    backend._check_kept_layers(stage0, gather=lambda facts: [facts, backend._skip_facts(stage1)])
+    skip_layers.check_kept_layers(stage0, gather=lambda facts: [facts, skip_layers.layer_facts(stage1)])
     with pytest.raises(ValueError, match="layer 1 holds no attention KV cache"):
-        backend._check_kept_layers(stage0)
+        skip_layers.check_kept_layers(stage0)
 
 
 class _Warnings(logging.Handler):

@@ -9,7 +9,8 @@ Which ``--kv-cache-dtype`` selects our pages: ``auto`` (the pages follow ``VLLM_
 policy including the unquantized ``k16v16``) and ``int4_per_token_head`` (the same, but the policy must
 quantize something). Every other value stops start-up: this backend has one page format. With
 ``int4_per_token_head``, the layers named by ``--kv-cache-dtype-skip-layers`` (vLLM hands them over as
-``auto`` layers) keep ``k16v16`` pages in the same block pool; each layer's pages have their own size.
+``auto`` layers) keep ``k16v16`` pages in the same block pool; each layer's pages have their own size
+(``skip_layers`` holds the rules and the start-up checks of that flag).
 """
 from __future__ import annotations
 
@@ -33,15 +34,15 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from . import attention_ops as ops
+from . import skip_layers
 from .kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
 from .kernels.rotation import hadamard
-from .policy import UNQUANTIZED, KVPolicy, is_layer_index
+from .policy import UNQUANTIZED, KVPolicy
 
 # A child of vLLM's logger, so our lines appear (and are filtered) with vLLM's own.
 logger = logging.getLogger("vllm.int4kv")
 
 KV_CACHE_DTYPES = ("auto", "int4_per_token_head")
-QUANTIZED_CACHE_DTYPE = "int4_per_token_head"
 BACKEND_NAME = "CUSTOM"
 _HINT = "or drop --attention-backend CUSTOM to use vLLM's default attention"
 
@@ -51,28 +52,23 @@ _vllm_config = None
 _announced: set = set()
 
 
+def _current_config():
+    return get_current_vllm_config_or_none() or _vllm_config
+
+
 def _remember_config() -> None:
     global _vllm_config
-    _vllm_config = get_current_vllm_config_or_none() or _vllm_config
+    _vllm_config = _current_config()
 
 
 def _model_dtype(spec_dtype: torch.dtype) -> torch.dtype:
     """The model's activation dtype (``int4_per_token_head`` specs carry uint8 instead)."""
     if spec_dtype.is_floating_point:
         return spec_dtype
-    config = get_current_vllm_config_or_none() or _vllm_config
+    config = _current_config()
     if config is None or config.model_config is None:
         raise RuntimeError("vllm-int4kv: cannot tell the model dtype of a uint8 KV cache spec")
     return config.model_config.dtype
-
-
-def _kept_unquantized(layer_cache_dtype: str) -> bool:
-    """Whether ``--kv-cache-dtype-skip-layers`` keeps this layer unquantized: vLLM gives such layers
-    ``auto`` while the engine asked for ``int4_per_token_head``."""
-    config = get_current_vllm_config_or_none() or _vllm_config
-    return (layer_cache_dtype == "auto" and config is not None
-            and config.cache_config.cache_dtype == QUANTIZED_CACHE_DTYPE
-            and bool(config.cache_config.kv_cache_dtype_skip_layers))
 
 
 def _checkpoint_kv_scheme(config) -> str | None:
@@ -93,7 +89,7 @@ def _checkpoint_kv_scheme(config) -> str | None:
 
 def _unsupported_cache_dtype(kv_cache_dtype: str) -> str:
     """Why ``kv_cache_dtype`` stops start-up, and what to pass instead."""
-    scheme = _checkpoint_kv_scheme(get_current_vllm_config_or_none() or _vllm_config)
+    scheme = _checkpoint_kv_scheme(_current_config())
     if scheme:
         return (f"this checkpoint's quantization config asks for a {kv_cache_dtype} KV cache ({scheme}), "
                 "which vLLM picks when --kv-cache-dtype is auto, and vllm-int4kv stores its own pages "
@@ -101,72 +97,6 @@ def _unsupported_cache_dtype(kv_cache_dtype: str) -> str:
                 f"not used), {_HINT}")
     return (f"--kv-cache-dtype {kv_cache_dtype} is not supported by vllm-int4kv: use --kv-cache-dtype auto "
             "(pages follow VLLM_INT4KV_POLICY) or int4_per_token_head")
-
-
-def _check_skip_layers(config) -> None:
-    """``--kv-cache-dtype-skip-layers`` entries vLLM would silently ignore stop start-up instead: vLLM
-    compares each entry with ``str(layer index)``, so ``99`` on a 30-layer model or ``01`` keeps nothing
-    unquantized."""
-    names = config.cache_config.kv_cache_dtype_skip_layers
-    if not names:
-        return
-    if config.cache_config.cache_dtype != QUANTIZED_CACHE_DTYPE:
-        raise ValueError("--kv-cache-dtype-skip-layers keeps the named layers unquantized beside "
-                         "quantized ones: use it with --kv-cache-dtype int4_per_token_head (with "
-                         "auto every layer follows VLLM_INT4KV_POLICY)")
-    num_layers = getattr(config.model_config.hf_text_config, "num_hidden_layers", None)
-    unknown = [name for name in names if name != "sliding_window" and not (
-        is_layer_index(name) and (num_layers is None or int(name) < num_layers))]
-    if unknown:
-        indices = f"layer indices 0 to {num_layers - 1}" if num_layers else "layer indices"
-        raise ValueError(f"--kv-cache-dtype-skip-layers {' '.join(unknown)}: no such layer; give {indices} "
-                         "as plain numbers, or sliding_window (vLLM would ignore these and quantize the "
-                         "layers you meant to keep)")
-
-
-def _skip_facts(config) -> dict:
-    """What ``--kv-cache-dtype-skip-layers`` did to this worker's attention layers (a pipeline stage
-    holds only its own): the index of each layer, the indices of those kept unquantized, whether a kept
-    one slides, and layers that read the cache of a layer kept differently (KV sharing)."""
-    from vllm.config import get_layers_from_vllm_config
-    from vllm.model_executor.layers.attention import Attention
-    from vllm.model_executor.models.utils import extract_layer_index
-
-    layers = get_layers_from_vllm_config(config, Attention)
-    facts = {"indices": set(), "kept": set(), "sliding_kept": False, "shared": []}
-    for name, layer in layers.items():
-        index, kept = extract_layer_index(name), layer.kv_cache_dtype == "auto"
-        facts["indices"].add(index)
-        if kept:
-            facts["kept"].add(index)
-            facts["sliding_kept"] |= layer.sliding_window is not None
-        target = layers.get(layer.kv_sharing_target_layer_name or "")
-        if target is not None and (target.kv_cache_dtype == "auto") != kept:
-            facts["shared"].append((name, layer.kv_sharing_target_layer_name))
-    return facts
-
-
-def _check_kept_layers(config, gather=None) -> None:
-    """Entries that keep no layer stop start-up, judged on the model as built (over every pipeline
-    stage with ``gather``): the index of a layer with no attention cache (a hybrid model's Mamba or
-    linear-attention layers), ``sliding_window`` on a model with no sliding-window layer (Llama 4's
-    chunked layers are not one to vLLM); so does a layer kept unlike the layer whose cache it reads."""
-    cache = getattr(config, "cache_config", None)  # (none outside an engine)
-    names = getattr(cache, "kv_cache_dtype_skip_layers", None)
-    if not names or cache.cache_dtype != QUANTIZED_CACHE_DTYPE:
-        return
-    per_rank = gather(_skip_facts(config)) if gather else [_skip_facts(config)]
-    indices = sorted(set().union(*(f["indices"] for f in per_rank)))
-    kept = set().union(*(f["kept"] for f in per_rank))
-    problems = [f"{name}: layer {name} holds no attention KV cache in this model (its attention layers: "
-                f"{', '.join(map(str, indices))})" for name in names if is_layer_index(name) and int(name) not in kept]
-    if "sliding_window" in names and not any(f["sliding_kept"] for f in per_rank):
-        problems.append("sliding_window: this model has no sliding-window attention layer")
-    problems += [f"{name} reads the KV cache of {target} (KV sharing) and only one of the two is named: "
-                 "name both or neither" for f in per_rank for name, target in f["shared"]]
-    if problems:
-        raise ValueError("--kv-cache-dtype-skip-layers " + "; ".join(problems) + ". vLLM would keep nothing "
-                         "unquantized for these, or read pages in the wrong format")
 
 
 def _ranks() -> tuple[int, int]:
@@ -193,7 +123,7 @@ def _policy() -> KVPolicy:
     # Every worker calls this at the same point (the first customize_spec, inside vLLM's collective
     # get_kv_cache_spec), so a collective here cannot leave a rank waiting alone.
     rank, world = _ranks()
-    return ops.resolve_policy(get_current_vllm_config_or_none() or _vllm_config,
+    return ops.resolve_policy(_current_config(),
                               all_gather=_all_gather if world > 1 else None, rank=rank)
 
 
@@ -270,15 +200,14 @@ class Int4KVBackend(AttentionBackend):
                              f"{spec.head_size_v}; {_HINT}")
         if ops.current_policy() is None:  # the first spec: every layer is built, and every rank is here
             _, world = _ranks()
-            _check_kept_layers(get_current_vllm_config_or_none() or _vllm_config,
-                               _all_gather if world > 1 else None)
+            skip_layers.check_kept_layers(_current_config(), _all_gather if world > 1 else None)
         policy = _policy()
         quantized_layer = spec.kv_quant_mode.name == "INT4_PER_TOKEN_HEAD"
         if quantized_layer and not policy.quantized:
             raise ValueError(f"--kv-cache-dtype int4_per_token_head asks for a quantized cache, but "
                              f"VLLM_INT4KV_POLICY gives {policy.name}: set a quantized policy (e.g. k4v4) "
                              "or use --kv-cache-dtype auto")
-        kept = not quantized_layer and _kept_unquantized("auto")
+        kept = not quantized_layer and skip_layers.kept_unquantized("auto", _current_config())
         if kept:
             policy = UNQUANTIZED
         model_dtype = _model_dtype(spec.dtype)
@@ -370,9 +299,9 @@ class Int4KVImpl(AttentionImpl[ops.Int4KVMetadata]):
             raise ValueError(_unsupported_cache_dtype(kv_cache_dtype))
         _remember_config()
         if _vllm_config is not None:
-            _check_skip_layers(_vllm_config)
+            skip_layers.check_entries(_vllm_config)
         # a layer --kv-cache-dtype-skip-layers names: k16v16 pages, whatever the engine's policy
-        self._kept_unquantized = _kept_unquantized(kv_cache_dtype)
+        self._kept_unquantized = skip_layers.kept_unquantized(kv_cache_dtype, _current_config())
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
