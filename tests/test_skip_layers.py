@@ -137,7 +137,8 @@ def test_a_layer_kept_unlike_the_layer_whose_cache_it_reads_stops_start_up():
     from vllm_int4kv import skip_layers
 
     target = "model.layers.0.self_attn.attn"
-    ok = _config(["0", "1"], _attention(target, True), _attention("model.layers.1.self_attn.attn", True, shares=target))
+    reader = "model.layers.1.self_attn.attn"
+    ok = _config(["0", "1"], _attention(target, True), _attention(reader, True, shares=target))
     skip_layers.check_kept_layers(ok)
     only_reader = _config(["1"], _attention(target, False),
                           _attention("model.layers.1.self_attn.attn", True, shares=target))

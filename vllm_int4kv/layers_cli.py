@@ -23,7 +23,6 @@ from .calibrate_cli import add_session_arguments, load_session, settings_from_ar
 from .policy import UNQUANTIZED, KVPolicy, mean_slot_bytes, parse_policy
 
 
-
 def add_parser(parser) -> None:
     add_session_arguments(parser)
     parser.add_argument("--policy", default="k4v4", help="the policy of the quantized layers (default k4v4)")
@@ -77,7 +76,8 @@ def sweep(session: calibration.Session, policy: KVPolicy, head_dim: int, elem_by
     for n in range(min(max_skip, num_layers - 1) + 1):  # every layer kept would just be k16v16
         kept = order[:n]
         m = session.measure(f"keep {kept}", calibration.PerLayer(spec, dict.fromkeys(kept)))
-        steps.append(Step(sorted(kept), mean_slot_bytes(policy, head_dim, elem_bytes, num_layers, n), m.kl, m.top1))
+        mean_bytes = mean_slot_bytes(policy, head_dim, elem_bytes, num_layers, n)
+        steps.append(Step(sorted(kept), mean_bytes, m.kl, m.top1))
         if m.kl <= budget:
             break
     return Sweep(policy.name, budget, num_layers, single, steps)

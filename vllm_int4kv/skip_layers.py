@@ -77,7 +77,8 @@ def check_kept_layers(config, gather=None) -> None:
         return
     kept = set().union(*(f["kept"] for f in per_rank))
     problems = [f"{name}: layer {name} holds no attention KV cache in this model (its attention layers: "
-                f"{', '.join(map(str, indices))})" for name in names if is_layer_index(name) and int(name) not in kept]
+                f"{', '.join(map(str, indices))})"
+                for name in names if is_layer_index(name) and int(name) not in kept]
     if "sliding_window" in names and not any(f["sliding_kept"] for f in per_rank):
         problems.append("sliding_window: this model has no sliding-window attention layer")
     problems += [f"{name} reads the KV cache of {target} (KV sharing) and only one of the two is named: "
