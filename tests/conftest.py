@@ -118,6 +118,15 @@ def _forget_engine() -> None:
         backend._vllm_config = None
 
 
+def error_chain(e: BaseException | None) -> list[str]:
+    """The messages of an error and of those it wraps (the engine wraps start-up errors in its own)."""
+    chain = []
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 def num_kv_blocks(llm) -> int:
     """How many KV blocks vLLM's block manager got (the same memory budget for every engine)."""
     return llm.llm_engine.vllm_config.cache_config.num_gpu_blocks

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import env_vars, num_kv_blocks, vllm_engine
+from conftest import env_vars, error_chain, num_kv_blocks, vllm_engine
 
 
 def test_k4v4_gives_3_76x_the_blocks_of_k16v16_in_bf16(tiny_model_d128_dir):
@@ -33,17 +33,8 @@ def test_unsupported_kv_cache_dtype_stops_startup_with_a_clear_message(tiny_mode
     with pytest.raises(Exception) as err:
         with vllm_engine(tiny_model_dir, policy="k4v4", kv_cache_dtype="fp8"):
             pass
-    chain = _error_chain(err.value)
+    chain = error_chain(err.value)
     assert any("--kv-cache-dtype fp8 is not supported by vllm-int4kv" in m for m in chain), chain
-
-
-def _error_chain(e: BaseException | None) -> list[str]:
-    """The messages of an error and of those it wraps (the engine wraps start-up errors in its own)."""
-    chain = []
-    while e is not None:
-        chain.append(str(e))
-        e = e.__cause__ or e.__context__
-    return chain
 
 
 def _serve(model, prompts, runs, prompt_logprobs=True, max_tokens=4, **engine):
@@ -178,7 +169,7 @@ def test_alibi_models_are_served(tmp_path, family):
     with pytest.raises(Exception) as err:
         with env_vars(VLLM_INT4KV_CACHE_DIR=str(tmp_path / "decisions")), vllm_engine(model, policy="auto"):
             pass
-    chain = _error_chain(err.value)
+    chain = error_chain(err.value)
     assert any("cannot calibrate" in m and "fixed policy" in m for m in chain), chain
 
 

@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from conftest import num_kv_blocks, vllm_engine
+from conftest import error_chain, num_kv_blocks, vllm_engine
 
 
 def _layers(llm) -> dict[int, tuple[str, int, int, int]]:
@@ -43,6 +43,13 @@ def _run(model, skip, policy="k4v4", kv_cache_dtype="int4_per_token_head", lengt
                          + [lp[t].logprob for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])]
                          for o in outs]
     return facts
+
+
+def _start_up_error(model, skip, **run) -> list[str]:
+    """The messages of the exception chain an engine start-up with ``skip`` raises."""
+    with pytest.raises(Exception) as err:
+        _run(model, skip, **run)
+    return error_chain(err.value)
 
 
 def _logprob_gap(a: dict, b: dict) -> float:
@@ -79,24 +86,8 @@ def test_named_layers_keep_unquantized_pages(tiny_model_dir):
 ])
 def test_skip_lists_vllm_would_ignore_stop_start_up(tiny_model_dir, skip, kv_cache_dtype, message):
     """vLLM compares each entry with str(layer index): these would keep nothing unquantized, silently."""
-    with pytest.raises(Exception) as err:
-        _run(tiny_model_dir, skip, kv_cache_dtype=kv_cache_dtype)
-    chain, e = [], err.value
-    while e is not None:
-        chain.append(str(e))
-        e = e.__cause__ or e.__context__
+    chain = _start_up_error(tiny_model_dir, skip, kv_cache_dtype=kv_cache_dtype)
     assert any(message in m for m in chain), chain
-
-
-def _start_up_error(model, skip) -> list[str]:
-    """The messages of the exception chain an engine start-up with ``skip`` raises."""
-    with pytest.raises(Exception) as err:
-        _run(model, skip)
-    chain, e = [], err.value
-    while e is not None:
-        chain.append(str(e))
-        e = e.__cause__ or e.__context__
-    return chain
 
 
 def test_entries_that_keep_no_layer_of_the_built_model_stop_start_up(tiny_model_dir, tmp_path):
@@ -140,13 +131,12 @@ def test_a_layer_kept_unlike_the_layer_whose_cache_it_reads_stops_start_up():
     reader = "model.layers.1.self_attn.attn"
     ok = _config(["0", "1"], _attention(target, True), _attention(reader, True, shares=target))
     skip_layers.check_kept_layers(ok)
-    only_reader = _config(["1"], _attention(target, False),
-                          _attention("model.layers.1.self_attn.attn", True, shares=target))
+    only_reader = _config(["1"], _attention(target, False), _attention(reader, True, shares=target))
     with pytest.raises(ValueError, match="layers.1.self_attn.attn reads the KV cache of model.layers.0"):
         skip_layers.check_kept_layers(only_reader)
     # pipeline stages: each sees its own layers, the check their union
     stage0 = _config(["1"], _attention(target, False))
-    stage1 = _config(["1"], _attention("model.layers.1.self_attn.attn", True))
+    stage1 = _config(["1"], _attention(reader, True))
     skip_layers.check_kept_layers(stage0, gather=lambda facts: [facts, skip_layers.layer_facts(stage1)])
     with pytest.raises(ValueError, match="layer 1 holds no attention KV cache"):
         skip_layers.check_kept_layers(stage0)

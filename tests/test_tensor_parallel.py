@@ -39,30 +39,10 @@ def policy_lines(log):
     return {int(rank): name for name, rank in found}
 
 
-@pytest.fixture(scope="module")
-def single_rank_k16v16(tiny_model_dir, tmp_path_factory):
-    result, _ = run_engine(tiny_model_dir, 1, "k16v16", tmp_path_factory.mktemp("tp1"))
-    return result
-
-
-def test_k16v16_on_two_ranks_equals_one_rank(tiny_model_dir, single_rank_k16v16, tmp_path):
-    result, log = run_engine(tiny_model_dir, 2, "k16v16", tmp_path)
-    assert policy_lines(log) == {0: "k16v16", 1: "k16v16"}
-    assert "1 KV heads on this rank" in log
-    for ours, ref in zip(result["outputs"], single_rank_k16v16["outputs"]):
-        assert ours["tokens"] == ref["tokens"]
-        # Sharded matmuls sum in another order: fp32 rounding only.
-        assert max(abs(a - b) for a, b in zip(ours["logprobs"], ref["logprobs"])) < 1e-3
-
-
-def test_skipped_layers_on_two_ranks_equal_one_rank_k16v16(tiny_model_dir, single_rank_k16v16, tmp_path):
-    """``--kv-cache-dtype-skip-layers`` naming both layers under k4v4: every rank's pages are K16V16."""
-    skip_all = {"TP_ENGINE_KWARGS": json.dumps({"kv_cache_dtype": "int4_per_token_head",
-                                                "kv_cache_dtype_skip_layers": ["0", "1"]})}
-    result, log = run_engine(tiny_model_dir, 2, "k4v4", tmp_path, extra_env=skip_all)
-    assert policy_lines(log) == {0: "k16v16", 1: "k16v16"}
-    assert log.count("(from --kv-cache-dtype-skip-layers) [rank") == 2, log[-4000:]
-    for ours, ref in zip(result["outputs"], single_rank_k16v16["outputs"]):
+def _same_as(result, single):
+    """Unquantized pages on several ranks against one: the same tokens, and logprobs within fp32 rounding
+    (sharded matmuls sum in another order)."""
+    for ours, ref in zip(result["outputs"], single["outputs"], strict=True):
         assert ours["tokens"] == ref["tokens"]
         assert max(abs(a - b) for a, b in zip(ours["logprobs"], ref["logprobs"])) < 1e-3
 
@@ -74,6 +54,29 @@ def _close_to(result, single):
         assert len(ours["tokens"]) == 12 and ours["tokens"][:4] == ref["tokens"][:4]
         n = next((i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"])) if a != b), 12)
         assert max(abs(a - b) for a, b in zip(ours["logprobs"][:n], ref["logprobs"][:n])) < 0.05
+
+
+@pytest.fixture(scope="module")
+def single_rank_k16v16(tiny_model_dir, tmp_path_factory):
+    result, _ = run_engine(tiny_model_dir, 1, "k16v16", tmp_path_factory.mktemp("tp1"))
+    return result
+
+
+def test_k16v16_on_two_ranks_equals_one_rank(tiny_model_dir, single_rank_k16v16, tmp_path):
+    result, log = run_engine(tiny_model_dir, 2, "k16v16", tmp_path)
+    assert policy_lines(log) == {0: "k16v16", 1: "k16v16"}
+    assert "1 KV heads on this rank" in log
+    _same_as(result, single_rank_k16v16)
+
+
+def test_skipped_layers_on_two_ranks_equal_one_rank_k16v16(tiny_model_dir, single_rank_k16v16, tmp_path):
+    """``--kv-cache-dtype-skip-layers`` naming both layers under k4v4: every rank's pages are K16V16."""
+    skip_all = {"TP_ENGINE_KWARGS": json.dumps({"kv_cache_dtype": "int4_per_token_head",
+                                                "kv_cache_dtype_skip_layers": ["0", "1"]})}
+    result, log = run_engine(tiny_model_dir, 2, "k4v4", tmp_path, extra_env=skip_all)
+    assert policy_lines(log) == {0: "k16v16", 1: "k16v16"}
+    assert log.count("(from --kv-cache-dtype-skip-layers) [rank") == 2, log[-4000:]
+    _same_as(result, single_rank_k16v16)
 
 
 def test_one_skipped_layer_on_two_tensor_or_pipeline_ranks(tiny_model_dir, tmp_path):
@@ -101,11 +104,7 @@ def test_k4v4_on_two_ranks_matches_one_rank(tiny_model_dir, tmp_path):
     result, log = run_engine(tiny_model_dir, 2, "k4v4", tmp_path)
     single, _ = run_engine(tiny_model_dir, 1, "k4v4", tmp_path)
     assert policy_lines(log) == {0: "k4v4", 1: "k4v4"}
-    for ours, ref in zip(result["outputs"], single["outputs"]):
-        assert len(ours["tokens"]) == 12
-        assert ours["tokens"][:4] == ref["tokens"][:4]
-        n = next((i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"])) if a != b), 12)
-        assert max(abs(a - b) for a, b in zip(ours["logprobs"][:n], ref["logprobs"][:n])) < 0.05
+    _close_to(result, single)
 
 
 def test_auto_is_decided_once_and_shared(tiny_model_dir, tmp_path):
@@ -131,10 +130,7 @@ def test_pipeline_parallel_auto_is_shared_and_matches_one_rank(tiny_model_dir, t
     assert "decided on rank 0" in log and "2 KV heads on this rank" in log
     single, _ = run_engine(tiny_model_dir, 1, ranks[0], tmp_path)
     assert len(result["outputs"]) == len(single["outputs"]) == 3
-    for ours, ref in zip(result["outputs"], single["outputs"]):
-        assert len(ours["tokens"]) == 12 and ours["tokens"][:4] == ref["tokens"][:4]
-        n = next((i for i, (a, b) in enumerate(zip(ours["tokens"], ref["tokens"])) if a != b), 12)
-        assert max(abs(a - b) for a, b in zip(ours["logprobs"][:n], ref["logprobs"][:n])) < 0.05
+    _close_to(result, single)
 
 
 def test_alibi_slopes_split_over_two_ranks(tmp_path):
@@ -146,6 +142,4 @@ def test_alibi_slopes_split_over_two_ranks(tmp_path):
     one, _ = run_engine(model, 1, "k16v16", tmp_path / "tp1")
     two, log = run_engine(model, 2, "k16v16", tmp_path / "tp2")
     assert policy_lines(log) == {0: "k16v16", 1: "k16v16"}
-    for ours, ref in zip(two["outputs"], one["outputs"], strict=True):
-        assert ours["tokens"] == ref["tokens"]
-        assert max(abs(a - b) for a, b in zip(ours["logprobs"], ref["logprobs"])) < 1e-3
+    _same_as(two, one)

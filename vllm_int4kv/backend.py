@@ -42,7 +42,7 @@ from .policy import UNQUANTIZED, KVPolicy
 # A child of vLLM's logger, so our lines appear (and are filtered) with vLLM's own.
 logger = logging.getLogger("vllm.int4kv")
 
-KV_CACHE_DTYPES = ("auto", "int4_per_token_head")
+KV_CACHE_DTYPES = ("auto", skip_layers.QUANTIZED_CACHE_DTYPE)
 BACKEND_NAME = "CUSTOM"
 _HINT = "or drop --attention-backend CUSTOM to use vLLM's default attention"
 
