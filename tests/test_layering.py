@@ -42,3 +42,36 @@ def test_only_the_backend_imports_vllm_at_module_level(path):
     if path.name == "backend.py":
         return
     assert "vllm" not in module_level_imports(path), f"{path.name} imports vllm at module level"
+
+
+def _import_kernels_from_the_checkout(site: Path | None) -> str:
+    """``import kernels`` with the checkout's root first on sys.path (as ``python -m`` run from it)."""
+    import subprocess
+    import sys
+
+    path = [str(ROOT)] + ([str(site)] if site else [])
+    code = (f"import sys; sys.path[:0] = {path!r}; import kernels, vllm_int4kv.kernels as ours; "
+            "print(kernels.__file__, ours.PageLayout.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_top_level_kernels_is_the_installed_package_when_there_is_one(tmp_path):
+    """transformers >= 5.25 installs the PyPI package ``kernels`` and imports ``kernels.CUDAProperties``;
+    our checkout's ``kernels/`` folder must not stand in for it (it did: transformers failed to import)."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("from .sub import WHO\n")
+    (tmp_path / "kernels" / "sub.py").write_text("WHO = 'installed'\n")
+    assert _import_kernels_from_the_checkout(tmp_path) == [str(tmp_path / "kernels" / "__init__.py"), "PageLayout"]
+
+
+def test_top_level_kernels_stays_the_checkout_folder_when_nothing_else_is_installed():
+    """transformers 5.19 imports a ``kernels`` it finds without version metadata: that must not raise."""
+    import importlib.machinery
+    import sys
+
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    if importlib.machinery.PathFinder.find_spec("kernels", elsewhere) is not None:
+        pytest.skip("a package named kernels is installed in this environment")
+    assert _import_kernels_from_the_checkout(None) == [str(ROOT / "kernels" / "__init__.py"), "PageLayout"]
