@@ -7,6 +7,7 @@ import torch
 import triton
 
 from .attention_kernels import _reduce_splits_kernel, paged_attention_kernel
+from .interpreter import check_interpreter
 from .page_format import PageLayout
 from .planes import plane_views
 
@@ -133,6 +134,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     planes = plane_views(cache, layout, query.dtype)
     num_kv_heads = planes.k.shape[1]
     _check(query, block_table, seq_lens, query_start_loc, num_kv_heads, layout)
+    if not _is_gpu(query.device):
+        check_interpreter()
     if max(planes.k.stride(0), planes.v.stride(0), planes.params.stride(0)) >= 2 ** 31:
         # the kernel multiplies block numbers by these strides as unsigned 32-bit values
         raise ValueError(f"a KV cache block of {cache.stride(0)} bytes is too large (at most 2 GiB)")

@@ -208,6 +208,31 @@ def test_contract_errors_are_clear():
     assert error_ratio(run_kernel(case, num_stages=1), run_reference(case)) < 1e-6  # a launch option only
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter check is for CPU runs")
+def test_an_interpreter_that_cannot_run_the_loop_is_named_before_the_launch(monkeypatch):
+    """Triton 3.6's interpreter with NumPy 2.4 fails inside the tile loop (triton-lang/triton#9171);
+    the launcher must say so, and what to install, instead of an InterpreterError from the kernel."""
+    from triton.runtime.errors import InterpreterError
+
+    from vllm_int4kv.kernels import interpreter
+
+    class FailsLikeNumpy24:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise InterpreterError(repr(TypeError("only 0-dimensional arrays can be converted")))
+            return launch
+
+    case = make_case(**DECODE)
+    assert interpreter.interpreter_problem() is None  # this environment: every kernel test runs
+    monkeypatch.setattr(interpreter, "_count_to_loaded_bound", FailsLikeNumpy24())
+    interpreter.interpreter_problem.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"pip install 'numpy<2\.4'"):
+            run_kernel(case)
+    finally:
+        interpreter.interpreter_problem.cache_clear()
+
+
 def test_gpu_tile_choices_run_here_too(monkeypatch):
     """On a GPU, fp32 queries get 16-token tiles and 16 prefill rows (ptxas spills at the 16-bit sizes);
     the CPU normally keeps the larger tiles, so run the GPU choices under the interpreter as well."""
