@@ -1,11 +1,12 @@
 """``vllm serve`` with the default ``auto`` policy: calibrated at start-up, and the pages follow it."""
 import re
 
-import httpx
 import pytest
-from test_backend_server import Server
 
-from vllm_int4kv.policy import parse_policy
+httpx = pytest.importorskip("httpx")  # the GPU machine has no vLLM server stack
+from test_backend_server import Server  # noqa: E402
+
+from vllm_int4kv.policy import parse_policy  # noqa: E402
 
 KV_SPACE_BYTES = 1 << 30  # VLLM_CPU_KVCACHE_SPACE=1 (GiB), set by Server
 

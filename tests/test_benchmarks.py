@@ -46,6 +46,8 @@ def smoke(tmp_path_factory):
         staged = tmp_path_factory.mktemp("vllm_kernels")
         vllm_kernels.stage(staged)
         env["VLLM_INT4KV_VLLM_KERNELS"] = str(staged)
+    else:  # not the checkout's artifacts/vllm_kernels either, if setup_env.sh staged it there earlier
+        env["VLLM_INT4KV_VLLM_KERNELS"] = str(tmp_path_factory.mktemp("no_vllm_kernels"))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
