@@ -15,10 +15,17 @@ def _installed_kernels_spec(checkout_kernels_init: str):
     import os
     import sys
 
-    checkout = os.path.realpath(os.path.dirname(os.path.dirname(checkout_kernels_init)))
+    ours = os.path.realpath(checkout_kernels_init)
+    checkout = os.path.dirname(os.path.dirname(ours))
     others = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != checkout]
-    return importlib.machinery.PathFinder.find_spec("kernels", others)
-
+    for finder in sys.meta_path:  # also editable installs, whose finders are not on sys.path
+        if finder is importlib.machinery.PathFinder:
+            spec = finder.find_spec("kernels", others)
+        else:
+            spec = finder.find_spec("kernels", None) if hasattr(finder, "find_spec") else None
+        if spec is not None and spec.origin and os.path.realpath(spec.origin) != ours:  # not a namespace
+            return spec
+    return None
 
 if __name__ == "kernels" and (_spec := _installed_kernels_spec(__file__)) is not None:
     import importlib.util as _util

@@ -44,34 +44,55 @@ def test_only_the_backend_imports_vllm_at_module_level(path):
     assert "vllm" not in module_level_imports(path), f"{path.name} imports vllm at module level"
 
 
-def _import_kernels_from_the_checkout(site: Path | None) -> str:
+# An editable install of the package `kernels` is found by a finder on sys.meta_path, not on sys.path.
+EDITABLE_FINDER = """
+import importlib.util, sys
+class Editable:
+    def find_spec(self, name, path=None, target=None):
+        if name == "kernels":
+            return importlib.util.spec_from_file_location(name, {init!r}, submodule_search_locations=[{folder!r}])
+sys.meta_path.append(Editable())
+"""
+
+
+def _import_kernels_from_the_checkout(site: Path | None, editable: bool = False) -> str:
     """``import kernels`` with the checkout's root first on sys.path (as ``python -m`` run from it)."""
     import subprocess
     import sys
 
-    path = [str(ROOT)] + ([str(site)] if site else [])
-    code = (f"import sys; sys.path[:0] = {path!r}; import kernels, vllm_int4kv.kernels as ours; "
-            "print(kernels.__file__, ours.PageLayout.__name__)")
+    path = [str(ROOT)] + ([str(site)] if site and not editable else [])
+    code = f"import sys; sys.path[:0] = {path!r}\n"
+    if editable:
+        code += EDITABLE_FINDER.format(init=str(site / "kernels" / "__init__.py"), folder=str(site / "kernels"))
+    code += "import kernels, vllm_int4kv.kernels as ours; print(kernels.__file__, ours.PageLayout.__name__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
 
-def test_top_level_kernels_is_the_installed_package_when_there_is_one(tmp_path):
-    """transformers >= 5.25 installs the PyPI package ``kernels`` and imports ``kernels.CUDAProperties``;
-    our checkout's ``kernels/`` folder must not stand in for it (it did: transformers failed to import)."""
-    (tmp_path / "kernels").mkdir()
-    (tmp_path / "kernels" / "__init__.py").write_text("from .sub import WHO\n")
-    (tmp_path / "kernels" / "sub.py").write_text("WHO = 'installed'\n")
-    assert _import_kernels_from_the_checkout(tmp_path) == [str(tmp_path / "kernels" / "__init__.py"), "PageLayout"]
-
-
-def test_top_level_kernels_stays_the_checkout_folder_when_nothing_else_is_installed():
-    """transformers 5.19 imports a ``kernels`` it finds without version metadata: that must not raise."""
+def _kernels_installed_here() -> bool:
     import importlib.machinery
     import sys
 
     elsewhere = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-    if importlib.machinery.PathFinder.find_spec("kernels", elsewhere) is not None:
+    return importlib.machinery.PathFinder.find_spec("kernels", elsewhere) is not None
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["site-packages", "editable"])
+def test_top_level_kernels_is_the_installed_package_when_there_is_one(tmp_path, editable):
+    """transformers >= 5.25 installs the PyPI package ``kernels`` and imports ``kernels.CUDAProperties``;
+    our checkout's ``kernels/`` folder must not stand in for it (it did: transformers failed to import)."""
+    if editable and _kernels_installed_here():
+        pytest.skip("a package named kernels is installed in this environment: it would be found first")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("from .sub import WHO\n")
+    (tmp_path / "kernels" / "sub.py").write_text("WHO = 'installed'\n")
+    found = _import_kernels_from_the_checkout(tmp_path, editable)
+    assert found == [str(tmp_path / "kernels" / "__init__.py"), "PageLayout"]
+
+
+def test_top_level_kernels_stays_the_checkout_folder_when_nothing_else_is_installed():
+    """transformers 5.19 imports a ``kernels`` it finds without version metadata: that must not raise."""
+    if _kernels_installed_here():
         pytest.skip("a package named kernels is installed in this environment")
     assert _import_kernels_from_the_checkout(None) == [str(ROOT / "kernels" / "__init__.py"), "PageLayout"]
