@@ -27,6 +27,7 @@ def _installed_kernels_spec(checkout_kernels_init: str):
             return spec
     return None
 
+
 if __name__ == "kernels" and (_spec := _installed_kernels_spec(__file__)) is not None:
     import importlib.util as _util
     import sys as _sys
