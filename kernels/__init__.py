@@ -9,36 +9,46 @@ under that name while that package is installed, this folder loads the installed
 """
 
 
-def _installed_kernels_spec(checkout_kernels_init: str):
-    """Where ``import kernels`` would lead if this checkout were not on ``sys.path`` (None: nowhere)."""
+def _installed_kernels_spec():
+    """Where ``import kernels`` would lead if no copy of this folder were on ``sys.path`` (None: nowhere).
+
+    Any copy counts: this checkout through any link, another clone or worktree (two copies handing over
+    to each other would recurse). sys.path is searched one entry at a time, so a copy does not hide the
+    entries after it; other finders on sys.meta_path (editable installs) are asked too.
+    """
     import importlib.machinery
     import os
     import sys
 
-    ours = os.path.realpath(checkout_kernels_init)
-    checkout = os.path.dirname(os.path.dirname(ours))
-    others = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != checkout]
-    for finder in sys.meta_path:  # also editable installs, whose finders are not on sys.path
+    def wanted(spec) -> bool:  # a regular module or package (not a namespace folder) that is not ours
+        return (spec is not None and bool(spec.origin)
+                and not os.path.isfile(os.path.join(os.path.dirname(spec.origin), "page_format.py")))
+
+    for finder in sys.meta_path:
         if finder is importlib.machinery.PathFinder:
-            spec = finder.find_spec("kernels", others)
+            specs = (finder.find_spec("kernels", [entry]) for entry in sys.path)
         else:
-            spec = finder.find_spec("kernels", None) if hasattr(finder, "find_spec") else None
-        if spec is not None and spec.origin and os.path.realpath(spec.origin) != ours:  # not a namespace
-            return spec
+            specs = [finder.find_spec("kernels", None)] if hasattr(finder, "find_spec") else []
+        found = next((spec for spec in specs if wanted(spec)), None)
+        if found is not None:
+            return found
     return None
 
 
-if __name__ == "kernels" and (_spec := _installed_kernels_spec(__file__)) is not None:
+if __name__ == "kernels" and (_spec := _installed_kernels_spec()) is not None:
     import importlib.util as _util
     import sys as _sys
 
     _module = _util.module_from_spec(_spec)
     _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
+    _spec._initializing = True  # another thread importing kernels meanwhile waits for the import lock
     try:
         _spec.loader.exec_module(_module)
     except BaseException:
-        del _sys.modules["kernels"]
+        _sys.modules.pop("kernels", None)
         raise
+    finally:
+        _spec._initializing = False
 else:
     from .page_format import PageLayout, slot_bytes
 

@@ -40,8 +40,10 @@ def interpreter_problem() -> str | None:
     except Exception as error:  # noqa: BLE001 -- any failure here means the kernels cannot run either
         import numpy
 
-        return (f"Triton {triton.__version__}'s CPU interpreter cannot run a loop with a run-time bound "
-                f"next to NumPy {numpy.__version__} ({error!r}; triton-lang/triton#9171). "
+        problem = f"Triton {triton.__version__}'s CPU interpreter cannot run a loop with a run-time bound"
+        if tuple(int(part) for part in numpy.__version__.split(".")[:2]) < (2, 4):
+            return f"{problem}: {error!r}"
+        return (f"{problem} next to NumPy {numpy.__version__} ({error!r}; triton-lang/triton#9171). "
                 "Install numpy<2.4 (pip install 'numpy<2.4') or a Triton release with the fix.")
     if int(out.item()) != 3:
         return f"Triton's CPU interpreter counted {int(out.item())} loop steps instead of 3"

@@ -55,44 +55,62 @@ sys.meta_path.append(Editable())
 """
 
 
-def _import_kernels_from_the_checkout(site: Path | None, editable: bool = False) -> str:
+def _import_kernels_from_the_checkout(path_after_it: list[Path], editable: Path | None = None) -> list[str]:
     """``import kernels`` with the checkout's root first on sys.path (as ``python -m`` run from it)."""
     import subprocess
     import sys
 
-    path = [str(ROOT)] + ([str(site)] if site and not editable else [])
-    code = f"import sys; sys.path[:0] = {path!r}\n"
+    code = f"import sys; sys.path[:0] = {[str(ROOT)] + [str(p) for p in path_after_it]!r}\n"
     if editable:
-        code += EDITABLE_FINDER.format(init=str(site / "kernels" / "__init__.py"), folder=str(site / "kernels"))
+        code += EDITABLE_FINDER.format(init=str(editable / "kernels" / "__init__.py"),
+                                       folder=str(editable / "kernels"))
     code += "import kernels, vllm_int4kv.kernels as ours; print(kernels.__file__, ours.PageLayout.__name__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.split()
 
 
 def _kernels_installed_here() -> bool:
-    import importlib.machinery
-    import sys
+    from vllm_int4kv.kernels import _installed_kernels_spec
 
-    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-    return importlib.machinery.PathFinder.find_spec("kernels", elsewhere) is not None
+    return _installed_kernels_spec() is not None
 
 
+def _an_installed_kernels_package(site: Path) -> Path:
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("from .sub import WHO\n")  # its own submodules load too
+    (site / "kernels" / "sub.py").write_text("WHO = 'installed'\n")
+    return site / "kernels" / "__init__.py"
+
+
+def _decoys(tmp_path: Path, which: str) -> list[Path]:
+    """sys.path entries, between the checkout and the installed package, that must be passed over."""
+    if which == "namespace folder":  # a `kernels/` folder with no __init__.py (it would import as empty)
+        (tmp_path / "decoy" / "kernels").mkdir(parents=True)
+    elif which == "second checkout":  # another clone: two copies must not hand over to each other
+        import shutil
+
+        shutil.copytree(ROOT / "kernels", tmp_path / "decoy" / "kernels")
+    return [tmp_path / "decoy"] if which != "none" else []
+
+
+@pytest.mark.parametrize("decoy", ["none", "namespace folder", "second checkout"])
 @pytest.mark.parametrize("editable", [False, True], ids=["site-packages", "editable"])
-def test_top_level_kernels_is_the_installed_package_when_there_is_one(tmp_path, editable):
+def test_top_level_kernels_is_the_installed_package_when_there_is_one(tmp_path, editable, decoy):
     """transformers >= 5.25 installs the PyPI package ``kernels`` and imports ``kernels.CUDAProperties``;
     our checkout's ``kernels/`` folder must not stand in for it (it did: transformers failed to import)."""
     if editable and _kernels_installed_here():
         pytest.skip("a package named kernels is installed in this environment: it would be found first")
-    (tmp_path / "kernels").mkdir()
-    (tmp_path / "kernels" / "__init__.py").write_text("from .sub import WHO\n")
-    (tmp_path / "kernels" / "sub.py").write_text("WHO = 'installed'\n")
-    found = _import_kernels_from_the_checkout(tmp_path, editable)
-    assert found == [str(tmp_path / "kernels" / "__init__.py"), "PageLayout"]
+    installed = _an_installed_kernels_package(tmp_path / "site")
+    path = _decoys(tmp_path, decoy) + ([] if editable else [tmp_path / "site"])
+    found = _import_kernels_from_the_checkout(path, editable=tmp_path / "site" if editable else None)
+    assert found == [str(installed), "PageLayout"]
 
 
-def test_top_level_kernels_stays_the_checkout_folder_when_nothing_else_is_installed():
+@pytest.mark.parametrize("decoy", ["none", "namespace folder", "second checkout"])
+def test_top_level_kernels_stays_the_checkout_folder_when_nothing_else_is_installed(tmp_path, decoy):
     """transformers 5.19 imports a ``kernels`` it finds without version metadata: that must not raise."""
     if _kernels_installed_here():
         pytest.skip("a package named kernels is installed in this environment")
-    assert _import_kernels_from_the_checkout(None) == [str(ROOT / "kernels" / "__init__.py"), "PageLayout"]
+    found = _import_kernels_from_the_checkout(_decoys(tmp_path, decoy))
+    assert found == [str(ROOT / "kernels" / "__init__.py"), "PageLayout"]
