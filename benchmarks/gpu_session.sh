@@ -42,6 +42,15 @@ left() { echo $((BUDGET - SECONDS)); }
   echo "== session $(date -u) phase=$PHASE budget=${BUDGET}s"
   echo "staged vLLM kernels: $(cat "${VLLM_INT4KV_VLLM_KERNELS:-$REPO/artifacts/vllm_kernels}/staged.json" 2>/dev/null | head -c 200 || echo none)"
   nvidia-smi || true
+  "$PY" $PY_FLAGS - <<'VERSIONS' || true
+import importlib.metadata as metadata, sys
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+print("python", sys.version.split()[0], *(f"{name} {version(name)}" for name in ("numpy", "transformers")))
+VERSIONS
 } >>"$LOG" 2>&1
 # fail fast, and say why, if the checkout does not import (nothing else could run)
 if ! py -c "import torch, triton, vllm_int4kv.kernels.attention as a, benchmarks.run; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print('kernels from', a.__file__)" >>"$LOG" 2>&1; then
