@@ -40,6 +40,7 @@ import triton  # noqa: E402
 from benchmarks import sass  # noqa: E402
 from benchmarks.config import BLOCK_SIZE, GRID_SHAPES, POLICIES, SHAPES, ModelShape, make_layout  # noqa: E402
 from vllm_int4kv.kernels import attention, cache_write  # noqa: E402
+from vllm_int4kv.kernels.interpreter import interpreting  # noqa: E402
 from vllm_int4kv.policy import parse_policy  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -277,7 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         parser.error("unset TRITON_INTERPRET: under the interpreter Triton builds nothing to compile")
     rows = build_all(all_cases(), args.arch, args.workers)
     print(f"# Kernel resources on sm_{args.arch} (compiled, not run)\n\n"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch  # noqa: E402
 
 from benchmarks import gpu_compile, vllm_baseline, vllm_kernels  # noqa: E402
 from benchmarks.config import SHAPES  # noqa: E402
+from vllm_int4kv.kernels.interpreter import interpreting  # noqa: E402
 
 # (batch, new tokens): vLLM's Triton backend takes its 3D (split-softmax) launch for decode batches below
 # 128 // kv_heads sequences, the 2D one above, and for prefill
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         parser.error("unset TRITON_INTERPRET: under the interpreter Triton builds nothing to compile")
     rows = [row for mode in vllm_baseline.MODES for point in POINTS
             for row in build(mode, args.shape, point, args.arch)]
