@@ -41,7 +41,7 @@ def interpreter_problem() -> str | None:
         import numpy
 
         problem = f"Triton {triton.__version__}'s CPU interpreter cannot run a loop with a run-time bound"
-        if tuple(int(part) for part in numpy.__version__.split(".")[:2]) < (2, 4):
+        if numpy.lib.NumpyVersion(numpy.__version__) < "2.4.0.dev0":  # its pre-releases too
             return f"{problem}: {error!r}"
         return (f"{problem} next to NumPy {numpy.__version__} ({error!r}; triton-lang/triton#9171). "
                 "Install numpy<2.4 (pip install 'numpy<2.4') or a Triton release with the fix.")

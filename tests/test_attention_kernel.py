@@ -212,6 +212,7 @@ def test_contract_errors_are_clear():
 def test_an_interpreter_that_cannot_run_the_loop_is_named_before_the_launch(monkeypatch):
     """Triton 3.6's interpreter with NumPy 2.4 fails inside the tile loop (triton-lang/triton#9171);
     the launcher must say so, and what to install, instead of an InterpreterError from the kernel."""
+    import numpy
     from triton.runtime.errors import InterpreterError
 
     from vllm_int4kv.kernels import interpreter
@@ -221,8 +222,6 @@ def test_an_interpreter_that_cannot_run_the_loop_is_named_before_the_launch(monk
             def launch(*args):
                 raise InterpreterError(repr(TypeError("only 0-dimensional arrays can be converted")))
             return launch
-
-    import numpy
 
     case = make_case(**DECODE)
     assert interpreter.interpreter_problem() is None  # this environment: every kernel test runs

@@ -83,6 +83,9 @@ def _an_installed_kernels_package(site: Path) -> Path:
     return site / "kernels" / "__init__.py"
 
 
+DECOYS = ["none", "namespace folder", "second checkout"]
+
+
 def _decoys(tmp_path: Path, which: str) -> list[Path]:
     """sys.path entries, between the checkout and the installed package, that must be passed over."""
     if which == "namespace folder":  # a `kernels/` folder with no __init__.py (it would import as empty)
@@ -94,7 +97,7 @@ def _decoys(tmp_path: Path, which: str) -> list[Path]:
     return [tmp_path / "decoy"] if which != "none" else []
 
 
-@pytest.mark.parametrize("decoy", ["none", "namespace folder", "second checkout"])
+@pytest.mark.parametrize("decoy", DECOYS)
 @pytest.mark.parametrize("editable", [False, True], ids=["site-packages", "editable"])
 def test_top_level_kernels_is_the_installed_package_when_there_is_one(tmp_path, editable, decoy):
     """transformers >= 5.25 installs the PyPI package ``kernels`` and imports ``kernels.CUDAProperties``;
@@ -107,7 +110,7 @@ def test_top_level_kernels_is_the_installed_package_when_there_is_one(tmp_path, 
     assert found == [str(installed), "PageLayout"]
 
 
-@pytest.mark.parametrize("decoy", ["none", "namespace folder", "second checkout"])
+@pytest.mark.parametrize("decoy", DECOYS)
 def test_top_level_kernels_stays_the_checkout_folder_when_nothing_else_is_installed(tmp_path, decoy):
     """transformers 5.19 imports a ``kernels`` it finds without version metadata: that must not raise."""
     if _kernels_installed_here():
