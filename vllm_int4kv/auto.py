@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import calibration, decision_cache, envs
+from . import calibration, calibration_device, decision_cache, envs
 from .policy import KVPolicy, parse_policy
 
 logger = logging.getLogger(__name__)
@@ -54,10 +54,13 @@ def summarize(model: str, evidence: dict, source: str) -> str:
 
 
 def _model_facts(model, revision, dtype, trust_remote_code):
+    """(head_dim, bytes of an unquantized K/V element, serving dtype): ``dtype`` ``auto`` or None is
+    resolved as vLLM resolves it, so the engine and ``vllm-int4kv calibrate`` compute the same key."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-    return calibration.head_dim_of(config), calibration.elem_bytes_of(dtype, config)
+    serving = calibration.serving_dtype(dtype, config)
+    return calibration.head_dim_of(config), serving.itemsize, serving
 
 
 def _quantizer_digest() -> str:
@@ -76,8 +79,8 @@ def calibration_key(model: str, settings: calibration.Settings, prompts: list[st
     candidates = [[p.name, p.slot_bytes(head_dim, elem_bytes)]
                   for p in calibration.candidate_policies(head_dim, elem_bytes)]
     # Where and in which dtype the measurement runs changes its numbers (CPU always runs fp32).
-    run_on = calibration.pick_device(device)
-    compute = f"{run_on.split(':')[0]}/{calibration.pick_dtype(dtype, run_on)}"
+    run_on = calibration_device.pick_device(device)
+    compute = f"{calibration_device.device_type(run_on)}/{calibration_device.compute_dtype(dtype, run_on)}"
     return decision_cache.make_key(
         decision_cache.model_identity(model, revision),
         {**asdict(settings), "prompts_sha256": calibration.prompts_digest(prompts), "candidates": candidates,
@@ -111,7 +114,7 @@ def resolve_auto(model: str, *, revision: str | None = None, dtype=None, trust_r
     """The auto policy for ``model``: the cached decision if there is one, else a fresh calibration."""
     settings = settings_from_env()
     prompts = calibration.load_prompts(settings.n_prompts)
-    head_dim, elem_bytes = _model_facts(model, revision, dtype, trust_remote_code)
+    head_dim, elem_bytes, dtype = _model_facts(model, revision, dtype, trust_remote_code)
     key = calibration_key(model, settings, prompts, head_dim, elem_bytes, revision, dtype, device)
     record = decision_cache.load(key)
     if record is None:

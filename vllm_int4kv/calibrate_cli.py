@@ -1,6 +1,6 @@
 """Calibrate the auto K/V precision policy for a model and print the evidence.
 
-    vllm-int4kv calibrate MODEL [--budget NATS] [--prompts N] [--device cpu|cuda] [--all]
+    vllm-int4kv calibrate MODEL [--budget NATS] [--prompts N] [--device cpu|cuda|auto] [--all]
                                 [--eval-text FILE --eval-chunks N]
 
 Prints one row per measured candidate (bytes per token per KV head, mean next-token KL against full
@@ -11,11 +11,12 @@ text) and the INT6/INT8 ratio evidence, then stores the decision where engine st
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import replace
 
-from . import auto, calibration, decision_cache
+from . import auto, calibration, calibration_device, decision_cache
 from .policy import parse_policy
 
 
@@ -29,8 +30,12 @@ def add_session_arguments(parser) -> None:
                         help="number of calibration prompts")
     parser.add_argument("--max-tokens", type=int, default=calibration.DEFAULT_MAX_TOKENS,
                         help="tokens kept per prompt")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="serving dtype (sizes of 16-bit planes; GPU runs)")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cpu, or auto: spread over every GPU, then CPU memory, for models one GPU "
+                             "cannot hold (needs accelerate). Default: cuda when available")
+    parser.add_argument("--dtype", default="auto", choices=calibration_device.DTYPE_CHOICES,
+                        help="the dtype you serve with (vllm serve --dtype): sizes of 16-bit planes, and what "
+                             "GPU runs compute in. Default: what vLLM picks for the checkpoint")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--trust-remote-code", action="store_true")
 
@@ -40,12 +45,18 @@ def settings_from_args(args) -> calibration.Settings:
     return settings if args.budget is None else replace(settings, budget=args.budget)
 
 
-def load_session(args, token_ids, command: str) -> calibration.Session:
-    """The model loaded for calibration; a model it cannot see into exits with the reason, no traceback."""
+def load_session(args, token_ids, dtype) -> calibration.Session:
+    return calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=dtype,
+                                    trust_remote_code=args.trust_remote_code, device=args.device)
+
+
+@contextlib.contextmanager
+def exit_with_reason(command: str):
+    """A model the calibration cannot see into, or that does not fit, ends the command with the reason
+    and what to do, no traceback."""
     try:
-        return calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=args.dtype,
-                                        trust_remote_code=args.trust_remote_code, device=args.device)
-    except NotImplementedError as exc:
+        yield
+    except (NotImplementedError, calibration_device.PlacementError) as exc:
         raise SystemExit(f"vllm-int4kv {command}: {exc}") from exc
 
 
@@ -84,7 +95,8 @@ def _table(result: calibration.Calibration, ppl: dict) -> str:
 def run(args) -> int:
     settings = settings_from_args(args)
     prompts = calibration.load_prompts(settings.n_prompts)
-    head_dim, elem_bytes = auto._model_facts(args.model, args.revision, args.dtype, args.trust_remote_code)
+    head_dim, elem_bytes, dtype = auto._model_facts(args.model, args.revision, args.dtype,
+                                                    args.trust_remote_code)
     token_ids = calibration.prompt_token_ids(args.model, prompts, settings.max_tokens, revision=args.revision,
                                              trust_remote_code=args.trust_remote_code)
     chunks = []
@@ -95,7 +107,7 @@ def run(args) -> int:
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--eval-text: {exc}") from exc
     ppl = {}
-    with load_session(args, token_ids, "calibrate") as session:
+    with exit_with_reason("calibrate"), load_session(args, token_ids, dtype) as session:
         result = calibration.calibrate(session, head_dim, settings, elem_bytes=elem_bytes,
                                        measure_all=args.all or bool(args.eval_text))
         if chunks:
@@ -122,6 +134,9 @@ def run(args) -> int:
             json.dump(ev, f, indent=1)
     if not args.no_cache:
         key = auto.calibration_key(args.model, settings, prompts, head_dim, elem_bytes, args.revision,
-                                   args.dtype, args.device)
+                                   dtype, args.device)
         print(f"stored: {decision_cache.store(key, auto.record_of(args.model, result))}")
+        device = calibration_device.device_type(calibration_device.pick_device(args.device))
+        print(f"`vllm serve` with VLLM_INT4KV_POLICY=auto finds it on {device} with --dtype "
+              f"{str(dtype).removeprefix('torch.')}; anywhere else, set VLLM_INT4KV_POLICY={result.policy.name}")
     return 0

@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from .calibration_device import (SPREAD, check_fits, compute_dtype, explained_out_of_memory, pick_device,
+                                 placement, serving_dtype)
 from .corpus import calibration_prompts
 from .kernels.reference import fake_quantize_kv
 from .policy import KVPolicy
@@ -257,19 +259,6 @@ def _cannot_calibrate(model_name: str) -> NotImplementedError:
 
 
 # -- the session: one loaded model, one reference pass ---------------------------------------------
-def pick_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(dtype, device: str):
-    """fp32 on CPU; elsewhere the requested dtype, or the checkpoint's ("auto")."""
-    if device.startswith("cpu"):
-        return torch.float32
-    if dtype is None or dtype == "auto":
-        return "auto"
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
 class Session:
     """A model loaded for calibration plus its full-precision reference on the given token ids.
 
@@ -281,6 +270,7 @@ class Session:
         model.set_attn_implementation(ATTN_NAME)
         self.model = model
         self.device = next(model.parameters()).device
+        self.name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.inputs = [torch.tensor(ids, device=self.device)[None] for ids in token_ids]
         self.n_tokens = sum(x.shape[1] for x in self.inputs)
         start, calls_before = time.perf_counter(), _calls
@@ -298,29 +288,38 @@ class Session:
     @classmethod
     def load(cls, model: str, token_ids, *, revision=None, dtype=None, trust_remote_code=False,
              device=None):
-        from transformers import AutoModelForCausalLM
+        """Load ``model`` on ``device`` (None: cuda when available; ``auto``: spread over every GPU) in
+        the dtype it is served in (fp32 on CPU); a model that cannot fit is refused before loading."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         device = pick_device(device)
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        torch_dtype = compute_dtype(dtype, device, config)
+        check_fits(model, config, torch_dtype, device, trust_remote_code=trust_remote_code)
         _register_attention()  # before loading: from_pretrained checks the name
         start = time.perf_counter()
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                model, revision=revision, dtype=pick_dtype(dtype, device),
-                trust_remote_code=trust_remote_code, attn_implementation=ATTN_NAME).to(device).eval()
+            with explained_out_of_memory(model, device):
+                hf_model = AutoModelForCausalLM.from_pretrained(
+                    model, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                    attn_implementation=ATTN_NAME, **placement(device))
+                hf_model = (hf_model if device == SPREAD else hf_model.to(device)).eval()
         except KeyError as exc:  # e.g. Falcon: attention classes looked up by implementation name
             if exc.args != (ATTN_NAME,):
                 raise
             raise _cannot_calibrate(model) from exc
         load_seconds = time.perf_counter() - start
-        session = cls(hf_model, token_ids)
+        with explained_out_of_memory(model, device):
+            session = cls(hf_model, token_ids)
         session.load_seconds = load_seconds
         return session
 
     @torch.inference_mode()
     def _logprobs(self, ids: torch.Tensor, spec: tuple | Callable | None) -> torch.Tensor:
-        with quantized(spec):
+        with quantized(spec), explained_out_of_memory(self.name, str(self.device)):
             logits = self.model(input_ids=ids, use_cache=False).logits[0]
-        return logits.float().log_softmax(-1)  # [S, V]
+            # .to: a model spread over GPUs may return its logits on the last one
+            return logits.float().log_softmax(-1).to(self.device)  # [S, V]
 
     @torch.inference_mode()
     def measure(self, name: str, spec: tuple | Callable, bytes_per_token: int | None = None) -> Measurement:
@@ -369,8 +368,7 @@ def head_dim_of(config) -> int:
 
 def elem_bytes_of(dtype, config=None) -> int:
     """Bytes of one unquantized K/V element when serving (only 16-bit planes depend on it)."""
-    name = str(dtype if dtype not in (None, "auto") else getattr(config, "dtype", None) or "bfloat16")
-    return 4 if name.endswith("float32") else 2
+    return serving_dtype(dtype, config).itemsize
 
 
 def calibrate(session: Session, head_dim: int, settings: Settings = Settings(), *,

@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from . import auto, calibration
-from .calibrate_cli import add_session_arguments, load_session, settings_from_args
+from .calibrate_cli import add_session_arguments, exit_with_reason, load_session, settings_from_args
 from .policy import UNQUANTIZED, KVPolicy, mean_slot_bytes, parse_policy
 
 
@@ -121,21 +121,19 @@ def run(args) -> int:
         raise SystemExit("vllm-int4kv layers: --policy must quantize something (k16v16 has no error)")
     settings = settings_from_args(args)
     budget = settings.budget
-    head_dim, elem_bytes = auto._model_facts(args.model, args.revision, args.dtype, args.trust_remote_code)
+    head_dim, elem_bytes, dtype = auto._model_facts(args.model, args.revision, args.dtype,
+                                                    args.trust_remote_code)
     policy.layout(head_dim, 16, elem_bytes)  # a policy this head size cannot take fails here, with its reason
     token_ids = calibration.prompt_token_ids(args.model, calibration.load_prompts(settings.n_prompts),
                                              settings.max_tokens, revision=args.revision,
                                              trust_remote_code=args.trust_remote_code)
-    with load_session(args, token_ids, "layers") as session:
+    with exit_with_reason("layers"), load_session(args, token_ids, dtype) as session:
         num_layers = len(session.attention_layers)
         print(f"model {args.model}: {num_layers} attention layers, head_dim {head_dim}; {policy.name} layers "
               f"{policy.slot_bytes(head_dim, elem_bytes)} B/token/KV head, unquantized ones "
               f"{UNQUANTIZED.slot_bytes(head_dim, elem_bytes)}; budget {budget:g} nats "
               f"(≈ {math.expm1(budget):+.2%} ppl); {session.n_tokens} tokens on {session.device}", flush=True)
-        try:
-            result = sweep(session, policy, head_dim, elem_bytes, budget, args.max_skip)
-        except NotImplementedError as exc:
-            raise SystemExit(f"vllm-int4kv layers: {exc}") from exc
+        result = sweep(session, policy, head_dim, elem_bytes, budget, args.max_skip)
     print(report(result, args.model))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
