@@ -59,7 +59,7 @@ def _model_facts(model, revision, dtype, trust_remote_code):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-    serving = calibration.serving_dtype(dtype, config)
+    serving = calibration_device.serving_dtype(dtype, config, model=model, revision=revision)
     return calibration.head_dim_of(config), serving.itemsize, serving
 
 

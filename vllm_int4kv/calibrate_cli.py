@@ -92,6 +92,18 @@ def _table(result: calibration.Calibration, ppl: dict) -> str:
     return "\n".join(rows)
 
 
+def serving_hint(args, settings: calibration.Settings, dtype, policy: str) -> str:
+    """How `vllm serve` gets this decision: found under auto only when the engine computes the same key,
+    i.e. the same device type and dtype, and the settings the engine itself uses."""
+    fixed = f"set VLLM_INT4KV_POLICY={policy}"
+    if settings != auto.settings_from_env():
+        return (f"`vllm serve` calibrates with the default prompts and VLLM_INT4KV_KL_BUDGET, not with this "
+                f"run's --prompts/--max-tokens/--budget, so it will not find this decision: {fixed}")
+    device = calibration_device.device_type(calibration_device.pick_device(args.device))
+    return (f"`vllm serve` with VLLM_INT4KV_POLICY=auto finds it on {device} with --dtype "
+            f"{str(dtype).removeprefix('torch.')}; anywhere else, {fixed}")
+
+
 def run(args) -> int:
     settings = settings_from_args(args)
     prompts = calibration.load_prompts(settings.n_prompts)
@@ -136,7 +148,5 @@ def run(args) -> int:
         key = auto.calibration_key(args.model, settings, prompts, head_dim, elem_bytes, args.revision,
                                    dtype, args.device)
         print(f"stored: {decision_cache.store(key, auto.record_of(args.model, result))}")
-        device = calibration_device.device_type(calibration_device.pick_device(args.device))
-        print(f"`vllm serve` with VLLM_INT4KV_POLICY=auto finds it on {device} with --dtype "
-              f"{str(dtype).removeprefix('torch.')}; anywhere else, set VLLM_INT4KV_POLICY={result.policy.name}")
+        print(serving_hint(args, settings, dtype, result.policy.name))
     return 0

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from .calibration_device import (SPREAD, check_fits, compute_dtype, explained_out_of_memory, pick_device,
-                                 placement, serving_dtype)
+                                 placement)
 from .corpus import calibration_prompts
 from .kernels.reference import fake_quantize_kv
 from .policy import KVPolicy
@@ -294,7 +294,7 @@ class Session:
 
         device = pick_device(device)
         config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-        torch_dtype = compute_dtype(dtype, device, config)
+        torch_dtype = compute_dtype(dtype, device, config, model=model, revision=revision)
         check_fits(model, config, torch_dtype, device, trust_remote_code=trust_remote_code)
         _register_attention()  # before loading: from_pretrained checks the name
         start = time.perf_counter()
@@ -364,11 +364,6 @@ class Session:
 def head_dim_of(config) -> int:
     config = getattr(config, "get_text_config", lambda: config)()
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def elem_bytes_of(dtype, config=None) -> int:
-    """Bytes of one unquantized K/V element when serving (only 16-bit planes depend on it)."""
-    return serving_dtype(dtype, config).itemsize
 
 
 def calibrate(session: Session, head_dim: int, settings: Settings = Settings(), *,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 
 import torch
 
@@ -22,6 +23,9 @@ SPREAD = "auto"  # --device auto: HF's device_map="auto", every visible GPU firs
 DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float": torch.float32, "float32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)
+FP16_UNSTABLE = ("gemma2", "gemma3", "gemma3_text", "glm4")  # vLLM serves these in bf16 under auto
+
+logger = logging.getLogger(__name__)
 
 
 class PlacementError(RuntimeError):
@@ -46,9 +50,11 @@ def device_type(device: str) -> str:
 
 
 def checkpoint_dtype(config) -> torch.dtype | None:
-    """The dtype the checkpoint's config declares (``dtype``, formerly ``torch_dtype``), if any."""
-    for cfg in (config, getattr(config, "get_text_config", lambda: config)()):
-        value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    """The dtype the checkpoint's config declares, looked up where vLLM looks (the root config, then
+    the text, vision and encoder sub-configs), if any."""
+    for cfg in (config, getattr(config, "get_text_config", lambda: config)(),
+                getattr(config, "vision_config", None), getattr(config, "encoder_config", None)):
+        value = getattr(cfg, "dtype", None)
         if isinstance(value, str):
             value = getattr(torch, value, None)
         if isinstance(value, torch.dtype):
@@ -56,10 +62,9 @@ def checkpoint_dtype(config) -> torch.dtype | None:
     return None
 
 
-def serving_dtype(dtype, config=None) -> torch.dtype:
-    """The dtype vLLM serves the model in: ``dtype`` itself, or for ``auto`` / None what vLLM 0.32 picks
-    on CPUs and on GPUs from Ampere on: the checkpoint's 16-bit dtype, bf16 for fp32 checkpoints (fp16 on
-    older GPUs, which have no bf16)."""
+def serving_dtype(dtype, config=None, *, model: str | None = None, revision: str | None = None) -> torch.dtype:
+    """The dtype vLLM serves the model in: ``dtype`` itself, or for ``auto`` / None vLLM's own answer
+    (asked of the installed vLLM when ``model`` is given, else ``auto_dtype_without_vllm``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in (None, "auto"):
@@ -67,17 +72,44 @@ def serving_dtype(dtype, config=None) -> torch.dtype:
             return DTYPES[str(dtype).lower()]
         except KeyError:
             raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_CHOICES)}") from None
+    resolved = vllm_auto_dtype(model, config, revision) if model is not None and config is not None else None
+    return resolved or auto_dtype_without_vllm(config)
+
+
+def vllm_auto_dtype(model: str, config, revision: str | None) -> torch.dtype | None:
+    """What ``vllm serve MODEL`` picks under ``--dtype auto`` on this machine; None without vLLM."""
+    try:
+        from vllm.config.model import _get_and_verify_dtype
+    except ImportError:  # e.g. a GPU box that only calibrates
+        return None
+    try:
+        return _get_and_verify_dtype(model, config, "auto", is_pooling_model=False, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - another vLLM version; our reading of 0.32 follows
+        logger.warning("vllm-int4kv: could not ask vLLM how it resolves --dtype auto (%s: %s); using "
+                       "vllm-int4kv's reading of vLLM 0.32", type(exc).__name__, exc)
+        return None
+
+
+def auto_dtype_without_vllm(config=None) -> torch.dtype:
+    """vLLM 0.32's ``--dtype auto`` for a causal LM, written out: the checkpoint's 16-bit dtype, bf16
+    for fp32 (or undeclared) checkpoints; fp16 where the GPU has no bf16 (before Ampere), bf16 for the
+    models vLLM keeps off fp16. Unlike vLLM it does not read an undeclared dtype from the weights."""
     stored = checkpoint_dtype(config) if config is not None else None
-    if stored in (torch.float16, torch.bfloat16):
+    bf16 = not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 0)
+    if stored == torch.float16 and getattr(config, "model_type", None) not in FP16_UNSTABLE:
         return stored
-    bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    if stored == torch.bfloat16 and bf16:
+        return stored
     return torch.bfloat16 if bf16 else torch.float16
 
 
-def compute_dtype(dtype, device: str, config=None) -> torch.dtype:
+def compute_dtype(dtype, device: str, config=None, *, model: str | None = None,
+                  revision: str | None = None) -> torch.dtype:
     """What the calibration computes in: fp32 on CPU (16-bit matmuls there are slow or emulated), the
     serving dtype on GPUs."""
-    return torch.float32 if device_type(device) == "cpu" else serving_dtype(dtype, config)
+    if device_type(device) == "cpu":
+        return torch.float32
+    return serving_dtype(dtype, config, model=model, revision=revision)
 
 
 def placement(device: str) -> dict:
@@ -115,14 +147,21 @@ def free_bytes(device: str) -> int | None:
 
 
 def advice(model: str, device: str, detail: str) -> str:
-    return (f"vllm-int4kv: the auto-policy calibration does not fit on {device}: it runs the whole model "
-            f"in HF transformers ({detail}; at engine start-up it shares rank 0's GPU with vLLM's own "
-            f"weights). Calibrate before serving instead, where it fits: `vllm-int4kv calibrate {model} "
-            "--device auto` spreads the model over every visible GPU, then CPU memory (needs `pip install "
-            "accelerate`), and stores the decision that `vllm serve` with the same --dtype, --revision and "
-            f"VLLM_INT4KV_KL_BUDGET looks up; or `vllm-int4kv calibrate {model} --device cpu` (fp32: about "
-            "4 bytes of RAM per parameter), then serve with VLLM_INT4KV_POLICY set to the policy it prints. "
-            "Or set VLLM_INT4KV_POLICY to a fixed policy such as k8v4.")
+    where = "spread over every GPU and CPU memory" if device == SPREAD else f"on {device}"
+    text = (f"vllm-int4kv: the auto-policy calibration does not fit {where}: it runs the whole model in HF "
+            f"transformers ({detail}")
+    if device == SPREAD:
+        return text + (f"). Calibrate on CPU instead: `vllm-int4kv calibrate {model} --device cpu` (fp32: "
+                       "about 4 bytes of RAM per parameter), then serve with VLLM_INT4KV_POLICY set to the "
+                       "policy it prints; or set VLLM_INT4KV_POLICY to a fixed policy such as k8v4.")
+    return text + (f"; at engine start-up it shares rank 0's GPU with vLLM's own weights). Calibrate before "
+                   f"serving instead, where it fits: `vllm-int4kv calibrate {model} --device auto` spreads the "
+                   "model over every visible GPU, then CPU memory (needs `pip install accelerate`), and stores "
+                   "the decision that `vllm serve` finds when --dtype, --revision and VLLM_INT4KV_KL_BUDGET are "
+                   f"the same and --prompts, --max-tokens and --budget are left at their defaults; or "
+                   f"`vllm-int4kv calibrate {model} --device cpu` (fp32: about 4 bytes of RAM per parameter), "
+                   "then serve with VLLM_INT4KV_POLICY set to the policy it prints. Or set VLLM_INT4KV_POLICY "
+                   "to a fixed policy such as k8v4.")
 
 
 def check_fits(model: str, config, dtype: torch.dtype, device: str, *, trust_remote_code: bool = False,
@@ -145,5 +184,6 @@ def explained_out_of_memory(model: str, device: str):
         yield
     except torch.OutOfMemoryError as exc:
         first_line = (str(exc).splitlines() or ["out of memory"])[0]
-        # from None: the original traceback's frames hold the tensors that did not fit
+        # from None: the advice replaces CUDA's allocator report (its first line is kept). The tensors
+        # that did not fit stay referenced by the original error; start-up or the command ends anyway.
         raise CalibrationOutOfMemory(advice(model, device, first_line)) from None
