@@ -163,6 +163,7 @@ def test_a_silent_worker_is_killed_at_the_timeout(tmp_path, monkeypatch):
 def test_unknown_policy_names_fail_before_any_engine_starts(tmp_path):
     from vllm_int4kv.cli import main
 
+    (tmp_path / "c").write_text("a corpus")  # arguments are checked first: a missing corpus would stop it
     for bad, message in (("k5v4", "unknown KV policy"), ("vllm:int3", "no size known"),
                          ("k4v4@skip=first", "as indices"), ("k4v4@skip=01", "as indices"), ("k16v16@skip=0", "needs a quantized policy"),
                          ("vllm:fp8@skip=0", "this backend's policies only")):

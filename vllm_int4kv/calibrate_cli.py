@@ -11,26 +11,32 @@ text) and the INT6/INT8 ratio evidence, then stores the decision where engine st
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
+import os
+import re
 from dataclasses import replace
 
-from . import auto, calibration, calibration_device, decision_cache
+import torch
+
+from . import auto, calibration, calibration_device, decision_cache, envs
+from .cli_args import above, at_least, output_file
 from .policy import parse_policy
 
 
 def add_session_arguments(parser) -> None:
     """The model, budget and calibration-prompt options of `calibrate` and `layers`."""
     parser.add_argument("model", help="HF model folder or hub id")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=above(0), default=None,
                         help="mean KL budget in nats (default: VLLM_INT4KV_KL_BUDGET or "
                              f"{calibration.DEFAULT_KL_BUDGET})")
-    parser.add_argument("--prompts", type=int, default=calibration.DEFAULT_PROMPTS,
+    parser.add_argument("--prompts", type=at_least(1), default=calibration.DEFAULT_PROMPTS,
                         help="number of calibration prompts")
-    parser.add_argument("--max-tokens", type=int, default=calibration.DEFAULT_MAX_TOKENS,
+    parser.add_argument("--max-tokens", type=at_least(2), default=calibration.DEFAULT_MAX_TOKENS,
                         help="tokens kept per prompt")
-    parser.add_argument("--device", default=None,
+    parser.add_argument("--device", type=device_name, default=None,
                         help="cuda, cpu, or auto: spread over every GPU, then CPU memory, for models one GPU "
                              "cannot hold (needs accelerate). Default: cuda when available")
     parser.add_argument("--dtype", default="auto", choices=calibration_device.DTYPE_CHOICES,
@@ -43,6 +49,57 @@ def add_session_arguments(parser) -> None:
 def settings_from_args(args) -> calibration.Settings:
     settings = replace(auto.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens)
     return settings if args.budget is None else replace(settings, budget=args.budget)
+
+
+def device_name(text: str) -> str:
+    name = text.strip().lower()
+    if name in ("cpu", calibration_device.SPREAD):
+        return name
+    if not re.fullmatch(r"cuda(:\d+)?", name):
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible here; use --device cpu")
+    return name
+
+
+def prepare(args, command: str):
+    """Everything checked before the model loads, each problem ending the command with its reason:
+    (settings, prompts, head_dim, bytes of an unquantized element, serving dtype, prompt token ids)."""
+    def stop(problem) -> SystemExit:
+        return SystemExit(f"vllm-int4kv {command}: {problem}")
+
+    try:
+        settings = settings_from_args(args)
+        prompts = calibration.load_prompts(settings.n_prompts)
+    except ValueError as exc:
+        raise stop(exc) from None
+    try:
+        head_dim, elem_bytes, dtype = auto._model_facts(args.model, args.revision, args.dtype,
+                                                        args.trust_remote_code)
+        token_ids = calibration.prompt_token_ids(args.model, prompts, settings.max_tokens,
+                                                 revision=args.revision, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise stop(f"cannot read the config and tokenizer of {args.model!r} ({first_line}). Pass a local model "
+                   "folder holding config.json and the tokenizer, or a hub id while the hub is reachable") from None
+    try:
+        calibration.candidate_policies(head_dim, elem_bytes)
+    except ValueError as exc:  # a head size the cache cannot hold: no policy to choose between
+        raise stop(exc) from None
+    return settings, prompts, head_dim, elem_bytes, dtype, token_ids
+
+
+def check_cache_dir(command: str) -> None:
+    """The decision is stored after the whole calibration: find out now whether it can be."""
+    directory = envs.cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        writable = os.access(directory, os.W_OK | os.X_OK)
+    except OSError as exc:
+        writable, directory = False, f"{directory} ({exc.strerror or exc})"
+    if not writable:
+        raise SystemExit(f"vllm-int4kv {command}: cannot store decisions in {directory}; set "
+                         "VLLM_INT4KV_CACHE_DIR to a writable folder, or pass --no-cache")
 
 
 def load_session(args, token_ids, dtype) -> calibration.Session:
@@ -65,8 +122,9 @@ def add_parser(parser) -> None:
     parser.add_argument("--all", action="store_true", help="measure every candidate, not only up to the "
                         "decision (the decision is the same)")
     parser.add_argument("--eval-text", default=None, help="held-out text: perplexity of every candidate")
-    parser.add_argument("--eval-chunks", type=int, default=4, help="512-token chunks of --eval-text")
-    parser.add_argument("--json", default=None, help="also write the evidence (and perplexities) here")
+    parser.add_argument("--eval-chunks", type=at_least(1), default=4, help="512-token chunks of --eval-text")
+    parser.add_argument("--json", type=output_file, default=None,
+                        help="also write the evidence (and perplexities) here")
     parser.add_argument("--no-cache", action="store_true", help="do not store the decision")
     parser.set_defaults(run=run)
 
@@ -105,12 +163,9 @@ def serving_hint(args, settings: calibration.Settings, dtype, policy: str) -> st
 
 
 def run(args) -> int:
-    settings = settings_from_args(args)
-    prompts = calibration.load_prompts(settings.n_prompts)
-    head_dim, elem_bytes, dtype = auto._model_facts(args.model, args.revision, args.dtype,
-                                                    args.trust_remote_code)
-    token_ids = calibration.prompt_token_ids(args.model, prompts, settings.max_tokens, revision=args.revision,
-                                             trust_remote_code=args.trust_remote_code)
+    settings, prompts, head_dim, elem_bytes, dtype, token_ids = prepare(args, "calibrate")
+    if not args.no_cache:
+        check_cache_dir("calibrate")
     chunks = []
     if args.eval_text:  # before the model loads: a bad file fails at once
         try:
@@ -139,7 +194,7 @@ def run(args) -> int:
     print(f"decision: {result.policy.name}, {ev['bytes_per_token_per_head']} B/token/KV head; "
           f"calibration {result.seconds:.1f} s")
     if args.eval_text:
-        ev["eval"] = {"text": args.eval_text, "chunks": args.eval_chunks, "tokens_per_chunk": 512,
+        ev["eval"] = {"text": args.eval_text, "chunks": len(chunks), "tokens_per_chunk": 512,
                       "perplexity": ppl}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

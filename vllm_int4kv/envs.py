@@ -1,6 +1,7 @@
 """Every environment variable the plugin reads, in one place (the README has the same table)."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -33,9 +34,18 @@ def impl_name(default: str) -> str:
 
 def cache_dir() -> Path:
     default = Path.home() / ".cache" / "vllm_int4kv"
-    return Path(os.environ.get("VLLM_INT4KV_CACHE_DIR", default)).expanduser()
+    return Path(os.environ.get("VLLM_INT4KV_CACHE_DIR") or default).expanduser()  # empty: unset
 
 
 def kl_budget(default: float) -> float:
-    raw = os.environ.get("VLLM_INT4KV_KL_BUDGET")
-    return default if raw is None else float(raw)
+    raw = os.environ.get("VLLM_INT4KV_KL_BUDGET", "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"VLLM_INT4KV_KL_BUDGET={raw!r}: give the auto policy's quality budget as a number of "
+                         f"nats > 0, such as {default:g} (about +1 % perplexity), or unset it")
+    return value

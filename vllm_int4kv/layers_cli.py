@@ -13,29 +13,22 @@ flags that serve it. ``auto`` does not consider such mixed layouts: it picks one
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
 
-from . import auto, calibration
-from .calibrate_cli import add_session_arguments, exit_with_reason, load_session, settings_from_args
+from . import calibration
+from .calibrate_cli import add_session_arguments, exit_with_reason, load_session, prepare
+from .cli_args import at_least, output_file
 from .policy import UNQUANTIZED, KVPolicy, mean_slot_bytes, parse_policy
 
 
 def add_parser(parser) -> None:
     add_session_arguments(parser)
     parser.add_argument("--policy", default="k4v4", help="the policy of the quantized layers (default k4v4)")
-    parser.add_argument("--max-skip", type=_count, default=8, help="most layers to keep unquantized")
-    parser.add_argument("--json", default=None, help="also write every measurement here")
+    parser.add_argument("--max-skip", type=at_least(0), default=8, help="most layers to keep unquantized")
+    parser.add_argument("--json", type=output_file, default=None, help="also write every measurement here")
     parser.set_defaults(run=run)
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"needs a count of 0 or more, got {value}")
-    return value
 
 
 @dataclass
@@ -116,17 +109,21 @@ def report(result: Sweep, model: str) -> str:
 
 
 def run(args) -> int:
-    policy = parse_policy(args.policy)
+    if args.policy.strip().lower() == "auto":
+        raise SystemExit("vllm-int4kv layers: --policy is the quantized layers' policy: give a fixed one such "
+                         "as k4v4 (`vllm-int4kv calibrate` chooses auto's)")
+    try:
+        policy = parse_policy(args.policy)
+    except ValueError as exc:
+        raise SystemExit(f"vllm-int4kv layers: --policy: {exc}") from None
     if not policy.quantized:
         raise SystemExit("vllm-int4kv layers: --policy must quantize something (k16v16 has no error)")
-    settings = settings_from_args(args)
+    settings, _, head_dim, elem_bytes, dtype, token_ids = prepare(args, "layers")
     budget = settings.budget
-    head_dim, elem_bytes, dtype = auto._model_facts(args.model, args.revision, args.dtype,
-                                                    args.trust_remote_code)
-    policy.layout(head_dim, 16, elem_bytes)  # a policy this head size cannot take fails here, with its reason
-    token_ids = calibration.prompt_token_ids(args.model, calibration.load_prompts(settings.n_prompts),
-                                             settings.max_tokens, revision=args.revision,
-                                             trust_remote_code=args.trust_remote_code)
+    try:  # a policy this head size cannot take fails here, with its reason
+        policy.layout(head_dim, 16, elem_bytes)
+    except ValueError as exc:
+        raise SystemExit(f"vllm-int4kv layers: --policy {policy.name}: {exc}") from None
     with exit_with_reason("layers"), load_session(args, token_ids, dtype) as session:
         num_layers = len(session.attention_layers)
         print(f"model {args.model}: {num_layers} attention layers, head_dim {head_dim}; {policy.name} layers "

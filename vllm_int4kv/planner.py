@@ -90,7 +90,13 @@ def load_config(path: str | os.PathLike) -> dict:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json at {path} (pass a local model folder or config values)")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a JSON config ({exc}); pass a local model folder holding "
+                         "config.json, or its config.json") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds no config object; pass a model folder's config.json")
     text = cfg.get("text_config") or {}
     return {**cfg, **text, "model_type": text.get("model_type", cfg.get("model_type"))}
 
@@ -140,8 +146,8 @@ def model_from_config(cfg: dict, name: str = "model", elem_bytes: int | None = N
     head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if cfg.get("hidden_size") else None)
     if not head_dim:
         raise ValueError("config gives neither head_dim nor hidden_size; pass --head-dim")
-    if elem_bytes is None:
-        elem_bytes = _ELEM_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bf16"), 2)
+    if elem_bytes is None:  # as vLLM's --dtype auto: the checkpoint's 16-bit dtype, fp32 served in bf16
+        elem_bytes = 2
     return ModelKV(cfg["num_hidden_layers"], kv_heads, head_dim, layer_windows(cfg), elem_bytes,
                    weights_from_config(cfg, head_dim, elem_bytes), name)
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .planner import (GIB, DEFAULT_POLICIES, _ELEM_BYTES, ModelKV, load_config, model_from_config, round_up, sequence_bytes, PolicyPlan, PlanInputs, plan, measured_bandwidth)
+from .cli_args import above, at_least, fraction, output_file
 from .policy import parse_policy
 
 def fmt_bytes(n: float) -> str:
@@ -80,31 +81,37 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--model", help="local Hugging Face model folder or its config.json")
     m.add_argument("--name", help="name shown in the report")
     for flag in _CONFIG_FLAGS:
-        m.add_argument("--" + flag.replace("_", "-"), type=int)
+        m.add_argument("--" + flag.replace("_", "-"), type=at_least(1))
     m.add_argument("--sliding-layers", help="which layers use --sliding-window: all, even, odd, or a "
                    "list of indices and ranges like 0-13,20 (default: the config's rule, else all)")
-    m.add_argument("--sliding-pattern", type=int, help="Gemma-style: every N-th layer is global")
-    m.add_argument("--dtype", choices=sorted(_ELEM_BYTES), help="model dtype (default: config, else bf16)")
+    m.add_argument("--sliding-pattern", type=at_least(2), help="Gemma-style: every N-th layer is global")
+    m.add_argument("--dtype", choices=sorted(_ELEM_BYTES), help="served dtype (default: 16-bit, as vLLM serves even fp32 checkpoints under --dtype auto)")
     b = parser.add_argument_group("memory budget (per GPU)")
-    b.add_argument("--kv-budget-gib", type=float, help="KV cache budget; or give --gpu-memory-gib")
-    b.add_argument("--gpu-memory-gib", type=float, help="GPU memory; KV budget = this * utilization "
+    b.add_argument("--kv-budget-gib", type=above(0), help="KV cache budget; or give --gpu-memory-gib")
+    b.add_argument("--gpu-memory-gib", type=above(0), help="GPU memory; KV budget = this * utilization "
                    "- weights/tp - overhead")
-    b.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    b.add_argument("--weights-gib", type=float, help="model weights (default: estimated from config)")
-    b.add_argument("--overhead-gib", type=float, default=0.0, help="activations etc. (default 0)")
+    b.add_argument("--gpu-memory-utilization", type=fraction, default=0.9)
+    b.add_argument("--weights-gib", type=at_least(0.0, float), help="model weights (default: estimated from config)")
+    b.add_argument("--overhead-gib", type=at_least(0.0, float), default=0.0, help="activations etc. (default 0)")
     w = parser.add_argument_group("workload")
-    w.add_argument("--context", type=int, default=8192, help="context length C (and cached prefix C0)")
-    w.add_argument("--batch", type=int, default=1)
-    w.add_argument("--gen-tokens", type=int, default=1024, help="generated tokens G after the context")
-    w.add_argument("--block-size", type=int, default=16)
-    w.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    w.add_argument("--context", type=at_least(1), default=8192, help="context length C (and cached prefix C0)")
+    w.add_argument("--batch", type=at_least(1), default=1)
+    w.add_argument("--gen-tokens", type=at_least(0), default=1024, help="generated tokens G after the context")
+    w.add_argument("--block-size", type=at_least(1), default=16)
+    w.add_argument("--tensor-parallel-size", "-tp", type=at_least(1), default=1)
     w.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated policies")
     w.add_argument("--skip-layers", help="layers kept unquantized (K16V16), as --kv-cache-dtype-skip-layers "
                    "serves them: e.g. 0,1 or 0-3, or sliding_window for every sliding-window layer")
-    w.add_argument("--bandwidth-gbs", type=float, help="HBM bandwidth (default: measured, else datasheet)")
-    parser.add_argument("--plot", help="write a PNG of KV memory against context")
+    w.add_argument("--bandwidth-gbs", type=above(0), help="HBM bandwidth (default: measured, else datasheet)")
+    parser.add_argument("--plot", type=png_file, help="write a PNG of KV memory against context")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)
+
+
+def png_file(text: str) -> str:
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text}: the plot is a PNG, give a file name ending in .png")
+    return output_file(text)
 
 
 def parse_layers(spec: str, n: int, flag: str = "--sliding-layers") -> set[int]:
@@ -139,6 +146,10 @@ def model_from_args(args) -> ModelKV:
         n = cfg.get("num_hidden_layers") or 0
         sliding = parse_layers(args.sliding_layers, n)
         cfg["layer_types"] = ["sliding_attention" if i in sliding else "full_attention" for i in range(n)]
+    heads, kv_heads = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise ValueError(f"{kv_heads} KV heads must divide {heads} attention heads (--num-kv-heads, "
+                         "--num-attention-heads)")
     name = args.name or (Path(args.model).name if args.model else "model")
     model = model_from_config(cfg, name, _ELEM_BYTES[args.dtype] if args.dtype else None)
     if args.skip_layers == "sliding_window":
@@ -156,6 +167,8 @@ def model_from_args(args) -> ModelKV:
 
 def _budget(args, model: ModelKV, weights: int | None, tp: int) -> tuple[int, str]:
     if args.kv_budget_gib is not None:
+        if args.gpu_memory_gib is not None:
+            raise ValueError("give --kv-budget-gib or --gpu-memory-gib, not both")
         return int(args.kv_budget_gib * GIB), f"{args.kv_budget_gib:g} GiB KV (given)"
     if args.gpu_memory_gib is None:
         raise ValueError("give --kv-budget-gib or --gpu-memory-gib")
@@ -178,7 +191,11 @@ def run(args) -> int:
         budget, budget_text = _budget(args, model, weights, tp)
         bandwidth, bw_text = ((args.bandwidth_gbs, f"{args.bandwidth_gbs:g} GB/s (given)")
                               if args.bandwidth_gbs else measured_bandwidth())
-        policies = [parse_policy(p) for p in args.policies.split(",") if p.strip()]
+        names = [p.strip() for p in args.policies.split(",") if p.strip()]
+        if not names or "auto" in (n.lower() for n in names):
+            raise ValueError("--policies: give fixed policies such as k16v16,k8v4,k4v4 (auto is decided per "
+                             "model by `vllm-int4kv calibrate`, which prints the policy to plan with)")
+        policies = [parse_policy(n) for n in names]
         inputs = PlanInputs(args.context, args.batch, args.gen_tokens, budget, bandwidth,
                             args.block_size, tp)
         rows = plan(model, policies, inputs)

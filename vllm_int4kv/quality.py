@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from .calibration_device import DTYPE_CHOICES
+from .cli_args import above, at_least, count_list, input_file, output_folder
 from .quality_worker import SKIP_MARK, VLLM_PREFIX, split_run_name
 
 REFERENCE = "k16v16"
@@ -34,27 +36,27 @@ def add_parser(parser) -> None:
                              "--kv-cache-dtype DTYPE instead (e.g. vllm:auto, vllm:fp8), for comparison")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (empty: none)")
     parser.add_argument("--include-path", help="folder of lm-eval task YAMLs (lm-eval --include_path)")
-    parser.add_argument("--limit", type=float, help="lm-eval limit: documents per task (< 1: a fraction)")
-    parser.add_argument("--corpus", required=True, help="plain-text file for perplexity and agreement")
-    parser.add_argument("--chunk-tokens", type=int, default=512, help="perplexity chunk length")
-    parser.add_argument("--ppl-chunks", type=int, default=8, help="number of perplexity chunks")
-    parser.add_argument("--long-prompts", type=int, default=1, help="long prompts for agreement/KL")
-    parser.add_argument("--long-tokens", type=int, default=2048, help="length of each long prompt")
-    parser.add_argument("--gen-lengths", default="64,512,1536",
+    parser.add_argument("--limit", type=above(0), help="lm-eval limit: documents per task (< 1: a fraction)")
+    parser.add_argument("--corpus", type=input_file, required=True, help="plain-text file for perplexity and agreement")
+    parser.add_argument("--chunk-tokens", type=at_least(2), default=512, help="perplexity chunk length")
+    parser.add_argument("--ppl-chunks", type=at_least(0), default=8, help="number of perplexity chunks")
+    parser.add_argument("--long-prompts", type=at_least(0), default=1, help="long prompts for agreement/KL")
+    parser.add_argument("--long-tokens", type=at_least(2), default=2048, help="length of each long prompt")
+    parser.add_argument("--gen-lengths", type=count_list, default="64,512,1536",
                         help="prompt lengths (tokens) for the greedy-continuation comparison")
-    parser.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per continuation")
-    parser.add_argument("--top-k", type=int, default=40, help="prompt_logprobs requested per position")
-    parser.add_argument("--kl-top-k", type=int, default=20, help="reference tokens kept apart in the KL")
+    parser.add_argument("--gen-tokens", type=at_least(1), default=32, help="greedy tokens per continuation")
+    parser.add_argument("--top-k", type=at_least(1), default=40, help="prompt_logprobs requested per position")
+    parser.add_argument("--kl-top-k", type=at_least(1), default=20, help="reference tokens kept apart in the KL")
     parser.add_argument("--bos", choices=("auto", "never"), default="auto",
                         help="auto: prepend the tokenizer's BOS token to every prompt if it has one")
-    parser.add_argument("--dtype", default="float32", help="model dtype (float32 on CPU: deterministic)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="model dtype (float32 on CPU: deterministic)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per policy before giving up")
+    parser.add_argument("--timeout", type=above(0), default=3600, help="seconds per policy before giving up")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a policy's earlier run in --out if it scored the same prompts with the "
                              "same engine settings (its lm-eval results are kept as they were)")
-    parser.add_argument("--notes", help="Markdown file appended to the report's discussion")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--notes", type=input_file, help="Markdown file appended to the report's discussion")
+    parser.add_argument("--out", type=output_folder, required=True, help="output folder")
     parser.set_defaults(run=run)
 
 
@@ -72,7 +74,7 @@ def build_prompts(args, out: Path) -> dict:
                     verbose=False)["input_ids"]
     bos = tokenizer.bos_token_id if args.bos == "auto" else None
     prefix = [] if bos is None else [bos]
-    gen_lengths = [int(x) for x in args.gen_lengths.split(",") if x.strip()]
+    gen_lengths = args.gen_lengths
     need = args.ppl_chunks * args.chunk_tokens + args.long_prompts * args.long_tokens + sum(gen_lengths)
     if len(ids) < need:
         raise SystemExit(f"{args.corpus} has {len(ids)} tokens; these settings need {need}")
