@@ -49,6 +49,9 @@ def files(tmp_path):
     (["--kv-budget-gib", "1", "--policies", "auto"], "auto is decided per model"),
     (["--kv-budget-gib", "1", "--policies", ","], "give fixed policies"),
     (["--kv-budget-gib", "10", "--gpu-memory-gib", "80"], "give --kv-budget-gib or --gpu-memory-gib, not both"),
+    (["--kv-budget-gib", "1", "--skip-layers", "01"], "vLLM ignores entries such as 01"),
+    (["--kv-budget-gib", "1", "--skip-layers", "all"], "give layer indices as plain numbers"),
+    (["--kv-budget-gib", "1", "--skip-layers", "1-0"], "the range 1-0 runs backwards; write 0-1"),
 ])
 def test_plan_refuses_meaningless_values(extra, message, capsys):
     assert message in error_of(PLAN + extra, capsys)

@@ -115,18 +115,22 @@ def png_file(text: str) -> str:
 
 
 def parse_layers(spec: str, n: int, flag: str = "--sliding-layers") -> set[int]:
-    """``all``, ``even``, ``odd`` or ``0-13,20`` -> layer indices."""
+    """``all``, ``even``, ``odd`` (``--sliding-layers`` only: vLLM's skip flag has no such names) or
+    ``0-13,20`` -> layer indices."""
     named = {"all": range(n), "even": range(0, n, 2), "odd": range(1, n, 2)}
-    if spec in named:
+    if spec in named and flag == "--sliding-layers":
         return set(named[spec])
     layers = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ValueError(f"{flag} {spec!r}: give layer indices such as 0,1 or 0-3") from None
-    if not layers or max(layers) >= n:
+    for part in spec.split(","):
+        bounds = part.strip().split("-")
+        if len(bounds) > 2 or not all(b.isdigit() and b == str(int(b)) for b in bounds):
+            raise ValueError(f"{flag} {spec!r}: give layer indices as plain numbers such as 0,1 or ranges "
+                             "such as 0-3 (vLLM ignores entries such as 01)")
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        if lo > hi:
+            raise ValueError(f"{flag} {spec!r}: the range {part.strip()} runs backwards; write {hi}-{lo}")
+        layers.update(range(lo, hi + 1))
+    if max(layers) >= n:
         raise ValueError(f"{flag} {spec!r} names layers outside 0..{n - 1}")
     return layers
 
