@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from vllm_int4kv import envs
+from vllm_int4kv import calibrate_cli, cli_args, envs
 from vllm_int4kv.cli import main
 
 PLAN = ["plan", "--num-layers", "2", "--num-attention-heads", "4", "--num-kv-heads", "2", "--head-dim", "64"]
@@ -88,7 +88,7 @@ def test_plan_sizes_an_fp32_checkpoint_as_vllm_serves_it(tmp_path, capsys):
     (["--device", "gpu"], "'gpu': use cpu, cuda, cuda:N or auto"),
     (["--dtype", "fp16"], "invalid choice: 'fp16'"),
 ])
-def test_calibration_commands_refuse_bad_settings(model_dir, command, extra, message, capsys):
+def test_calibration_commands_refuse_bad_settings(model_dir, command, extra, message, capsys, no_loading):
     assert message in error_of([command, model_dir, *extra], capsys)
 
 
@@ -100,21 +100,70 @@ def test_asking_for_a_gpu_without_one_says_to_use_the_cpu(model_dir, capsys):
 
 def test_a_model_that_cannot_be_read_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for model in (str(tmp_path / "missing"), str(tmp_path)):
-        message = error_of(["calibrate", model], capsys)
-        assert f"cannot read the config and tokenizer of {model!r}" in message
-        assert "Pass a local model folder holding config.json" in message
+    missing = str(tmp_path / "missing")
+    message = error_of(["calibrate", missing], capsys)
+    assert f"cannot read the config and tokenizer of {missing!r}" in message
+    assert "Pass a local model folder holding config.json" in message
+    assert f"{tmp_path} holds no config.json" in error_of(["calibrate", str(tmp_path)], capsys)
 
 
-def test_outputs_are_checked_before_the_model_loads(model_dir, files, capsys, monkeypatch):
+def test_a_model_with_code_of_its_own_is_told_about_trust_remote_code(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "custom_thing", "auto_map": {
+        "AutoConfig": "configuration_custom.CustomConfig"}}))
+    (tmp_path / "configuration_custom.py").write_text("from transformers import PretrainedConfig\n"
+                                                      "class CustomConfig(PretrainedConfig):\n"
+                                                      "    model_type = 'custom_thing'\n")
+    assert "pass --trust-remote-code if you trust it" in error_of(["calibrate", str(tmp_path)], capsys)
+
+
+class Loaded(Exception):
+    """Raised in place of loading the model: a command that gets this far accepted its arguments."""
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def load_session(*args, **kwargs):
+        raise Loaded
+    monkeypatch.setattr(calibrate_cli, "load_session", load_session)
+
+
+def test_outputs_are_checked_before_the_model_loads(model_dir, files, capsys, monkeypatch, no_loading):
     assert f"{files} is a folder: give a file name" in error_of(["calibrate", model_dir, "--json", str(files)],
                                                                 capsys)
     monkeypatch.setenv("VLLM_INT4KV_CACHE_DIR", str(files / "text.txt"))  # a file, not a folder
-    assert "cannot store decisions in" in error_of(["calibrate", model_dir], capsys)
-    assert "or pass --no-cache" in error_of(["calibrate", model_dir], capsys)
+    message = error_of(["calibrate", model_dir], capsys)
+    assert "cannot store decisions in" in message and "or pass --no-cache" in message
 
 
-def test_a_bad_budget_variable_is_named(model_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("extra", [["--device", "CPU"], ["--json", "evidence.json"], ["--json", "~/e.json"],
+                                   ["--dtype", "half"], ["--prompts", "10", "--max-tokens", "2"]])
+def test_calibrate_accepts_what_it_should(model_dir, extra, tmp_path, monkeypatch, no_loading):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(Loaded):
+        main(["calibrate", model_dir, "--no-cache", *extra])
+
+
+@pytest.mark.parametrize("extra", [
+    ["--sliding-window", "8", "--sliding-layers", "even"], ["--sliding-window", "8", "--sliding-layers", "01"],
+    ["--sliding-window", "8", "--skip-layers", "sliding_window"], ["--skip-layers", "0-1"],
+    ["--sliding-window", "0"], ["--gen-tokens", "0"], ["--plot", "kv.svg"], ["--plot", "KV.PNG"]])
+def test_plan_accepts_what_it_should(extra, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(PLAN + ["--kv-budget-gib", "1", *extra]) == 0, capsys.readouterr().out
+
+
+def test_paths_come_back_usable(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "notes.md").write_text("notes")
+    assert cli_args.input_file("~/notes.md") == str(tmp_path / "notes.md")  # a shell leaves --x=~/f alone
+    assert cli_args.output_file("~/new.json") == str(tmp_path / "new.json")
+    assert cli_args.output_folder(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")  # made later
+    assert cli_args.above(0)("0.5") == 0.5 and cli_args.at_least(0)("0") == 0  # --limit, --ppl-chunks
+
+
+def test_a_bad_budget_variable_is_named_even_beside_budget(model_dir, capsys, monkeypatch):
+    """Deliberate: `vllm serve` fails on the same variable, so the command does not pass over it."""
     monkeypatch.setenv("VLLM_INT4KV_KL_BUDGET", "1%")
     assert "VLLM_INT4KV_KL_BUDGET='1%': give the auto policy's quality budget" in error_of(
         ["calibrate", model_dir, "--budget", "0.02"], capsys)
@@ -127,7 +176,7 @@ def test_an_empty_cache_dir_variable_means_the_default(monkeypatch):
     assert envs.cache_dir().name == "vllm_int4kv"
 
 
-def test_an_unsupported_head_size_stops_before_loading(tmp_path, capsys):
+def test_an_unsupported_head_size_stops_before_loading(tmp_path, capsys, no_loading):
     build_tiny_llama = pytest.importorskip("vllm_int4kv.tiny_model").build_tiny_llama
     model = str(build_tiny_llama(tmp_path / "d40", head_dim=40))
     assert "head_dim 40 is not supported" in error_of(["calibrate", model], capsys)
@@ -135,8 +184,8 @@ def test_an_unsupported_head_size_stops_before_loading(tmp_path, capsys):
 
 @pytest.mark.parametrize("policy, message", [
     ("auto", "give a fixed one such as k4v4"), ("kx", "--policy: unknown KV policy"),
-    ("k4v4-g64", "--policy k4v4-g64:"), ("k16v16", "must quantize something")])
-def test_layers_names_a_policy_it_cannot_sweep(model_dir, policy, message, capsys):
+    ("k4v4-g64", "--policy: policy k4v4-g64: key groups of 64"), ("k16v16", "must quantize something")])
+def test_layers_names_a_policy_it_cannot_sweep(model_dir, policy, message, capsys, no_loading):
     assert message in error_of(["layers", model_dir, "--policy", policy], capsys)
 
 
@@ -148,6 +197,8 @@ def test_layers_names_a_policy_it_cannot_sweep(model_dir, policy, message, capsy
     (["--top-k", "0"], "argument --top-k: must be >= 1"),
     (["--dtype", "fp16"], "invalid choice: 'fp16'"),
     (["--notes", "missing.md"], "argument --notes: no such file"),
+    (["--out", "{files}/text.txt/sub"], "text.txt is a file, not a folder"),
+    (["--ppl-chunks", "0", "--long-prompts", "0"], "nothing would be scored"),
 ])
 def test_quality_refuses_bad_arguments_before_any_engine_starts(files, extra, message, capsys):
     argv = ["quality", "model", "--corpus", str(files / "text.txt"), "--out", str(files / "out")]

@@ -18,6 +18,7 @@ import math
 import os
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -62,9 +63,10 @@ def device_name(text: str) -> str:
     return name
 
 
-def prepare(args, command: str):
+def prepare(args, command: str, check_head_dim=None):
     """Everything checked before the model loads, each problem ending the command with its reason:
-    (settings, prompts, head_dim, bytes of an unquantized element, serving dtype, prompt token ids)."""
+    (settings, prompts, head_dim, bytes of an unquantized element, serving dtype, prompt token ids).
+    ``check_head_dim(head_dim, elem_bytes)`` may refuse more, before the tokenizer loads."""
     def stop(problem) -> SystemExit:
         return SystemExit(f"vllm-int4kv {command}: {problem}")
 
@@ -76,17 +78,28 @@ def prepare(args, command: str):
     try:
         head_dim, elem_bytes, dtype = auto._model_facts(args.model, args.revision, args.dtype,
                                                         args.trust_remote_code)
+        calibration.candidate_policies(head_dim, elem_bytes)  # a head size the cache cannot hold
+        if check_head_dim is not None:
+            check_head_dim(head_dim, elem_bytes)
         token_ids = calibration.prompt_token_ids(args.model, prompts, settings.max_tokens,
                                                  revision=args.revision, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise stop(f"cannot read the config and tokenizer of {args.model!r} ({first_line}). Pass a local model "
-                   "folder holding config.json and the tokenizer, or a hub id while the hub is reachable") from None
-    try:
-        calibration.candidate_policies(head_dim, elem_bytes)
-    except ValueError as exc:  # a head size the cache cannot hold: no policy to choose between
-        raise stop(exc) from None
+        raise stop(unreadable_model(args.model, exc)) from None
     return settings, prompts, head_dim, elem_bytes, dtype, token_ids
+
+
+def unreadable_model(model: str, exc: Exception) -> str:
+    text = str(exc).strip()
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return f"{model} holds no config.json: pass the folder of a Hugging Face model"
+    if "trust_remote_code" in text:
+        return f"{model!r} runs code of its own: pass --trust-remote-code if you trust it"
+    if isinstance(exc, OSError):
+        first_line = (text.splitlines() or [type(exc).__name__])[0]
+        return (f"cannot read the config and tokenizer of {model!r} ({first_line}). Pass a local model "
+                "folder holding config.json and the tokenizer, or a hub id while the hub is reachable")
+    return text  # e.g. an unsupported head size, or a model type this transformers does not know
 
 
 def check_cache_dir(command: str) -> None:

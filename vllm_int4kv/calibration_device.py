@@ -18,11 +18,12 @@ import logging
 
 import torch
 
+from .cli_args import VLLM_DTYPE_NAMES
+
 SPREAD = "auto"  # --device auto: HF's device_map="auto", every visible GPU first, then CPU memory
-# vLLM's names for --dtype
 DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float": torch.float32, "float32": torch.float32}
-DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPE_CHOICES = VLLM_DTYPE_NAMES  # vllm serve --dtype: auto, then the names DTYPES maps
 FP16_UNSTABLE = ("gemma2", "gemma3", "gemma3_text", "glm4")  # vLLM serves these in bf16 under auto
 
 logger = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ import math
 import os
 from pathlib import Path
 
+VLLM_DTYPE_NAMES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # vllm serve --dtype
+
 
 def _number(kind: type, text: str):
     try:
@@ -65,15 +67,18 @@ def count_list(text: str) -> list[int]:
 
 
 def input_file(text: str) -> str:
+    """An existing file; returned with ``~`` expanded (a shell leaves ``--x=~/f`` alone)."""
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder: give a file")
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
-    return text
+    return str(path)
 
 
 def _writable_folder(folder: Path, what: str) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{what}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"{what}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -85,10 +90,12 @@ def output_file(text: str) -> str:
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder: give a file name")
-    _writable_folder(path.parent, text)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise argparse.ArgumentTypeError(f"cannot overwrite {text}")
-    return text
+    if path.exists():  # overwritten in place: only the file itself must be writable
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"cannot overwrite {text}")
+    else:
+        _writable_folder(path.parent, text)
+    return str(path)
 
 
 def output_folder(text: str) -> str:
@@ -98,4 +105,4 @@ def output_folder(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text} is a file: give a folder")
     existing = next(p for p in (path, *path.parents) if p.exists())
     _writable_folder(existing, text)
-    return text
+    return str(path)

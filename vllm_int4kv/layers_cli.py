@@ -118,12 +118,14 @@ def run(args) -> int:
         raise SystemExit(f"vllm-int4kv layers: --policy: {exc}") from None
     if not policy.quantized:
         raise SystemExit("vllm-int4kv layers: --policy must quantize something (k16v16 has no error)")
-    settings, _, head_dim, elem_bytes, dtype, token_ids = prepare(args, "layers")
+    def check_policy(head_dim: int, elem_bytes: int) -> None:  # a policy this head size cannot take
+        try:
+            policy.layout(head_dim, 16, elem_bytes)
+        except ValueError as exc:
+            raise ValueError(f"--policy: {exc}") from None
+
+    settings, _, head_dim, elem_bytes, dtype, token_ids = prepare(args, "layers", check_policy)
     budget = settings.budget
-    try:  # a policy this head size cannot take fails here, with its reason
-        policy.layout(head_dim, 16, elem_bytes)
-    except ValueError as exc:
-        raise SystemExit(f"vllm-int4kv layers: --policy {policy.name}: {exc}") from None
     with exit_with_reason("layers"), load_session(args, token_ids, dtype) as session:
         num_layers = len(session.attention_layers)
         print(f"model {args.model}: {num_layers} attention layers, head_dim {head_dim}; {policy.name} layers "

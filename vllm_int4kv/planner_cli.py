@@ -80,8 +80,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model (a local HF folder and/or config values; values override)")
     m.add_argument("--model", help="local Hugging Face model folder or its config.json")
     m.add_argument("--name", help="name shown in the report")
-    for flag in _CONFIG_FLAGS:
-        m.add_argument("--" + flag.replace("_", "-"), type=at_least(1))
+    for flag in _CONFIG_FLAGS:  # --sliding-window 0: plan without the config's window
+        m.add_argument("--" + flag.replace("_", "-"), type=at_least(0 if flag == "sliding_window" else 1))
     m.add_argument("--sliding-layers", help="which layers use --sliding-window: all, even, odd, or a "
                    "list of indices and ranges like 0-13,20 (default: the config's rule, else all)")
     m.add_argument("--sliding-pattern", type=at_least(2), help="Gemma-style: every N-th layer is global")
@@ -103,14 +103,17 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--skip-layers", help="layers kept unquantized (K16V16), as --kv-cache-dtype-skip-layers "
                    "serves them: e.g. 0,1 or 0-3, or sliding_window for every sliding-window layer")
     w.add_argument("--bandwidth-gbs", type=above(0), help="HBM bandwidth (default: measured, else datasheet)")
-    parser.add_argument("--plot", type=png_file, help="write a PNG of KV memory against context")
+    parser.add_argument("--plot", type=plot_file, help="write a plot of KV memory against context (.png, .svg, .pdf)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)
 
 
-def png_file(text: str) -> str:
-    if not text.lower().endswith(".png"):
-        raise argparse.ArgumentTypeError(f"{text}: the plot is a PNG, give a file name ending in .png")
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # matplotlib picks the format from the name
+
+
+def plot_file(text: str) -> str:
+    if not text.lower().endswith(PLOT_SUFFIXES):
+        raise argparse.ArgumentTypeError(f"{text}: give a file name ending in {', '.join(PLOT_SUFFIXES)}")
     return output_file(text)
 
 
@@ -121,11 +124,14 @@ def parse_layers(spec: str, n: int, flag: str = "--sliding-layers") -> set[int]:
     if spec in named and flag == "--sliding-layers":
         return set(named[spec])
     layers = set()
+    strict = flag == "--skip-layers"  # vLLM compares its entries with str(index): 01 keeps nothing
     for part in spec.split(","):
         bounds = part.strip().split("-")
-        if len(bounds) > 2 or not all(b.isdigit() and b == str(int(b)) for b in bounds):
+        if len(bounds) > 2 or not all(b.isdigit() and (b == str(int(b)) or not strict) for b in bounds):
+            hint = ("; vLLM ignores entries such as 01" if strict
+                    else ", or all, even, odd")
             raise ValueError(f"{flag} {spec!r}: give layer indices as plain numbers such as 0,1 or ranges "
-                             "such as 0-3 (vLLM ignores entries such as 01)")
+                             f"such as 0-3{hint}")
         lo, hi = int(bounds[0]), int(bounds[-1])
         if lo > hi:
             raise ValueError(f"{flag} {spec!r}: the range {part.strip()} runs backwards; write {hi}-{lo}")

@@ -18,8 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from .calibration_device import DTYPE_CHOICES
-from .cli_args import above, at_least, count_list, input_file, output_folder
+from .cli_args import VLLM_DTYPE_NAMES, above, at_least, count_list, input_file, output_folder
 from .quality_worker import SKIP_MARK, VLLM_PREFIX, split_run_name
 
 REFERENCE = "k16v16"
@@ -43,13 +42,13 @@ def add_parser(parser) -> None:
     parser.add_argument("--long-prompts", type=at_least(0), default=1, help="long prompts for agreement/KL")
     parser.add_argument("--long-tokens", type=at_least(2), default=2048, help="length of each long prompt")
     parser.add_argument("--gen-lengths", type=count_list, default="64,512,1536",
-                        help="prompt lengths (tokens) for the greedy-continuation comparison")
+                        help="prompt lengths (tokens) for the greedy-continuation comparison (at least one)")
     parser.add_argument("--gen-tokens", type=at_least(1), default=32, help="greedy tokens per continuation")
     parser.add_argument("--top-k", type=at_least(1), default=40, help="prompt_logprobs requested per position")
     parser.add_argument("--kl-top-k", type=at_least(1), default=20, help="reference tokens kept apart in the KL")
     parser.add_argument("--bos", choices=("auto", "never"), default="auto",
                         help="auto: prepend the tokenizer's BOS token to every prompt if it has one")
-    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="model dtype (float32 on CPU: deterministic)")
+    parser.add_argument("--dtype", default="float32", choices=VLLM_DTYPE_NAMES, help="model dtype (float32 on CPU: deterministic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=above(0), default=3600, help="seconds per policy before giving up")
     parser.add_argument("--reuse", action="store_true",
@@ -289,6 +288,9 @@ def run(args) -> int:
 
     if args.kl_top_k > args.top_k:
         raise SystemExit("--kl-top-k must not exceed --top-k")
+    if args.ppl_chunks + args.long_prompts < 1:
+        raise SystemExit("--ppl-chunks and --long-prompts are both 0: nothing would be scored; give one of "
+                         "them at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     policies = [p.strip().lower() for p in args.policies.split(",") if p.strip()]
