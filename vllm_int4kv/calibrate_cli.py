@@ -84,11 +84,11 @@ def prepare(args, command: str, check_head_dim=None):
         token_ids = calibration.prompt_token_ids(args.model, prompts, settings.max_tokens,
                                                  revision=args.revision, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise stop(unreadable_model(args.model, exc)) from None
+        raise stop(model_problem(args.model, exc)) from None
     return settings, prompts, head_dim, elem_bytes, dtype, token_ids
 
 
-def unreadable_model(model: str, exc: Exception) -> str:
+def model_problem(model: str, exc: Exception) -> str:
     text = str(exc).strip()
     folder = Path(model).expanduser()
     if folder.is_dir() and not (folder / "config.json").is_file():
