@@ -204,3 +204,14 @@ def test_quality_refuses_bad_arguments_before_any_engine_starts(files, extra, me
     argv = ["quality", "model", "--corpus", str(files / "text.txt"), "--out", str(files / "out")]
     argv += [part.format(files=files) for part in extra]
     assert message in error_of(argv, capsys)
+
+
+@pytest.mark.parametrize("policy, message", [("k4v4-g64", "--policies: policy k4v4-g64: key groups of 64"),
+                                             ("k4v4@skip=5", "k4v4@skip=5: the model's layers are 0 to 1")])
+def test_quality_refuses_a_policy_the_model_cannot_take(model_dir, files, policy, message, capsys):
+    from vllm_int4kv import quality
+
+    argv = ["quality", model_dir, "--policies", policy, "--corpus", str(files / "text.txt"), "--out",
+            str(files / "out")]
+    assert message in error_of(argv, capsys)
+    quality.check_policies_fit(model_dir, ["k16v16", "k4v4-g32-rot", "k4v4@skip=1", "vllm:fp8", "auto"])

@@ -283,6 +283,31 @@ def check_policy_names(policies: list[str]) -> None:
             raise SystemExit(f"--policies: {exc}") from exc
 
 
+def check_policies_fit(model: str, policies: list[str]) -> None:
+    """Fail before any engine starts on a policy this model cannot take: key groups its head size does
+    not allow, or kept layers it does not have. A config we cannot read is left to the engine to report."""
+    from .calibration import head_dim_of
+    from .policy import parse_policy
+
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - vLLM's engine names a model it cannot load
+        return
+    head_dim = head_dim_of(config)
+    num_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    for name in policies:
+        policy, skipped = split_run_name(name)
+        try:
+            if not policy.startswith(VLLM_PREFIX) and policy != "auto":
+                parse_policy(policy).layout(head_dim, 16, 2)
+            if num_layers is not None and any(int(i) >= num_layers for i in skipped):
+                raise ValueError(f"{name}: the model's layers are 0 to {num_layers - 1}")
+        except ValueError as exc:
+            raise SystemExit(f"--policies: {exc}") from exc
+
+
 def run(args) -> int:
     from . import quality_report
 
@@ -296,6 +321,7 @@ def run(args) -> int:
     policies = [p.strip().lower() for p in args.policies.split(",") if p.strip()]
     policies = [REFERENCE] + [p for p in policies if p != REFERENCE]
     check_policy_names(policies)
+    check_policies_fit(args.model, policies)
     prompts = build_prompts(args, out)
     spec = worker_spec(args, out, prompts)
     say(f"{args.model}: {len(policies)} policies ({', '.join(policies)}), one engine process each; "
