@@ -118,6 +118,7 @@ def run(args) -> int:
         raise SystemExit(f"vllm-int4kv layers: --policy: {exc}") from None
     if not policy.quantized:
         raise SystemExit("vllm-int4kv layers: --policy must quantize something (k16v16 has no error)")
+
     def check_policy(head_dim: int, elem_bytes: int) -> None:  # a policy this head size cannot take
         try:
             policy.layout(head_dim, 16, elem_bytes)

@@ -85,16 +85,19 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--sliding-layers", help="which layers use --sliding-window: all, even, odd, or a "
                    "list of indices and ranges like 0-13,20 (default: the config's rule, else all)")
     m.add_argument("--sliding-pattern", type=at_least(2), help="Gemma-style: every N-th layer is global")
-    m.add_argument("--dtype", choices=sorted(_ELEM_BYTES), help="served dtype (default: 16-bit, as vLLM serves even fp32 checkpoints under --dtype auto)")
+    m.add_argument("--dtype", choices=sorted(_ELEM_BYTES),
+                   help="served dtype (default: 16-bit, as vLLM serves even fp32 checkpoints under --dtype auto)")
     b = parser.add_argument_group("memory budget (per GPU)")
     b.add_argument("--kv-budget-gib", type=above(0), help="KV cache budget; or give --gpu-memory-gib")
     b.add_argument("--gpu-memory-gib", type=above(0), help="GPU memory; KV budget = this * utilization "
                    "- weights/tp - overhead")
     b.add_argument("--gpu-memory-utilization", type=fraction, default=0.9)
-    b.add_argument("--weights-gib", type=at_least(0.0, float), help="model weights (default: estimated from config)")
+    b.add_argument("--weights-gib", type=at_least(0.0, float),
+                   help="model weights (default: estimated from config)")
     b.add_argument("--overhead-gib", type=at_least(0.0, float), default=0.0, help="activations etc. (default 0)")
     w = parser.add_argument_group("workload")
-    w.add_argument("--context", type=at_least(1), default=8192, help="context length C (and cached prefix C0)")
+    w.add_argument("--context", type=at_least(1), default=8192,
+                   help="context length C (and cached prefix C0)")
     w.add_argument("--batch", type=at_least(1), default=1)
     w.add_argument("--gen-tokens", type=at_least(0), default=1024, help="generated tokens G after the context")
     w.add_argument("--block-size", type=at_least(1), default=16)
@@ -103,7 +106,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--skip-layers", help="layers kept unquantized (K16V16), as --kv-cache-dtype-skip-layers "
                    "serves them: e.g. 0,1 or 0-3, or sliding_window for every sliding-window layer")
     w.add_argument("--bandwidth-gbs", type=above(0), help="HBM bandwidth (default: measured, else datasheet)")
-    parser.add_argument("--plot", type=plot_file, help="write a plot of KV memory against context (.png, .svg, .pdf)")
+    parser.add_argument("--plot", type=plot_file,
+                        help="write a plot of KV memory against context (.png, .svg, .pdf)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)
 
@@ -128,8 +132,7 @@ def parse_layers(spec: str, n: int, flag: str = "--sliding-layers") -> set[int]:
     for part in spec.split(","):
         bounds = part.strip().split("-")
         if len(bounds) > 2 or not all(b.isdigit() and (b == str(int(b)) or not strict) for b in bounds):
-            hint = ("; vLLM ignores entries such as 01" if strict
-                    else ", or all, even, odd")
+            hint = "; vLLM ignores entries such as 01" if strict else ", or all, even, odd"
             raise ValueError(f"{flag} {spec!r}: give layer indices as plain numbers such as 0,1 or ranges "
                              f"such as 0-3{hint}")
         lo, hi = int(bounds[0]), int(bounds[-1])

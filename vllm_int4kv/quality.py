@@ -48,7 +48,8 @@ def add_parser(parser) -> None:
     parser.add_argument("--kl-top-k", type=at_least(1), default=20, help="reference tokens kept apart in the KL")
     parser.add_argument("--bos", choices=("auto", "never"), default="auto",
                         help="auto: prepend the tokenizer's BOS token to every prompt if it has one")
-    parser.add_argument("--dtype", default="float32", choices=VLLM_DTYPE_NAMES, help="model dtype (float32 on CPU: deterministic)")
+    parser.add_argument("--dtype", default="float32", choices=VLLM_DTYPE_NAMES,
+                        help="model dtype (float32 on CPU: deterministic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=above(0), default=3600, help="seconds per policy before giving up")
     parser.add_argument("--reuse", action="store_true",
@@ -261,10 +262,26 @@ def worker_spec(args, out: Path, prompts: dict) -> dict:
             "limit": (int(args.limit) if args.limit and args.limit >= 1 else args.limit)}
 
 
-def check_policy_names(policies: list[str]) -> None:
-    """Fail before any engine starts on a name no worker could run."""
+def model_shape(model: str) -> tuple[int | None, int | None]:
+    """(head_dim, number of layers) from the model's config; (None, None) when it cannot be read, which
+    is then left to vLLM's engine to report."""
+    from .calibration import head_dim_of
+
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - vLLM's engine names a model it cannot load
+        return None, None
+    return head_dim_of(config), getattr(config.get_text_config(), "num_hidden_layers", None)
+
+
+def check_policies(model: str, policies: list[str]) -> None:
+    """Fail before any engine starts on a name no worker could run, or a policy this model cannot take:
+    key groups its head size does not allow, or kept layers it does not have."""
     from .policy import is_layer_index, parse_policy
 
+    head_dim, num_layers = model_shape(model)
     for name in policies:
         policy, skipped = split_run_name(name)
         try:
@@ -273,35 +290,14 @@ def check_policy_names(policies: list[str]) -> None:
                     raise ValueError(f"{name}: {SKIP_MARK} applies to this backend's policies only")
                 vllm_cache_bytes(policy.removeprefix(VLLM_PREFIX), 64)
             elif policy != "auto":
-                parse_policy(policy)
+                parsed = parse_policy(policy)
+                if head_dim is not None:
+                    parsed.layout(head_dim, 16, 2)
             if SKIP_MARK in name and not (skipped and all(map(is_layer_index, skipped))):
                 raise ValueError(f"{name}: write the layers to keep unquantized as indices, e.g. "
                                  f"{policy}{SKIP_MARK}0:1")
             if skipped and policy != "auto" and not parse_policy(policy).quantized:
                 raise ValueError(f"{name}: keeping layers unquantized needs a quantized policy")
-        except ValueError as exc:
-            raise SystemExit(f"--policies: {exc}") from exc
-
-
-def check_policies_fit(model: str, policies: list[str]) -> None:
-    """Fail before any engine starts on a policy this model cannot take: key groups its head size does
-    not allow, or kept layers it does not have. A config we cannot read is left to the engine to report."""
-    from .calibration import head_dim_of
-    from .policy import parse_policy
-
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model)
-    except Exception:  # noqa: BLE001 - vLLM's engine names a model it cannot load
-        return
-    head_dim = head_dim_of(config)
-    num_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
-    for name in policies:
-        policy, skipped = split_run_name(name)
-        try:
-            if not policy.startswith(VLLM_PREFIX) and policy != "auto":
-                parse_policy(policy).layout(head_dim, 16, 2)
             if num_layers is not None and any(int(i) >= num_layers for i in skipped):
                 raise ValueError(f"{name}: the model's layers are 0 to {num_layers - 1}")
         except ValueError as exc:
@@ -320,8 +316,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     policies = [p.strip().lower() for p in args.policies.split(",") if p.strip()]
     policies = [REFERENCE] + [p for p in policies if p != REFERENCE]
-    check_policy_names(policies)
-    check_policies_fit(args.model, policies)
+    check_policies(args.model, policies)
     prompts = build_prompts(args, out)
     spec = worker_spec(args, out, prompts)
     say(f"{args.model}: {len(policies)} policies ({', '.join(policies)}), one engine process each; "
