@@ -17,6 +17,23 @@ import pytest  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 
+# VLLM_INT4KV_TEST_CPU=avx2 runs the suite as on an x86 CPU without AVX-512 or AMX, where vLLM's CPU
+# attention refuses some caches (fp8): vLLM asks torch, so torch's answers are replaced here and, through
+# cpu_isa/sitecustomize.py on PYTHONPATH, in every subprocess (engine and quality workers).
+if os.environ.get("VLLM_INT4KV_TEST_CPU") == "avx2":
+    _isa_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_isa")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_isa_dir, os.environ.get("PYTHONPATH")]))
+    torch.cpu._is_avx512_supported = lambda: False
+    torch.cpu._is_amx_tile_supported = lambda: False
+elif os.environ.get("VLLM_INT4KV_TEST_CPU"):
+    raise RuntimeError("VLLM_INT4KV_TEST_CPU: only 'avx2' (emulate a CPU without AVX-512 and AMX) exists")
+
+
+def without_avx512(monkeypatch) -> None:
+    """Within one test, make vLLM see an x86 CPU without AVX-512 or AMX (this process only)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run the suite on the GPU machine)")

@@ -214,4 +214,4 @@ def test_quality_refuses_a_policy_the_model_cannot_take(model_dir, files, policy
     argv = ["quality", model_dir, "--policies", policy, "--corpus", str(files / "text.txt"), "--out",
             str(files / "out")]
     assert message in error_of(argv, capsys)
-    quality.check_policies(model_dir, ["k16v16", "k4v4-g32-rot", "k4v4@skip=1", "vllm:fp8", "auto"])
+    quality.check_policies(model_dir, ["k16v16", "k4v4-g32-rot", "k4v4@skip=1", "vllm:auto", "auto"])

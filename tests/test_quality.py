@@ -101,18 +101,23 @@ def _write_inputs(tmp_path):
 
 def test_quality_command_end_to_end(tmp_path):
     from vllm_int4kv.cli import main
+    from vllm_int4kv.quality import vllm_baseline_problem
     from vllm_int4kv.tiny_model import build_tiny_llama
 
+    # vLLM's fp8 cache runs on CPUs with AVX-512 or AMX only; elsewhere the rest is checked without it
+    # (test_a_baseline_this_cpu_cannot_run_is_refused_up_front checks what quality says there).
+    fp8 = vllm_baseline_problem("fp8", 64, "float32") is None
+    policies = ["k16v16", "k4v4", "k4v4@skip=0"] + (["vllm:fp8"] if fp8 else [])
     model = build_tiny_llama(tmp_path / "tiny")
     tasks, corpus = _write_inputs(tmp_path)
     out = tmp_path / "report"
-    code = main(["quality", str(model), "--policies", "k16v16,k4v4,k4v4@skip=0,vllm:fp8", "--tasks", "tiny_mc",
+    code = main(["quality", str(model), "--policies", ",".join(policies), "--tasks", "tiny_mc",
                  "--include-path", str(tasks), "--corpus", str(corpus), "--ppl-chunks", "2",
                  "--chunk-tokens", "128", "--long-prompts", "1", "--long-tokens", "600",
                  "--gen-lengths", "16,300", "--gen-tokens", "8", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert list(report["policies"]) == ["k16v16", "k4v4", "k4v4@skip=0", "vllm:fp8"]
+    assert list(report["policies"]) == policies
     assert {"cpu", "torch", "vllm", "lm_eval", "vllm_int4kv", "date"} <= report["machine"].keys()
     assert report["settings"]["ppl_tokens"] == 2 * 128  # BOS prepended: every chunk token scored
     for name, entry in report["policies"].items():
@@ -137,14 +142,34 @@ def test_quality_command_end_to_end(tmp_path):
     assert skip0["bytes_per_token"] == (256 + 72) / 2
     assert 0 < skip0["vs_reference"]["mean_kl"] < k4v4["vs_reference"]["mean_kl"]
 
-    fp8 = report["policies"]["vllm:fp8"]  # vLLM's own CPU attention over its fp8 cache, for comparison
-    assert fp8["resolved"]["source"].startswith("vLLM's own") and fp8["bytes_per_token"] == 128
-    assert 0 < fp8["vs_reference"]["mean_kl"] < k4v4["vs_reference"]["mean_kl"]
+    if fp8:  # vLLM's own CPU attention over its fp8 cache, for comparison
+        fp8_run = report["policies"]["vllm:fp8"]
+        assert fp8_run["resolved"]["source"].startswith("vLLM's own") and fp8_run["bytes_per_token"] == 128
+        assert 0 < fp8_run["vs_reference"]["mean_kl"] < k4v4["vs_reference"]["mean_kl"]
 
     md = (out / "report.md").read_text()
     assert "| k16v16 | k16v16 | 256 |" in md and "16-bit basis" in md and "| k4v4 | k4v4 | 72 |" in md
     assert "## What the numbers mean" in md and "+0.77 %" in md
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_baseline_this_cpu_cannot_run_is_refused_up_front(tmp_path, monkeypatch):
+    """On an x86 CPU without AVX-512 or AMX, vLLM's CPU attention refuses an fp8 cache: quality says so
+    before any engine starts, in its own words and vLLM's."""
+    from conftest import without_avx512
+    from vllm_int4kv.cli import main
+    from vllm_int4kv.tiny_model import build_tiny_llama
+
+    without_avx512(monkeypatch)
+    model = build_tiny_llama(tmp_path / "tiny")
+    (tmp_path / "c").write_text("a corpus")
+    monkeypatch.setattr("vllm_int4kv.quality.build_prompts", lambda *a: pytest.fail("an engine would start"))
+    with pytest.raises(SystemExit, match="vllm:fp8 is not available on this machine.*AVX-512 or AMX"):
+        main(["quality", str(model), "--policies", "k16v16,vllm:fp8", "--corpus", str(tmp_path / "c"),
+              "--out", str(tmp_path / "out")])
+    from vllm_int4kv.quality import check_policies
+
+    check_policies(str(model), ["k16v16", "vllm:auto"])  # vLLM's unquantized cache runs anywhere
 
 
 def test_a_silent_worker_is_killed_at_the_timeout(tmp_path, monkeypatch):

@@ -186,6 +186,28 @@ def vllm_cache_bytes(kv_cache_dtype: str, head_dim: int) -> int:
                      "int4_per_token_head")
 
 
+def vllm_baseline_problem(kv_cache_dtype: str, head_dim: int | None, dtype: str) -> str | None:
+    """Why vLLM's own attention cannot run a ``kv_cache_dtype`` cache on this machine, or None.
+
+    On CPU, vLLM picks its attention code by instruction set (its ``_get_attn_isa``): an fp8 cache
+    needs AVX-512 or AMX on x86. Asked of vLLM itself, so the answer follows the installed version.
+    """
+    try:
+        from vllm.platforms import current_platform
+        if not current_platform.is_cpu():
+            return None
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError:  # no vLLM, or a build without its CPU attention: the worker will say
+        return None
+    from .calibration_device import DTYPES
+
+    try:
+        _get_attn_isa(DTYPES.get(dtype, DTYPES["bfloat16"]), 16, head_dim, kv_cache_dtype)
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
 def _bytes_per_token(resolved: dict, model: str) -> float | None:
     """Bytes per token per KV head of the policy that ran (BF16 basis for 16-bit planes), averaged over
     the attention layers when the engine kept some unquantized (as the worker counted them)."""
@@ -276,9 +298,10 @@ def model_shape(model: str) -> tuple[int | None, int | None]:
     return head_dim_of(config), getattr(config.get_text_config(), "num_hidden_layers", None)
 
 
-def check_policies(model: str, policies: list[str]) -> None:
+def check_policies(model: str, policies: list[str], dtype: str = "float32") -> None:
     """Fail before any engine starts on a name no worker could run, or a policy this model cannot take:
-    key groups its head size does not allow, or kept layers it does not have."""
+    key groups its head size does not allow, kept layers it does not have, or a ``vllm:`` baseline that
+    vLLM cannot run on this machine (e.g. ``vllm:fp8`` on a CPU without AVX-512 or AMX)."""
     from .policy import is_layer_index, parse_policy
 
     head_dim, num_layers = model_shape(model)
@@ -289,6 +312,11 @@ def check_policies(model: str, policies: list[str]) -> None:
                 if skipped:
                     raise ValueError(f"{name}: {SKIP_MARK} applies to this backend's policies only")
                 vllm_cache_bytes(policy.removeprefix(VLLM_PREFIX), 64)
+                problem = vllm_baseline_problem(policy.removeprefix(VLLM_PREFIX), head_dim, dtype)
+                if problem:
+                    raise ValueError(f"{name} is not available on this machine: vLLM's own attention "
+                                     f"refuses it here ({problem}). Drop it from --policies, or run it "
+                                     "on a machine that has what vLLM asks for")
             elif policy != "auto":
                 parsed = parse_policy(policy)
                 if head_dim is not None:
@@ -316,7 +344,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     policies = [p.strip().lower() for p in args.policies.split(",") if p.strip()]
     policies = [REFERENCE] + [p for p in policies if p != REFERENCE]
-    check_policies(args.model, policies)
+    check_policies(args.model, policies, args.dtype)
     prompts = build_prompts(args, out)
     spec = worker_spec(args, out, prompts)
     say(f"{args.model}: {len(policies)} policies ({', '.join(policies)}), one engine process each; "
