@@ -1,15 +1,16 @@
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
-# kernels/ is installed as the subpackage vllm_int4kv.kernels (a top-level `kernels` module would
-# clash with the PyPI package of that name).
+# The Triton kernels live in the top-level folder kernels/ and are installed as the subpackage
+# vllm_int4kv.kernels through the link vllm_int4kv/kernels -> ../kernels. kernels/ has no __init__.py:
+# imported by its own name (a checkout's root on sys.path), it is only a namespace folder, which never
+# hides the PyPI package `kernels` that transformers imports.
 setup(
     name="vllm-int4kv",
     version="0.1.0",
     description="INT4 paged KV cache attention backend for vLLM (fused Triton kernels)",
     python_requires=">=3.10",
-    packages=["vllm_int4kv", "vllm_int4kv.kernels"],
-    package_dir={"vllm_int4kv": "vllm_int4kv", "vllm_int4kv.kernels": "kernels"},
-    package_data={"vllm_int4kv": ["data/*"]},
+    packages=find_namespace_packages(include=["vllm_int4kv", "vllm_int4kv.*"], exclude=["vllm_int4kv.data*"]),
+    package_data={"vllm_int4kv": ["data/*", "data/*/*"]},
     install_requires=["torch", "triton"],
     entry_points={
         "vllm.general_plugins": ["int4kv = vllm_int4kv.plugin:register"],

@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_session.sh full     only the full grid (all of the time budget)
 #   bash benchmarks/gpu_session.sh tune     only the split-count, warp and stage sweeps
 #   bash benchmarks/gpu_session.sh imports  only check that everything imports (the test suite runs this)
-# The machine has no pip install of this package: `vllm_int4kv/kernels` is linked to `kernels/` for the
-# session (where setup.py's package_dir puts it), so the checkout imports as installed. Everything fits
+# The machine has no pip install of this package: the checkout's root goes on PYTHONPATH (the link
+# vllm_int4kv/kernels -> ../kernels makes the kernels a subpackage there too). Everything fits
 # the device tool's limits: one call under 10 minutes (SESSION_BUDGET_S), at most 8 files in $OUT, flat.
 # vLLM's own kernels (the same-run baseline) come from artifacts/vllm_kernels: stage them here with
 # `python benchmarks/vllm_kernels.py --stage` (setup_env.sh does) and pass carry=["artifacts/vllm_kernels"].
@@ -28,12 +28,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 LOG="$OUT/session.log"
 
-LINK="$REPO/vllm_int4kv/kernels"
-if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
-  trap 'rm -rf "$WORK"' EXIT  # a real folder there (an installed layout): use it as it is
-else
-  ln -sfn ../kernels "$LINK" && trap 'rm -f "$LINK"; rm -rf "$WORK"' EXIT  # (-f: also a dangling link)
-fi
+trap 'rm -rf "$WORK"' EXIT
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 py() { "$PY" $PY_FLAGS "$@"; }
 

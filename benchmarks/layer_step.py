@@ -3,7 +3,7 @@
 Hadamard rotation is not in the kernels: ``attention_ops`` rotates the new K/V before the cache write and
 the query before attention, and rotates the output back (small fp32 GEMMs around the kernels). Key
 channel groups are in the kernels (more scale/zero loads). So this times the backend's whole per-layer
-decode step, ``attention_ops.write_kv`` then ``attention_ops.attend`` for one new token per sequence,
+decode step, ``attention.write_kv`` then ``attention.attend`` for one new token per sequence,
 for a policy and its ``-rot`` / ``-g32`` variants, on the same pages. The auto policy picks among these
 variants by quality; this gives the speed side of that trade-off.
 """
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from vllm_int4kv import attention_ops as ops
+from vllm_int4kv import attention as ops
 from vllm_int4kv.policy import parse_policy
 
 from . import traffic

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(here.parent))
     __package__ = "benchmarks"  # noqa: A001
 
-from vllm_int4kv.planner import ModelKV, sequence_bytes  # noqa: E402
+from vllm_int4kv.planner.capacity import ModelKV, sequence_bytes  # noqa: E402
 from vllm_int4kv.policy import parse_policy  # noqa: E402
 
 from .config import BLOCK_SIZE, POLICIES, SHAPES, ModelShape, make_layout  # noqa: E402

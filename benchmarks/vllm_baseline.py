@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from vllm_int4kv.quality import vllm_cache_bytes
+from vllm_int4kv.quality.runner import vllm_cache_bytes
 
 MODES = ("bf16", "fp8", "int4_per_token_head")
 MIN_GRID_2D = 128  # vLLM's threshold: fewer sequences than 128 // kv_heads take the 3D launch

@@ -2,7 +2,7 @@
 
 Each format maps K and V ``[..., D]`` (after RoPE, as the cache receives them) to what vLLM's attention
 computes with after writing them to its cache and reading them back, so that the calibration harness
-(``vllm_int4kv.calibration``) measures vLLM's formats exactly as it measures ours: same model, same
+(``vllm_int4kv.policy.calibration``) measures vLLM's formats exactly as it measures ours: same model, same
 prompts, same held-out text. Written from vLLM's kernels (``triton_reshape_and_cache_flash.py``,
 ``int4_per_token_head.py``, ``triton_unified_attention.py``) and checked against them:
 ``tests/test_vllm_kernels.py`` writes random K/V with vLLM's own write kernels, attends with vLLM's own
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from vllm_int4kv.kernels.rotation import hadamard, hadamard_block
-from vllm_int4kv.quality import vllm_cache_bytes
+from vllm_int4kv.quality.runner import vllm_cache_bytes
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: vLLM's FP8_MAX on CUDA
 SCALE_FLOOR = 1e-6  # vLLM's lower bound on a per-(token, head) scale (an all-zero row)

@@ -29,7 +29,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 from benchmarks.vllm_formats import FORMATS  # noqa: E402
-from vllm_int4kv import auto, calibration  # noqa: E402
+from vllm_int4kv.policy import decide as auto
+from vllm_int4kv.policy import calibration  # noqa: E402
 from vllm_int4kv.policy import parse_policy  # noqa: E402
 
 BF16_BYTES = 2  # sizes are for a 16-bit model, the usual serving dtype

@@ -93,7 +93,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="int4kv-demo-"))
     model = args.model
     if model is None:
-        from vllm_int4kv.tiny_model import build_tiny_llama
+        from vllm_int4kv.testing.tiny_model import build_tiny_llama
 
         model = str(build_tiny_llama(workdir / "tiny-llama", seed=0))
         print("built a tiny random Llama in", model)

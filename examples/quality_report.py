@@ -27,7 +27,7 @@ SKIP_VARIANTS = "k4v4@skip=0:29,k4v4@skip=1:10:13:19,k4v4@skip=1:2:10:11:12:13:1
 
 def tiny_report(out: Path) -> int:
     """The tiny random Llama, a two-document task and the license texts as corpus."""
-    from vllm_int4kv.tiny_model import build_tiny_llama
+    from vllm_int4kv.testing.tiny_model import build_tiny_llama
 
     work = Path(tempfile.mkdtemp(prefix="int4kv-quality-"))
     model = build_tiny_llama(work / "tiny")

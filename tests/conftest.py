@@ -50,7 +50,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama (hidden 128, 2 layers, 4 q / 2 KV heads, head_dim 64) with its tokenizer."""
-    from vllm_int4kv.tiny_model import build_tiny_llama
+    from vllm_int4kv.testing.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
 
@@ -58,7 +58,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_d128_dir(tmp_path_factory):
     """The same tiny Llama with head_dim 128 (where K4V4 is 136 B against BF16's 512 B per head)."""
-    from vllm_int4kv.tiny_model import build_tiny_llama
+    from vllm_int4kv.testing.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-d128"), seed=0, head_dim=128)
 
@@ -93,14 +93,14 @@ def vllm_engine(model, *, backend: str | None = "CUSTOM", policy: str | None = "
     from vllm import LLM
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    from vllm_int4kv import attention_ops
+    from vllm_int4kv.policy import current
 
     kwargs = dict(dtype="float32", enforce_eager=True, seed=0, max_model_len=2048)
     if backend:
         kwargs["attention_config"] = {"backend": backend}
     kwargs.update(engine_kwargs)
     with env_vars(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_INT4KV_POLICY=policy, VLLM_INT4KV_IMPL=impl):
-        attention_ops.reset_policy()
+        current.reset_policy()
         try:
             llm = LLM(str(model), **kwargs)
         except BaseException:
@@ -127,10 +127,10 @@ def _forget_engine() -> None:
     would otherwise see its --kv-cache-dtype-skip-layers)."""
     import sys
 
-    from vllm_int4kv import attention_ops
+    from vllm_int4kv.policy import current
 
-    attention_ops.reset_policy()
-    backend = sys.modules.get("vllm_int4kv.backend")
+    current.reset_policy()
+    backend = sys.modules.get("vllm_int4kv.backend.attention_backend")
     if backend is not None:
         backend._vllm_config = None
 

@@ -1,4 +1,4 @@
-"""Start-up resolution: explicit policy → cached decision → calibration, and the decision cache."""
+"""The one decision: explicit policy → cached decision → calibration, and the decision cache."""
 import json
 import threading
 import time
@@ -7,18 +7,27 @@ import pytest
 import torch
 from test_calibration import tiny_model
 
-from vllm_int4kv import auto, calibration, decision_cache
-from vllm_int4kv.auto import AutoDecision, resolve_auto, resolve_policy
-from vllm_int4kv.calibration import Calibration, Measurement, Settings
+from vllm_int4kv.policy import calibration, decision_cache
+from vllm_int4kv.policy import decide as auto
+from vllm_int4kv.policy.decide import Decision, ModelTarget, decide
+from vllm_int4kv.policy.calibration import Calibration, Measurement, Settings
 from vllm_int4kv.policy import KVPolicy
 
 FAST = Settings(n_prompts=2, max_tokens=128)  # the default budget; short prompts keep the tests quick
 
 
+def resolve_auto(model: str, **target) -> Decision:
+    return decide("auto", ModelTarget(model, **target))
+
+
+def resolve_policy(request: str, model: str) -> Decision:
+    return decide(request, ModelTarget(model))
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A model folder with a tokenizer (from tiny_model.py) and the ordinary test weights."""
-    build_tiny_llama = pytest.importorskip("vllm_int4kv.tiny_model").build_tiny_llama
+    build_tiny_llama = pytest.importorskip("vllm_int4kv.testing.tiny_model").build_tiny_llama
     path = build_tiny_llama(tmp_path_factory.mktemp("auto") / "tiny", seed=0)
     tiny_model().save_pretrained(path)
     return str(path)
@@ -56,7 +65,7 @@ class CountingCalibration:
 def test_calibrates_once_then_reads_the_cache(folder, isolated, monkeypatch):
     first = resolve_auto(folder)
     print("\n" + first.summary)
-    assert isinstance(first, AutoDecision) and first.source == "calibration"
+    assert isinstance(first, Decision) and first.source == "calibration"
     assert first.policy == KVPolicy(4, 4)  # the ordinary test model fits the budget at K4V4
     assert "k4v4" in first.summary and "budget" in first.summary
     json.dumps(first.evidence)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_int4kv import attention_ops as ops
+from vllm_int4kv import attention as ops
 from vllm_int4kv.policy import parse_policy
 
 pytestmark = pytest.mark.gpu

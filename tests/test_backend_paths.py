@@ -101,7 +101,7 @@ def test_sliding_window_model_matches_vllm_cpu_attention(tmp_path):
     import torch
     from vllm.inputs import TokensPrompt
 
-    from vllm_int4kv.tiny_model import build_tiny_llama
+    from vllm_int4kv.testing.tiny_model import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "sw-llama", seed=0, attention_bias=True, sliding_window=48,
                              layer_types=["sliding_attention", "full_attention"])
@@ -134,7 +134,7 @@ def test_head_size_96_is_served(tmp_path):
     K16V16 gives vLLM's own CPU attention's tokens; the Triton kernels (interpreted) serve the torch
     path's tokens with 32-channel key groups and the block-diagonal rotation (three 32-channel blocks).
     """
-    from vllm_int4kv.tiny_model import build_tiny_llama
+    from vllm_int4kv.testing.tiny_model import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "d96-llama", seed=0, head_dim=96)
     _serve_four_ways(model, "k4v4-g32-rot", (37, 20), prompt_logprobs=False)
@@ -147,7 +147,7 @@ def test_gpt_oss_attention_sinks_are_served(tmp_path):
     K16V16 gives vLLM's own CPU attention's tokens and logprobs, prompts included (its CPU kernel
     applies the sinks natively); the Triton kernels (interpreted) serve the torch path's over K4V4 pages.
     """
-    from vllm_int4kv.tiny_model import build_tiny_gpt_oss
+    from vllm_int4kv.testing.tiny_model import build_tiny_gpt_oss
 
     _serve_four_ways(build_tiny_gpt_oss(tmp_path / "tiny-gpt-oss", seed=0))
 
@@ -162,7 +162,7 @@ def test_alibi_models_are_served(tmp_path, family):
     Bloom's differ by ~0.8); the Triton kernels (interpreted) serve the torch path's over K4V4 pages.
     transformers' code for both bypasses AttentionInterface, so ``auto`` stops start-up with a message.
     """
-    from vllm_int4kv import tiny_model
+    from vllm_int4kv.testing import tiny_model
 
     model = getattr(tiny_model, f"build_tiny_{family}")(tmp_path / family, seed=0)
     _serve_four_ways(model)
@@ -181,7 +181,7 @@ def test_llama4_chunked_local_attention_is_served(tmp_path):
     K16V16 gives vLLM's own CPU attention's tokens and logprobs (the 70-token prompt spans three chunks;
     with 4096-token chunks its tokens differ); the Triton kernels (interpreted) serve the torch path's.
     """
-    from vllm_int4kv.tiny_model import build_tiny_llama4
+    from vllm_int4kv.testing.tiny_model import build_tiny_llama4
 
     results, _ = _serve_four_ways(build_tiny_llama4(tmp_path / "tiny-llama4", seed=0))
     unchunked = build_tiny_llama4(tmp_path / "unchunked", seed=0, attention_chunk_size=4096)
@@ -195,7 +195,7 @@ def test_gemma_is_served(tmp_path, version):
     """Gemma 2 (attention logits soft-capped at 5) and Gemma 3 (q/k norms, local and global RoPE), each
     with a 32-token sliding-window layer then a full one: K16V16 gives vLLM's own CPU attention's tokens
     and logprobs, prompts included; the Triton kernels (interpreted) serve the torch path's over K4V4."""
-    from vllm_int4kv.tiny_model import build_tiny_gemma
+    from vllm_int4kv.testing.tiny_model import build_tiny_gemma
 
     _serve_four_ways(build_tiny_gemma(tmp_path / f"gemma{version}", version, seed=0))
 
@@ -205,7 +205,7 @@ def test_hybrid_mamba_model_is_served(tmp_path):
     """A Granite-4-style hybrid: vLLM sizes attention blocks so one covers a Mamba-2 state page, which
     need not be a power of two (K8V4 pages here: 192 tokens per block). K16V16 gives vLLM's own CPU
     attention's tokens and logprobs; the Triton kernels (interpreted) serve the torch path's over K8V4."""
-    from vllm_int4kv.tiny_model import build_tiny_hybrid
+    from vllm_int4kv.testing.tiny_model import build_tiny_hybrid
 
     _, block_sizes = _serve_four_ways(build_tiny_hybrid(tmp_path / "tiny-hybrid", seed=0), "k8v4", (250, 20))
     assert block_sizes["torch"] == block_sizes["triton"] == 192, block_sizes  # not a power of two
@@ -221,7 +221,7 @@ def test_gated_deltanet_hybrid_is_served(tmp_path):
     The logprob tolerance is bf16's: vLLM's CPU attention rounds in bf16 in an order that depends on the
     machine. Against our fp32 arithmetic it differed by < 1e-3 on AMD EPYC VMs and by up to 0.016 (median
     0.003) on an Intel Xeon with AMX; K8V4 pages move the same logprobs by 0.1-0.2, which 0.03 still sees."""
-    from vllm_int4kv.tiny_model import build_tiny_qwen3_next
+    from vllm_int4kv.testing.tiny_model import build_tiny_qwen3_next
 
     model = build_tiny_qwen3_next(tmp_path / "tiny-qwen3-next", seed=0)
     results, block_sizes = _serve(model, _prompts(70, 20), [

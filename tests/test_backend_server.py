@@ -104,7 +104,7 @@ def test_startup_log_states_policy_and_capacity(server):
     assert int(line.group(1)) == 2 * 72  # 2 KV heads x 72 B (head_dim 64)
     assert float(line.group(2)) == pytest.approx(256 / 72, abs=0.01)
     # The capacity planner, given the same model folder, predicts exactly these numbers.
-    from vllm_int4kv.planner import load_config, model_from_config, startup_summary
+    from vllm_int4kv.planner.capacity import load_config, model_from_config, startup_summary
 
     model = model_from_config(load_config(server.model))
     planned = startup_summary(model.num_layers, model.num_kv_heads, model.head_dim, "k4v4")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import env_vars
-from vllm_int4kv import attention_ops
+from vllm_int4kv import attention as attention_ops
+from vllm_int4kv.policy import current
 from vllm_int4kv.kernels.reference import fake_quantize_kv
 from vllm_int4kv.policy import KVPolicy, parse_policy
 
@@ -21,7 +22,8 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E4
 from vllm.v1.attention.selector import AttentionSelectorConfig  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode  # noqa: E402
 
-from vllm_int4kv import backend, plugin  # noqa: E402
+from vllm_int4kv.backend import attention_backend as backend
+from vllm_int4kv import plugin  # noqa: E402
 
 
 @pytest.fixture
@@ -29,13 +31,13 @@ def policy_env():
     """Set VLLM_INT4KV_POLICY for one test; the process-wide resolved policy is reset around it."""
     def use(name: str | None):
         stack.enter_context(env_vars(VLLM_INT4KV_POLICY=name))
-        attention_ops.reset_policy()
+        current.reset_policy()
 
     import contextlib
 
     with contextlib.ExitStack() as stack:
         yield use
-    attention_ops.reset_policy()
+    current.reset_policy()
 
 
 # -- plugin ---------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def test_register_is_cheap_idempotent_and_logs_once():
         wrapper = type(current_platform).__dict__["get_attn_backend_cls"]
         assert not hasattr(wrapper._int4kv_original, "_int4kv_original"), "wrapped twice"
         assert AttentionBackendEnum.CUSTOM.get_path() == plugin.BACKEND_PATH
-        assert "vllm_int4kv.backend" not in sys.modules, "register() imported the backend"
+        assert "vllm_int4kv.backend.attention_backend" not in sys.modules, "register() imported the backend"
         assert sum("registered" in line for line in lines) == 1, lines
         print("ok")
     """)
@@ -164,18 +166,21 @@ def test_int4_cache_dtype_needs_a_quantized_policy(policy_env, monkeypatch):
 def test_auto_policy_is_resolved_once_with_the_model_config(policy_env, monkeypatch):
     calls = []
 
-    def resolve_auto(model, *, revision=None, dtype=None, trust_remote_code=False):
-        calls.append((model, revision, dtype, trust_remote_code))
-        return types.SimpleNamespace(policy=KVPolicy(8, 4), summary="auto: k8v4 within budget")
+    from vllm_int4kv.policy import decide
 
-    monkeypatch.setitem(sys.modules, "vllm_int4kv.auto", types.SimpleNamespace(resolve_auto=resolve_auto))
+    def fake_decide(request, target):
+        calls.append((request, target))
+        return types.SimpleNamespace(policy=KVPolicy(8, 4), summary="auto: k8v4 within budget",
+                                     source="calibration")
+
+    monkeypatch.setattr(decide, "decide", fake_decide)
     policy_env("auto")
-    config = types.SimpleNamespace(model_config=types.SimpleNamespace(
-        model="/models/x", revision=None, dtype=torch.bfloat16, trust_remote_code=False))
-    assert attention_ops.resolve_policy(config) == KVPolicy(8, 4)
-    assert attention_ops.resolve_policy(config) == KVPolicy(8, 4)
-    assert calls == [("/models/x", None, torch.bfloat16, False)]
-    assert "auto: k8v4 within budget" in attention_ops.policy_source()
+    monkeypatch.setattr(backend, "_vllm_config", types.SimpleNamespace(model_config=types.SimpleNamespace(
+        model="/models/x", revision=None, dtype=torch.bfloat16, trust_remote_code=False)))
+    assert backend._policy() == KVPolicy(8, 4)
+    assert backend._policy() == KVPolicy(8, 4)
+    assert calls == [("auto", decide.ModelTarget("/models/x", None, torch.bfloat16, False))]
+    assert "auto: k8v4 within budget" in current.policy_source()
 
 
 # -- the layer impl against dense attention ---------------------------------------------------------

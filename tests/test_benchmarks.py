@@ -191,15 +191,14 @@ def test_capacity_by_hand():
 def test_gpu_session_imports_without_an_install(tmp_path):
     """The GPU machine has no install of this package: gpu_session.sh must import it from the checkout.
 
-    Its dry run drops this environment's editable install (python -S), as on that machine; the run
-    links vllm_int4kv/kernels for its duration and removes the link after."""
+    Its dry run drops this environment's editable install (python -S), as on that machine; the kernels
+    come through the checkout's link vllm_int4kv/kernels -> ../kernels."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     env.update(DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable)
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "imports"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"kernels from {REPO / 'vllm_int4kv' / 'kernels' / 'attention.py'}" in proc.stdout
-    assert not (REPO / "vllm_int4kv" / "kernels").exists()
 
 
 def _synthetic_gpu_results(k4v4_pct=90.0):

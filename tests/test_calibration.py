@@ -24,8 +24,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vllm_int4kv import calibration
-from vllm_int4kv.calibration import Session, Settings, calibrate
+from vllm_int4kv.policy import calibration
+from vllm_int4kv.policy.calibration import Session, Settings, calibrate
 from vllm_int4kv.policy import KVPolicy
 
 VOCAB = 1024
@@ -119,7 +119,7 @@ def test_attention_sinks_are_calibrated_with_them(tmp_path):
     equal the model's own eager attention (sinks, sliding windows) and still quantize the cache."""
     from transformers import GptOssForCausalLM
 
-    from vllm_int4kv.tiny_model import build_tiny_gpt_oss
+    from vllm_int4kv.testing.tiny_model import build_tiny_gpt_oss
 
     path = build_tiny_gpt_oss(tmp_path / "tiny-gpt-oss")
     model = GptOssForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
@@ -143,7 +143,7 @@ def test_soft_capped_attention_is_calibrated_with_its_cap(tmp_path):
     equal the model's own eager attention."""
     from transformers import Gemma2ForCausalLM
 
-    from vllm_int4kv.tiny_model import build_tiny_gemma
+    from vllm_int4kv.testing.tiny_model import build_tiny_gemma
 
     path = build_tiny_gemma(tmp_path / "tiny-gemma2", 2)
     ids = token_ids(n=1, length=80)
@@ -166,7 +166,7 @@ def test_other_families_calibrate_like_their_eager_attention(tmp_path, family):
     own eager attention (its attention layers route through AttentionInterface) and quantizes K/V."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_int4kv import tiny_model
+    from vllm_int4kv.testing import tiny_model
 
     build = {"llama": tiny_model.build_tiny_llama,
              "llama_d96": lambda path: tiny_model.build_tiny_llama(path, head_dim=96),
@@ -187,7 +187,7 @@ def test_chunked_local_attention_is_calibrated_with_its_chunks(tmp_path):
     registers SDPA's: its full-precision pass must equal eager attention over 32-token chunks."""
     from transformers import Llama4ForCausalLM
 
-    from vllm_int4kv.tiny_model import build_tiny_llama4
+    from vllm_int4kv.testing.tiny_model import build_tiny_llama4
 
     ids = token_ids(n=1, length=100)
     logprobs = {}

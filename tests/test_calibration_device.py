@@ -6,9 +6,11 @@ import pytest
 import torch
 from test_calibration import token_ids, tiny_model
 
-from vllm_int4kv import auto, calibration, calibration_device
-from vllm_int4kv.calibration import Session
-from vllm_int4kv.calibration_device import (CalibrationOutOfMemory, PlacementError, auto_dtype_without_vllm,
+from vllm_int4kv.policy import decide as auto
+from vllm_int4kv.policy import calibration
+from vllm_int4kv.policy import placement as calibration_device
+from vllm_int4kv.policy.calibration import Session
+from vllm_int4kv.policy.placement import (CalibrationOutOfMemory, PlacementError, auto_dtype_without_vllm,
                                             check_fits, serving_dtype, weight_bytes)
 from vllm_int4kv.cli import main
 
@@ -19,7 +21,7 @@ WAYS_OUT = ("--device auto", "--device cpu", "VLLM_INT4KV_POLICY")
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tiny model folder saved in fp32, as many small checkpoints are (vLLM serves those in bf16)."""
-    build_tiny_llama = pytest.importorskip("vllm_int4kv.tiny_model").build_tiny_llama
+    build_tiny_llama = pytest.importorskip("vllm_int4kv.testing.tiny_model").build_tiny_llama
     path = build_tiny_llama(tmp_path_factory.mktemp("device") / "tiny", seed=0)
     tiny_model().save_pretrained(path)
     assert json.loads((path / "config.json").read_text())["dtype"] == "float32"
@@ -97,7 +99,7 @@ def test_calibrate_default_dtype_computes_the_engines_key(folder):
     settings, prompts = auto.settings_from_env(), calibration.load_prompts(calibration.DEFAULT_PROMPTS)
 
     def key(dtype, device):
-        head_dim, elem_bytes, served = auto._model_facts(folder, None, dtype, False)
+        head_dim, elem_bytes, served = auto.model_facts(folder, None, dtype, False)
         return auto.calibration_key(folder, settings, prompts, head_dim, elem_bytes, None, served, device)
 
     assert key("auto", "cuda") == key(torch.bfloat16, "cuda") == key(None, "cuda")
@@ -115,7 +117,7 @@ def test_a_decision_stored_by_calibrate_is_found_at_engine_start(folder, device,
     out = capsys.readouterr().out
     here = "cuda" if torch.cuda.is_available() else "cpu"
     assert "stored: " in out and f"VLLM_INT4KV_POLICY=auto finds it on {here} with --dtype bfloat16" in out
-    decision = auto.resolve_auto(folder, dtype=torch.bfloat16)
+    decision = auto.decide("auto", auto.ModelTarget(folder, dtype=torch.bfloat16))
     assert decision.source == "cache"
     assert "<- decision" in out and decision.policy.name in out
 
@@ -181,7 +183,7 @@ def test_running_out_of_memory_while_loading_says_what_to_do(folder, monkeypatch
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", out_of_memory)
     with pytest.raises(CalibrationOutOfMemory, match="Tried to allocate 2.00 GiB; at engine start-up"):
-        auto.resolve_auto(folder, dtype=torch.bfloat16)
+        auto.decide("auto", auto.ModelTarget(folder, dtype=torch.bfloat16))
     with pytest.raises(SystemExit) as exit_:
         main(["calibrate", folder, *FAST_ARGS])
     assert str(exit_.value).startswith("vllm-int4kv calibrate: vllm-int4kv: the auto-policy calibration")

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from vllm_int4kv import calibrate_cli, cli_args, envs
+from vllm_int4kv.cli import args as cli_args
+from vllm_int4kv import envs
 from vllm_int4kv.cli import main
 
 PLAN = ["plan", "--num-layers", "2", "--num-attention-heads", "4", "--num-kv-heads", "2", "--head-dim", "64"]
@@ -24,7 +25,7 @@ def error_of(argv, capsys) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    build_tiny_llama = pytest.importorskip("vllm_int4kv.tiny_model").build_tiny_llama
+    build_tiny_llama = pytest.importorskip("vllm_int4kv.testing.tiny_model").build_tiny_llama
     return str(build_tiny_llama(tmp_path_factory.mktemp("cli") / "tiny"))
 
 
@@ -122,9 +123,11 @@ class Loaded(Exception):
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    def load_session(*args, **kwargs):
+    from vllm_int4kv.policy.calibration import Session
+
+    def load(*args, **kwargs):
         raise Loaded
-    monkeypatch.setattr(calibrate_cli, "load_session", load_session)
+    monkeypatch.setattr(Session, "load", load)  # calibrate (through decide) and layers both load here
 
 
 def test_outputs_are_checked_before_the_model_loads(model_dir, files, capsys, monkeypatch, no_loading):
@@ -177,7 +180,7 @@ def test_an_empty_cache_dir_variable_means_the_default(monkeypatch):
 
 
 def test_an_unsupported_head_size_stops_before_loading(tmp_path, capsys, no_loading):
-    build_tiny_llama = pytest.importorskip("vllm_int4kv.tiny_model").build_tiny_llama
+    build_tiny_llama = pytest.importorskip("vllm_int4kv.testing.tiny_model").build_tiny_llama
     model = str(build_tiny_llama(tmp_path / "d40", head_dim=40))
     assert "head_dim 40 is not supported" in error_of(["calibrate", model], capsys)
 
@@ -209,7 +212,7 @@ def test_quality_refuses_bad_arguments_before_any_engine_starts(files, extra, me
 @pytest.mark.parametrize("policy, message", [("k4v4-g64", "--policies: policy k4v4-g64: key groups of 64"),
                                              ("k4v4@skip=5", "k4v4@skip=5: the model's layers are 0 to 1")])
 def test_quality_refuses_a_policy_the_model_cannot_take(model_dir, files, policy, message, capsys):
-    from vllm_int4kv import quality
+    from vllm_int4kv.quality import runner as quality
 
     argv = ["quality", model_dir, "--policies", policy, "--corpus", str(files / "text.txt"), "--out",
             str(files / "out")]

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from vllm_int4kv.consensus import PolicyMismatchError, agree_on_policy
+from vllm_int4kv.policy.consensus import PolicyMismatchError, agree_on_policy
 from vllm_int4kv.policy import parse_policy
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_int4kv import corpus
+from vllm_int4kv.policy import corpus
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
@@ -76,7 +76,7 @@ def test_calibration_prompts_deterministic_and_bounded():
 
 
 def test_corpus_module_imports_no_vllm_or_torch():
-    code = ("import sys, vllm_int4kv.corpus as c; c.calibration_prompts();"
+    code = ("import sys, vllm_int4kv.policy.corpus as c; c.calibration_prompts();"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch', 'triton')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -178,7 +178,7 @@ def test_int4_decode_issues_less_than_vllms_int4_and_fp8_decode(built, tmp_path)
     F2F conversions: at most 3.82 TB/s, so on paper a token costs it 1.9x our K4V4's time.
     """
     from benchmarks import sass, vllm_kernels
-    from vllm_int4kv.quality import vllm_cache_bytes
+    from vllm_int4kv.quality.runner import vllm_cache_bytes
 
     pytest.importorskip("vllm", reason="staging copies the kernels from an installed vLLM")
     vllm_kernels.stage(tmp_path)

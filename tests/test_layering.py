@@ -1,7 +1,12 @@
-"""The layers stay one-way: kernels know nothing of vLLM or the package; only backend.py imports vLLM.
+"""The layers stay one-way, as the tree shows them.
 
-Imports inside functions are allowed (the plugin and the quality worker start vLLM engines on purpose);
-module-level imports are what would drag vLLM into every user of a lower layer.
+kernels/ (Triton, launchers, torch references) know nothing of vLLM or the package. Above them, each group
+of ``vllm_int4kv`` imports only the groups listed in ``MAY_IMPORT``: ``policy`` (what precision) and
+``attention`` (the vLLM-free cache-write and attention steps) sit on the kernels; ``backend`` (the only group
+that imports vLLM at module level) on those; ``cli`` on everything, and nothing on ``cli``.
+
+Imports inside functions count for the direction (a lower layer must not reach up even lazily); for vLLM
+only module-level imports count (the plugin and the quality worker start vLLM engines on purpose).
 """
 import ast
 from pathlib import Path
@@ -9,6 +14,47 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "vllm_int4kv"
+
+# group -> groups of vllm_int4kv it may import ("" is the package root: __version__)
+MAY_IMPORT = {
+    "envs": set(),
+    "": set(),
+    "kernels": set(),
+    "testing": set(),
+    "policy": {"", "envs", "kernels"},
+    "attention": {"envs", "kernels", "policy"},
+    "planner": {"kernels", "policy"},
+    "quality": {"", "policy"},
+    "backend": {"envs", "kernels", "policy", "attention"},
+    "plugin": set(),
+    "cli": {"", "envs", "kernels", "policy", "attention", "planner", "quality", "testing"},
+}
+
+
+def group_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return "" if parts == ("__init__",) else parts[0]
+
+
+def package_imports(path: Path) -> set[str]:
+    """The groups of vllm_int4kv a module imports, anywhere in it (relative imports resolved)."""
+    here = path.relative_to(PACKAGE).parent.parts
+    groups = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            target = list(here[:len(here) - node.level + 1]) + (node.module.split(".") if node.module else [])
+        elif (node.module or "").split(".")[0] == "vllm_int4kv":
+            target = node.module.split(".")[1:]
+        else:
+            continue
+        if target:
+            groups.add(target[0])
+        else:  # from the package root: a module of it (``from .. import envs``) or an attribute of it
+            groups.update(a.name if any(PACKAGE.glob(f"{a.name}*")) else "" for a in node.names)
+    return groups
 
 
 def module_level_imports(path: Path) -> set[str]:
@@ -37,83 +83,47 @@ def test_kernels_import_neither_vllm_nor_the_package(path):
         assert not bad, f"{path.name}:{node.lineno} imports {bad}: kernels must stay vLLM-free"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "vllm_int4kv").glob("*.py")), ids=lambda p: p.name)
+PACKAGE_MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "kernels" not in p.relative_to(PACKAGE).parts)
+
+
+@pytest.mark.parametrize("path", PACKAGE_MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_groups_import_only_the_layers_below_them(path):
+    group = group_of(path)
+    assert group in MAY_IMPORT, f"{path.relative_to(PACKAGE)}: a new group; place it in MAY_IMPORT"
+    reached = package_imports(path) - {group} - MAY_IMPORT[group]
+    assert not reached, f"{path.relative_to(PACKAGE)} ({group or 'package root'}) imports {sorted(reached)}"
+
+
+@pytest.mark.parametrize("path", PACKAGE_MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_only_the_backend_imports_vllm_at_module_level(path):
-    if path.name == "backend.py":
+    if group_of(path) == "backend":
         return
-    assert "vllm" not in module_level_imports(path), f"{path.name} imports vllm at module level"
+    assert "vllm" not in module_level_imports(path), f"{path.relative_to(PACKAGE)} imports vllm at module level"
 
 
-# An editable install of the package `kernels` is found by a finder on sys.meta_path, not on sys.path.
-EDITABLE_FINDER = """
-import importlib.util, sys
-class Editable:
-    def find_spec(self, name, path=None, target=None):
-        if name == "kernels":
-            return importlib.util.spec_from_file_location(name, {init!r}, submodule_search_locations=[{folder!r}])
-sys.meta_path.append(Editable())
-"""
+def test_the_layering_rules_can_fail(tmp_path):
+    """The import reader sees relative imports that reach up: a policy module importing the CLI."""
+    fake = PACKAGE / "policy" / "_probe_for_layering_test.py"
+    fake.write_text("def f():\n    from ..cli import main\n    from . import layout\n")
+    try:
+        assert package_imports(fake) == {"cli", "policy"}
+    finally:
+        fake.unlink()
 
 
-def _import_kernels_from_the_checkout(path_after_it: list[Path], editable: Path | None = None) -> list[str]:
-    """``import kernels`` with the checkout's root first on sys.path (as ``python -m`` run from it)."""
+def test_top_level_kernels_never_hides_an_installed_package_of_that_name(tmp_path):
+    """transformers >= 5.25 imports the PyPI package ``kernels``. Our kernels/ folder has no __init__.py, so
+    with the checkout's root first on sys.path (``python -m`` run from it) it is only a namespace folder,
+    and a regular package of that name later on sys.path still wins; the subpackage imports as before."""
     import subprocess
     import sys
 
-    code = f"import sys; sys.path[:0] = {[str(ROOT)] + [str(p) for p in path_after_it]!r}\n"
-    if editable:
-        code += EDITABLE_FINDER.format(init=str(editable / "kernels" / "__init__.py"),
-                                       folder=str(editable / "kernels"))
-    code += "import kernels, vllm_int4kv.kernels as ours; print(kernels.__file__, ours.PageLayout.__name__)"
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("WHO = 'installed'\n")
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(site)!r}]\n"
+            "import kernels, vllm_int4kv.kernels.page_format as ours; print(kernels.WHO, ours.__name__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.split()
-
-
-def _kernels_installed_here() -> bool:
-    from vllm_int4kv.kernels import _installed_kernels_spec
-
-    return _installed_kernels_spec() is not None
-
-
-def _an_installed_kernels_package(site: Path) -> Path:
-    (site / "kernels").mkdir(parents=True)
-    (site / "kernels" / "__init__.py").write_text("from .sub import WHO\n")  # its own submodules load too
-    (site / "kernels" / "sub.py").write_text("WHO = 'installed'\n")
-    return site / "kernels" / "__init__.py"
-
-
-DECOYS = ["none", "namespace folder", "second checkout"]
-
-
-def _decoys(tmp_path: Path, which: str) -> list[Path]:
-    """sys.path entries, between the checkout and the installed package, that must be passed over."""
-    if which == "namespace folder":  # a `kernels/` folder with no __init__.py (it would import as empty)
-        (tmp_path / "decoy" / "kernels").mkdir(parents=True)
-    elif which == "second checkout":  # another clone: two copies must not hand over to each other
-        import shutil
-
-        shutil.copytree(ROOT / "kernels", tmp_path / "decoy" / "kernels")
-    return [tmp_path / "decoy"] if which != "none" else []
-
-
-@pytest.mark.parametrize("decoy", DECOYS)
-@pytest.mark.parametrize("editable", [False, True], ids=["site-packages", "editable"])
-def test_top_level_kernels_is_the_installed_package_when_there_is_one(tmp_path, editable, decoy):
-    """transformers >= 5.25 installs the PyPI package ``kernels`` and imports ``kernels.CUDAProperties``;
-    our checkout's ``kernels/`` folder must not stand in for it (it did: transformers failed to import)."""
-    if editable and _kernels_installed_here():
-        pytest.skip("a package named kernels is installed in this environment: it would be found first")
-    installed = _an_installed_kernels_package(tmp_path / "site")
-    path = _decoys(tmp_path, decoy) + ([] if editable else [tmp_path / "site"])
-    found = _import_kernels_from_the_checkout(path, editable=tmp_path / "site" if editable else None)
-    assert found == [str(installed), "PageLayout"]
-
-
-@pytest.mark.parametrize("decoy", DECOYS)
-def test_top_level_kernels_stays_the_checkout_folder_when_nothing_else_is_installed(tmp_path, decoy):
-    """transformers 5.19 imports a ``kernels`` it finds without version metadata: that must not raise."""
-    if _kernels_installed_here():
-        pytest.skip("a package named kernels is installed in this environment")
-    found = _import_kernels_from_the_checkout(_decoys(tmp_path, decoy))
-    assert found == [str(ROOT / "kernels" / "__init__.py"), "PageLayout"]
+    assert done.stdout.split() == ["installed", "vllm_int4kv.kernels.page_format"]
+    assert not (ROOT / "kernels" / "__init__.py").exists()

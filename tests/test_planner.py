@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from vllm_int4kv import planner
+from vllm_int4kv.planner import capacity as planner
 from vllm_int4kv.cli import main
-from vllm_int4kv.planner import (GIB, ModelKV, PlanInputs, UnsupportedModel, layer_windows,
+from vllm_int4kv.planner.capacity import (GIB, ModelKV, PlanInputs, UnsupportedModel, layer_windows,
                                  max_context, model_from_config, plan, positions_read, sequence_bytes,
                                  startup_summary)
 from vllm_int4kv.policy import parse_policy

@@ -1,7 +1,7 @@
 """The policy value: names, validation, sizes, and the order auto tries candidates in."""
 import pytest
 
-from vllm_int4kv.calibration import candidate_policies
+from vllm_int4kv.policy.calibration import candidate_policies
 from vllm_int4kv.policy import PRESETS, KVPolicy, parse_policy
 
 # bytes per token per KV head from the page-format table (bf16/fp16 model)

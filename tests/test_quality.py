@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from vllm_int4kv import quality_metrics as qm
+from vllm_int4kv.quality import metrics as qm
 
 # -- metrics ----------------------------------------------------------------------------------------
 
@@ -101,8 +101,8 @@ def _write_inputs(tmp_path):
 
 def test_quality_command_end_to_end(tmp_path):
     from vllm_int4kv.cli import main
-    from vllm_int4kv.quality import vllm_baseline_problem
-    from vllm_int4kv.tiny_model import build_tiny_llama
+    from vllm_int4kv.quality.runner import vllm_baseline_problem
+    from vllm_int4kv.testing.tiny_model import build_tiny_llama
 
     # vLLM's fp8 cache runs on CPUs with AVX-512 or AMX only; elsewhere the rest is checked without it
     # (test_a_baseline_this_cpu_cannot_run_is_refused_up_front checks what quality says there).
@@ -158,22 +158,22 @@ def test_a_baseline_this_cpu_cannot_run_is_refused_up_front(tmp_path, monkeypatc
     before any engine starts, in its own words and vLLM's."""
     from conftest import without_avx512
     from vllm_int4kv.cli import main
-    from vllm_int4kv.tiny_model import build_tiny_llama
+    from vllm_int4kv.testing.tiny_model import build_tiny_llama
 
     without_avx512(monkeypatch)
     model = build_tiny_llama(tmp_path / "tiny")
     (tmp_path / "c").write_text("a corpus")
-    monkeypatch.setattr("vllm_int4kv.quality.build_prompts", lambda *a: pytest.fail("an engine would start"))
+    monkeypatch.setattr("vllm_int4kv.quality.runner.build_prompts", lambda *a: pytest.fail("an engine would start"))
     with pytest.raises(SystemExit, match="vllm:fp8 is not available on this machine.*AVX-512 or AMX"):
         main(["quality", str(model), "--policies", "k16v16,vllm:fp8", "--corpus", str(tmp_path / "c"),
               "--out", str(tmp_path / "out")])
-    from vllm_int4kv.quality import check_policies
+    from vllm_int4kv.quality.runner import check_policies
 
     check_policies(str(model), ["k16v16", "vllm:auto"])  # vLLM's unquantized cache runs anywhere
 
 
 def test_a_silent_worker_is_killed_at_the_timeout(tmp_path, monkeypatch):
-    from vllm_int4kv import quality
+    from vllm_int4kv.quality import runner as quality
 
     sleeper = tmp_path / "silent-worker"
     sleeper.write_text("#!/bin/sh\nsleep 60\n")

@@ -93,7 +93,7 @@ def test_skip_lists_vllm_would_ignore_stop_start_up(tiny_model_dir, skip, kv_cac
 def test_entries_that_keep_no_layer_of_the_built_model_stop_start_up(tiny_model_dir, tmp_path):
     """Judged on the layers vLLM built: ``sliding_window`` on a model without one, and the index of a
     hybrid model's Mamba layer (in range, so the config alone cannot tell), would keep nothing."""
-    from vllm_int4kv.tiny_model import build_tiny_hybrid
+    from vllm_int4kv.testing.tiny_model import build_tiny_hybrid
 
     chain = _start_up_error(tiny_model_dir, ["sliding_window"])
     assert any("sliding_window: this model has no sliding-window attention layer" in m for m in chain), chain
@@ -125,7 +125,7 @@ def _config(skip, *layers):
 def test_a_layer_kept_unlike_the_layer_whose_cache_it_reads_stops_start_up():
     """KV sharing (a layer that reads an earlier layer's pages): naming only one of the two would read
     quantized pages as unquantized ones, or the reverse."""
-    from vllm_int4kv import skip_layers
+    from vllm_int4kv.backend.attention_backend import skip_layers
 
     target = "model.layers.0.self_attn.attn"
     reader = "model.layers.1.self_attn.attn"
@@ -165,8 +165,8 @@ def test_skipped_sliding_window_layers_on_both_block_layouts(tmp_path, monkeypat
     from vllm.platforms import current_platform
     from vllm.platforms.interface import Platform
 
-    from vllm_int4kv import backend
-    from vllm_int4kv.tiny_model import build_tiny_gemma
+    from vllm_int4kv.backend import attention_backend as backend
+    from vllm_int4kv.testing.tiny_model import build_tiny_gemma
 
     model = build_tiny_gemma(tmp_path / "gemma2", version=2, seed=0)
     # vLLM's logging set-up clears the handlers of loggers under "vllm" when an engine starts

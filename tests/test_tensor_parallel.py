@@ -136,7 +136,7 @@ def test_pipeline_parallel_auto_is_shared_and_matches_one_rank(tiny_model_dir, t
 def test_alibi_slopes_split_over_two_ranks(tmp_path):
     """Bloom's ALiBi slopes are per query head: vLLM hands each TP rank the slopes of its own heads (2 of
     the tiny Bloom's 4), and two ranks serve what one does."""
-    from vllm_int4kv.tiny_model import build_tiny_bloom
+    from vllm_int4kv.testing.tiny_model import build_tiny_bloom
 
     model = build_tiny_bloom(tmp_path / "tiny-bloom", seed=0)
     one, _ = run_engine(model, 1, "k16v16", tmp_path / "tp1")

@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks import vllm_formats, vllm_quality  # noqa: E402
 from benchmarks.vllm_formats import FORMATS  # noqa: E402
-from vllm_int4kv.calibration import DEFAULT_KL_BUDGET, Session, Settings, calibrate  # noqa: E402
+from vllm_int4kv.policy.calibration import DEFAULT_KL_BUDGET, Session, Settings, calibrate  # noqa: E402
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
@@ -93,7 +93,7 @@ def test_fp8_with_unit_scale_breaks_on_a_key_offset(hard_models):
 
 
 def test_runner_writes_a_complete_comparison(tmp_path, monkeypatch):
-    build_tiny_llama = pytest.importorskip("vllm_int4kv.tiny_model").build_tiny_llama
+    build_tiny_llama = pytest.importorskip("vllm_int4kv.testing.tiny_model").build_tiny_llama
     folder = build_tiny_llama(tmp_path / "tiny", seed=0)
     tiny_model().save_pretrained(folder)
     text = tmp_path / "held_out.txt"

@@ -15,7 +15,7 @@ import logging
 # A child of vLLM's logger, so our lines appear (and are filtered) with vLLM's own.
 logger = logging.getLogger("vllm.int4kv")
 
-BACKEND_PATH = "vllm_int4kv.backend.Int4KVBackend"
+BACKEND_PATH = "vllm_int4kv.backend.attention_backend.Int4KVBackend"
 _registered = False
 
 

@@ -7,7 +7,7 @@ vLLM's config (or anything with the same fields); vLLM itself is imported only t
 """
 from __future__ import annotations
 
-from .policy import is_layer_index
+from ..policy.layout import is_layer_index
 
 QUANTIZED_CACHE_DTYPE = "int4_per_token_head"
 

@@ -11,7 +11,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 # Published anchors the report sets its numbers against (sources in the README section).
 ANCHORS = ("llama.cpp's q4_0 KV cache costs +0.77 % perplexity (a 4-bit cache with 32-value blocks, on "

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-from . import calibration
-from .calibrate_cli import add_session_arguments, exit_with_reason, load_session, prepare
-from .cli_args import at_least, output_file
-from .policy import UNQUANTIZED, KVPolicy, mean_slot_bytes, parse_policy
+from ..policy.layout import UNQUANTIZED, parse_policy
+from ..policy.sensitivity import Sweep, sweep
+from .args import at_least, output_file
+from .model_args import add_session_arguments, exit_with_reason, load_session, prepare
 
 
 def add_parser(parser) -> None:
@@ -29,51 +29,6 @@ def add_parser(parser) -> None:
     parser.add_argument("--max-skip", type=at_least(0), default=8, help="most layers to keep unquantized")
     parser.add_argument("--json", type=output_file, default=None, help="also write every measurement here")
     parser.set_defaults(run=run)
-
-
-@dataclass
-class Step:
-    """The whole model at the policy except the ``kept`` layers (unquantized)."""
-
-    kept: list[int]
-    bytes_per_token: float  # per KV head, averaged over the layers
-    kl: float
-    top1: float
-
-
-@dataclass
-class Sweep:
-    policy: str
-    budget: float
-    num_layers: int  # attention layers (a hybrid model's state layers hold no KV cache)
-    single: dict[int, float]  # layer -> KL with only that layer at the policy
-    steps: list[Step]
-
-    @property
-    def within_budget(self) -> Step | None:
-        return next((s for s in self.steps if s.kl <= self.budget), None)
-
-
-def sweep(session: calibration.Session, policy: KVPolicy, head_dim: int, elem_bytes: int,
-          budget: float, max_skip: int) -> Sweep:
-    """Over the session's attention layers (the indices vLLM's --kv-cache-dtype-skip-layers takes)."""
-    spec = calibration.spec_of(policy)
-    if not session.attention_layers:
-        raise NotImplementedError(f"{type(session.model).__name__}'s attention modules have no layer_idx, so "
-                                  "its layers cannot be measured one by one")
-    num_layers = len(session.attention_layers)
-    single = {i: session.measure(f"layer {i}", calibration.PerLayer(None, {i: spec})).kl
-              for i in session.attention_layers}
-    order = sorted(single, key=single.get, reverse=True)
-    steps = []
-    for n in range(min(max_skip, num_layers - 1) + 1):  # every layer kept would just be k16v16
-        kept = order[:n]
-        m = session.measure(f"keep {kept}", calibration.PerLayer(spec, dict.fromkeys(kept)))
-        mean_bytes = mean_slot_bytes(policy, head_dim, elem_bytes, num_layers, n)
-        steps.append(Step(sorted(kept), mean_bytes, m.kl, m.top1))
-        if m.kl <= budget:
-            break
-    return Sweep(policy.name, budget, num_layers, single, steps)
 
 
 def serve_flags(model: str, policy: str, kept: list[int]) -> str:

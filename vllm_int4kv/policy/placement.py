@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from .cli_args import VLLM_DTYPE_NAMES
+from .layout import VLLM_DTYPE_NAMES
 
 SPREAD = "auto"  # --device auto: HF's device_map="auto", every visible GPU first, then CPU memory
 DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16,

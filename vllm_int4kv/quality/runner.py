@@ -1,8 +1,9 @@
 """Quality of KV policies through vLLM: lm-eval tasks, perplexity, agreement and KL vs k16v16.
 
 ``vllm-int4kv quality MODEL --policies k16v16,k8v4,k4v4,auto --tasks T1,T2 --include-path DIR --out DIR``
+(the options: ``vllm_int4kv.cli.quality``).
 
-Each policy runs in its own process (``quality_worker``: the policy is resolved once per process) on
+Each policy runs in its own process (``worker``: the policy is resolved once per process) on
 the same prompts, prepared here once; this process then compares every run with the ``k16v16``
 reference and writes ``report.md``, ``report.json`` and ``quality.png`` into ``--out``.
 """
@@ -18,46 +19,11 @@ import threading
 import time
 from pathlib import Path
 
-from .cli_args import VLLM_DTYPE_NAMES, above, at_least, count_list, input_file, output_folder
-from .quality_worker import SKIP_MARK, VLLM_PREFIX, split_run_name
+from .worker import SKIP_MARK, VLLM_PREFIX, split_run_name
 
 REFERENCE = "k16v16"
 PLOT_NAME = "quality.png"
 HEARTBEAT_S = 60  # echo the worker's latest log line when it printed no progress line for this long
-
-
-def add_parser(parser) -> None:
-    parser.add_argument("model", help="Hugging Face model folder (or a name in the local HF cache)")
-    parser.add_argument("--policies", default="k16v16,k8v4,k4v4,auto",
-                        help="comma-separated VLLM_INT4KV_POLICY values; k16v16 (the reference) is added "
-                             "first if missing. POLICY@skip=I:J keeps layers I and J unquantized "
-                             "(--kv-cache-dtype-skip-layers). vllm:DTYPE runs vLLM's own attention with "
-                             "--kv-cache-dtype DTYPE instead (e.g. vllm:auto, vllm:fp8), for comparison")
-    parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (empty: none)")
-    parser.add_argument("--include-path", help="folder of lm-eval task YAMLs (lm-eval --include_path)")
-    parser.add_argument("--limit", type=above(0), help="lm-eval limit: documents per task (< 1: a fraction)")
-    parser.add_argument("--corpus", type=input_file, required=True, help="plain-text file for perplexity and agreement")
-    parser.add_argument("--chunk-tokens", type=at_least(2), default=512, help="perplexity chunk length")
-    parser.add_argument("--ppl-chunks", type=at_least(0), default=8, help="number of perplexity chunks")
-    parser.add_argument("--long-prompts", type=at_least(0), default=1, help="long prompts for agreement/KL")
-    parser.add_argument("--long-tokens", type=at_least(2), default=2048, help="length of each long prompt")
-    parser.add_argument("--gen-lengths", type=count_list, default="64,512,1536",
-                        help="prompt lengths (tokens) for the greedy-continuation comparison (at least one)")
-    parser.add_argument("--gen-tokens", type=at_least(1), default=32, help="greedy tokens per continuation")
-    parser.add_argument("--top-k", type=at_least(1), default=40, help="prompt_logprobs requested per position")
-    parser.add_argument("--kl-top-k", type=at_least(1), default=20, help="reference tokens kept apart in the KL")
-    parser.add_argument("--bos", choices=("auto", "never"), default="auto",
-                        help="auto: prepend the tokenizer's BOS token to every prompt if it has one")
-    parser.add_argument("--dtype", default="float32", choices=VLLM_DTYPE_NAMES,
-                        help="model dtype (float32 on CPU: deterministic)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=above(0), default=3600, help="seconds per policy before giving up")
-    parser.add_argument("--reuse", action="store_true",
-                        help="keep a policy's earlier run in --out if it scored the same prompts with the "
-                             "same engine settings (its lm-eval results are kept as they were)")
-    parser.add_argument("--notes", type=input_file, help="Markdown file appended to the report's discussion")
-    parser.add_argument("--out", type=output_folder, required=True, help="output folder")
-    parser.set_defaults(run=run)
 
 
 def say(message: str) -> None:
@@ -140,7 +106,7 @@ def run_policy(policy: str, spec: dict, out: Path, timeout: float, reuse: bool =
     started = last_echo = time.monotonic()
     tail: list[str] = []
     with open(run_dir / "worker.log", "w") as log, subprocess.Popen(
-            [sys.executable, "-m", "vllm_int4kv.quality_worker", str(spec_path)], env=worker_env(policy),
+            [sys.executable, "-m", "vllm_int4kv.quality.worker", str(spec_path)], env=worker_env(policy),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True) as proc:
         # A watchdog, not a check inside the loop: a worker that hangs silently prints nothing to wake
@@ -199,7 +165,7 @@ def vllm_baseline_problem(kv_cache_dtype: str, head_dim: int | None, dtype: str)
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
     except ImportError:  # no vLLM, or a build without its CPU attention: the worker will say
         return None
-    from .calibration_device import DTYPES
+    from ..policy.placement import DTYPES
 
     try:
         _get_attn_isa(DTYPES.get(dtype, DTYPES["bfloat16"]), 16, head_dim, kv_cache_dtype)
@@ -213,7 +179,7 @@ def _bytes_per_token(resolved: dict, model: str) -> float | None:
     the attention layers when the engine kept some unquantized (as the worker counted them)."""
     from transformers import AutoConfig
 
-    from .policy import mean_slot_bytes, parse_policy
+    from ..policy.layout import mean_slot_bytes, parse_policy
 
     config = AutoConfig.from_pretrained(model).get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -230,8 +196,8 @@ def _bytes_per_token(resolved: dict, model: str) -> float | None:
 def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
     import numpy as np
 
-    from . import quality_metrics as qm
-    from .quality_report import machine_info
+    from . import metrics as qm
+    from .report import machine_info
 
     n_ppl_rows = sum(len(p) - prompts["first_row"] for p in prompts["ppl"])
     ppl_rows = np.arange(n_ppl_rows)
@@ -287,7 +253,7 @@ def worker_spec(args, out: Path, prompts: dict) -> dict:
 def model_shape(model: str) -> tuple[int | None, int | None]:
     """(head_dim, number of layers) from the model's config; (None, None) when it cannot be read, which
     is then left to vLLM's engine to report."""
-    from .calibration import head_dim_of
+    from ..policy.calibration import head_dim_of
 
     try:
         from transformers import AutoConfig
@@ -302,7 +268,7 @@ def check_policies(model: str, policies: list[str], dtype: str = "float32") -> N
     """Fail before any engine starts on a name no worker could run, or a policy this model cannot take:
     key groups its head size does not allow, kept layers it does not have, or a ``vllm:`` baseline that
     vLLM cannot run on this machine (e.g. ``vllm:fp8`` on a CPU without AVX-512 or AMX)."""
-    from .policy import is_layer_index, parse_policy
+    from ..policy.layout import is_layer_index, parse_policy
 
     head_dim, num_layers = model_shape(model)
     for name in policies:
@@ -333,7 +299,7 @@ def check_policies(model: str, policies: list[str], dtype: str = "float32") -> N
 
 
 def run(args) -> int:
-    from . import quality_report
+    from . import report as quality_report
 
     if args.kl_top_k > args.top_k:
         raise SystemExit("--kl-top-k must not exceed --top-k")

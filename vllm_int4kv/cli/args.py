@@ -11,8 +11,6 @@ import math
 import os
 from pathlib import Path
 
-VLLM_DTYPE_NAMES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # vllm serve --dtype
-
 
 def _number(kind: type, text: str):
     try:

@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .planner import (GIB, DEFAULT_POLICIES, _ELEM_BYTES, ModelKV, load_config, model_from_config, round_up, sequence_bytes, PolicyPlan, PlanInputs, plan, measured_bandwidth)
-from .cli_args import above, at_least, fraction, output_file
-from .policy import parse_policy
+from ..planner.capacity import (GIB, DEFAULT_POLICIES, _ELEM_BYTES, ModelKV, load_config, model_from_config, round_up, sequence_bytes, PolicyPlan, PlanInputs, plan, measured_bandwidth)
+from ..policy.layout import parse_policy
+from .args import above, at_least, fraction, output_file
 
 def fmt_bytes(n: float) -> str:
     for unit, size in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):

@@ -1,4 +1,4 @@
-"""One policy's quality run, in its own process: ``python -m vllm_int4kv.quality_worker SPEC.json``.
+"""One policy's quality run, in its own process: ``python -m vllm_int4kv.quality.worker SPEC.json``.
 
 The policy is resolved once per process (``VLLM_INT4KV_POLICY``, set by the parent), so each policy
 gets a fresh process and engine. One vLLM engine (``attention_backend="CUSTOM"``, in-process, eager,
@@ -91,9 +91,9 @@ def served_layers(llm) -> dict:
 
 def resolved_policy(requested: str) -> dict:
     """What our backend actually ran with (in-process engine: the module state is this process's)."""
-    from . import attention_ops
+    from ..policy import current
 
-    policy = attention_ops.current_policy()
+    policy = current.current_policy()
     if requested.startswith(VLLM_PREFIX):
         if policy is not None:
             raise RuntimeError(f"{requested} was to run vLLM's own attention, but vllm-int4kv's backend ran")
@@ -103,13 +103,13 @@ def resolved_policy(requested: str) -> dict:
                            "is the plugin installed and attention_backend='CUSTOM' honoured?")
     skipped = split_run_name(requested)[1]
     name = policy.name + (SKIP_MARK + ":".join(skipped) if skipped else "")
-    return {"name": name, "source": attention_ops.policy_source()}
+    return {"name": name, "source": current.policy_source()}
 
 
 def score_prompts(llm, prompts: list[list[int]], first_row: int, k: int, first_sequence: int):
     from vllm import SamplingParams, TokensPrompt
 
-    from .quality_metrics import TopK, from_flat_logprobs
+    from .metrics import TopK, from_flat_logprobs
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False,
                             flat_logprobs=True)

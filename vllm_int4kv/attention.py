@@ -1,5 +1,5 @@
-"""The vLLM-free half of the attention backend: batch metadata, the process-wide policy, and the
-cache-write and attention steps the backend's impl calls.
+"""The vLLM-free half of the attention backend: batch metadata, and the cache-write and attention steps
+the backend's impl calls.
 
 Keeping this module free of vLLM imports lets it be unit-tested (and read) without an engine; the
 backend module only translates vLLM's objects into these calls.
@@ -10,7 +10,6 @@ over is ``[num_blocks, Hkv, block_size, C]`` in the spec's dtype, where ``C * it
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +19,8 @@ from .kernels.page_format import PageLayout
 from .kernels.planes import as_runs
 from .kernels.reference import write_cache_reference
 from .kernels.torch_attention import paged_attention_torch
-from .consensus import AllGather, agree_on_policy
 from .kernels.rotation import rotate, unrotate
-from .policy import KVPolicy, parse_policy
+from .policy import KVPolicy
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -45,67 +43,6 @@ class Int4KVMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, < 0 = padding
 
 
-# -- the policy: resolved once per process --------------------------------------------------------
-_policy: KVPolicy | None = None
-_policy_source = ""
-_policy_lock = threading.Lock()
-
-
-def resolve_auto_policy(vllm_config) -> tuple[KVPolicy, str]:
-    """``VLLM_INT4KV_POLICY=auto``: the policy ``vllm_int4kv.auto`` chooses for this model, and why.
-
-    Called once per engine (on rank 0), in the worker after the weights are loaded and before the KV
-    cache is sized, with the fields of vLLM's ``model_config``.
-    """
-    from .auto import resolve_auto  # imports transformers: only when auto is asked for
-
-    model_config = getattr(vllm_config, "model_config", None)
-    if model_config is None:
-        raise RuntimeError("VLLM_INT4KV_POLICY=auto needs the model's config, which is not available "
-                           "here; set VLLM_INT4KV_POLICY to a fixed policy such as k4v4")
-    decision = resolve_auto(model_config.model, revision=model_config.revision, dtype=model_config.dtype,
-                            trust_remote_code=model_config.trust_remote_code)
-    return decision.policy, decision.summary
-
-
-def resolve_policy(vllm_config=None, *, all_gather: AllGather | None = None, rank: int = 0) -> KVPolicy:
-    """The process's policy: ``VLLM_INT4KV_POLICY`` (a policy string, or ``auto``), decided once.
-
-    With several ranks (``all_gather`` over all of them), rank 0 decides for the whole engine and the
-    others adopt its decision; differing requests or layouts stop start-up (see ``consensus``).
-    """
-    global _policy, _policy_source
-    with _policy_lock:
-        if _policy is None:
-            def resolve(request: str) -> tuple[KVPolicy, str]:
-                if request == "auto":
-                    return resolve_auto_policy(vllm_config)
-                return parse_policy(request), f"VLLM_INT4KV_POLICY={request}"
-
-            request = envs.policy_name(rank)
-            if all_gather is None:
-                _policy, _policy_source = resolve(request)
-            else:
-                _policy, _policy_source = agree_on_policy(request, rank, all_gather, resolve)
-        return _policy
-
-
-def policy_source() -> str:
-    """Where the process's policy came from (the env variable, or the auto decision's summary)."""
-    return _policy_source
-
-
-def current_policy() -> KVPolicy | None:
-    return _policy
-
-
-def reset_policy() -> None:
-    """Forget the resolved policy (tests that switch ``VLLM_INT4KV_POLICY`` in one process)."""
-    global _policy, _policy_source
-    with _policy_lock:
-        _policy, _policy_source = None, ""
-
-
 def default_impl() -> str:
     """``VLLM_INT4KV_IMPL``; Triton kernels on CUDA, the torch implementation elsewhere."""
     return envs.impl_name("triton" if torch.cuda.is_available() else "torch")
@@ -114,14 +51,13 @@ def default_impl() -> str:
 def describe(policy: KVPolicy, layout: PageLayout, num_kv_heads: int, model_dtype: torch.dtype,
              source: str | None = None) -> str:
     """The start-up line: policy, bytes per token per layer, capacity gain against a BF16 cache, and
-    where the policy came from (``source``, else the process's policy source)."""
+    where the policy came from (``source``)."""
     line = (f"vllm-int4kv: KV policy {policy.name}, {layout.slot_bytes * num_kv_heads} bytes/token/layer "
             f"({num_kv_heads} KV heads x {layout.slot_bytes} B, head_dim {layout.head_dim}), "
             f"{layout.compression_vs(2):.2f}x the tokens of a BF16 cache")
     if model_dtype.itemsize != 2:  # fp32 models: also say how this compares with their own cache
         dtype_name = str(model_dtype).removeprefix("torch.")
         line += f", {layout.compression_vs(model_dtype.itemsize):.2f}x the tokens of a {dtype_name} cache"
-    source = source or _policy_source
     if source:
         line += f" (from {source})"
     return line

@@ -25,8 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
-from .policy import UNQUANTIZED, KVPolicy, parse_policy
+from ..kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
+from ..policy.layout import UNQUANTIZED, KVPolicy, parse_policy
 
 GIB = 1 << 30
 DEFAULT_POLICIES = ("k16v16", "k8v4", "k4v4")

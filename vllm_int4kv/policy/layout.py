@@ -8,8 +8,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .kernels.page_format import KEY_BITS, PageLayout
+from ..kernels.page_format import KEY_BITS, PageLayout
 
+VLLM_DTYPE_NAMES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # vllm serve --dtype
 _PATTERN = re.compile(r"^k(4|8|16)v(4|8|16)(?:-g(\d+))?(-rot)?$")
 
 

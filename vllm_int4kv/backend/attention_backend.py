@@ -3,7 +3,7 @@
 The only module of the project that imports vLLM. It tells vLLM how large a page is (``customize_spec``
 returns the spec with ``state_content_bytes`` = the policy's bytes per token and KV head, so vLLM's own
 block manager allocates INT4-sized pages and reports correspondingly more blocks), builds the batch
-metadata, and forwards each layer's cache write and attention to ``attention_ops``.
+metadata, and forwards each layer's cache write and attention to ``vllm_int4kv.attention``.
 
 Which ``--kv-cache-dtype`` selects our pages: ``auto`` (the pages follow ``VLLM_INT4KV_POLICY``, any
 policy including the unquantized ``k16v16``) and ``int4_per_token_head`` (the same, but the policy must
@@ -33,11 +33,12 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from . import attention_ops as ops
+from .. import attention as ops
+from ..kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
+from ..kernels.rotation import hadamard
+from ..policy import UNQUANTIZED, KVPolicy, current
+from ..policy.decide import ModelTarget
 from . import skip_layers
-from .kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
-from .kernels.rotation import hadamard
-from .policy import UNQUANTIZED, KVPolicy
 
 # A child of vLLM's logger, so our lines appear (and are filtered) with vLLM's own.
 logger = logging.getLogger("vllm.int4kv")
@@ -119,12 +120,21 @@ def _all_gather(obj) -> list:
     return gathered
 
 
+def _model_target(config) -> ModelTarget | None:
+    """The model ``auto`` calibrates, as vLLM serves it (None outside an engine)."""
+    model_config = getattr(config, "model_config", None)
+    if model_config is None:
+        return None
+    return ModelTarget(model_config.model, revision=model_config.revision, dtype=model_config.dtype,
+                       trust_remote_code=model_config.trust_remote_code)
+
+
 def _policy() -> KVPolicy:
     # Every worker calls this at the same point (the first customize_spec, inside vLLM's collective
     # get_kv_cache_spec), so a collective here cannot leave a rank waiting alone.
     rank, world = _ranks()
-    return ops.resolve_policy(_current_config(),
-                              all_gather=_all_gather if world > 1 else None, rank=rank)
+    return current.resolve_policy(lambda: _model_target(_current_config()),
+                                  all_gather=_all_gather if world > 1 else None, rank=rank)
 
 
 def _warn_if_padded(policy: KVPolicy, layout, kv_cache: torch.Tensor) -> None:
@@ -198,7 +208,7 @@ class Int4KVBackend(AttentionBackend):
         if spec.head_size_v != spec.head_size:
             raise ValueError(f"vllm-int4kv needs equal K and V head sizes, got {spec.head_size} and "
                              f"{spec.head_size_v}; {_HINT}")
-        if ops.current_policy() is None:  # the first spec: every layer is built, and every rank is here
+        if current.current_policy() is None:  # the first spec: every layer is built, and every rank is here
             _, world = _ranks()
             skip_layers.check_kept_layers(_current_config(), _all_gather if world > 1 else None)
         policy = _policy()
@@ -218,7 +228,7 @@ class Int4KVBackend(AttentionBackend):
             _announced.add(key)
             rank, world = _ranks()
             where = f" [rank {rank} of {world}: {spec.num_kv_heads} KV heads on this rank]" if world > 1 else ""
-            source = "--kv-cache-dtype-skip-layers" if kept else None
+            source = "--kv-cache-dtype-skip-layers" if kept else current.policy_source()
             logger.info(ops.describe(policy, layout, spec.num_kv_heads, model_dtype, source=source) + where)
         return dataclasses.replace(spec, state_content_bytes=layout.slot_bytes)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .policy import KVPolicy, parse_policy
+from .layout import KVPolicy, parse_policy
 
 AllGather = Callable[[object], list]
 

@@ -30,11 +30,11 @@ from typing import Callable
 
 import torch
 
-from .calibration_device import (SPREAD, check_fits, compute_dtype, explained_out_of_memory, pick_device,
+from .placement import (SPREAD, check_fits, compute_dtype, explained_out_of_memory, pick_device,
                                  placement)
 from .corpus import calibration_prompts
-from .kernels.reference import fake_quantize_kv
-from .policy import KVPolicy
+from ..kernels.reference import fake_quantize_kv
+from .layout import KVPolicy
 
 ATTN_NAME = "int4kv_calibration"
 DEFAULT_KL_BUDGET = 0.01  # nats; exp(0.01) - 1 = 1.0 % perplexity if the text follows the model

@@ -19,8 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import __version__, envs
-from .policy import parse_policy
+from .. import __version__, envs
+from .layout import parse_policy
 
 logger = logging.getLogger(__name__)
 

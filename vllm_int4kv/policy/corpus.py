@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CALIBRATION_FILE = Path(__file__).resolve().parent / "data" / "calibration.txt"
+CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 EVAL_CORPUS_NAME = "sotu_2010_2021.txt"
 DEFAULT_MIN_CHARS = 1000
 

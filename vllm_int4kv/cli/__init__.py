@@ -8,9 +8,9 @@ import sys
 # subcommand -> (module inside this package, one-line help). Only the chosen subcommand's module is
 # imported, so `vllm-int4kv plan` does not pay for torch/transformers imports it never uses.
 SUBCOMMANDS = {
-    "plan": ("planner_cli", "KV capacity and decode traffic per policy for a model and a memory budget"),
-    "calibrate": ("calibrate_cli", "measure a model's K/V sensitivity and choose its policy (auto)"),
-    "layers": ("layers_cli", "which layers carry a policy's error; what --kv-cache-dtype-skip-layers should keep"),
+    "plan": ("plan", "KV capacity and decode traffic per policy for a model and a memory budget"),
+    "calibrate": ("calibrate", "measure a model's K/V sensitivity and choose its policy (auto)"),
+    "layers": ("layers", "which layers carry a policy's error; what --kv-cache-dtype-skip-layers should keep"),
     "quality": ("quality", "perplexity, agreement, KL and lm-eval per policy through vLLM, as a report"),
 }
 

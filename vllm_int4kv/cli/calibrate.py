@@ -1,0 +1,114 @@
+"""Calibrate the auto K/V precision policy for a model and print the evidence.
+
+    vllm-int4kv calibrate MODEL [--budget NATS] [--prompts N] [--device cpu|cuda|auto] [--all]
+                                [--eval-text FILE --eval-chunks N]
+
+Prints one row per measured candidate (bytes per token per KV head, mean next-token KL against full
+precision, top-1 agreement, the perplexity increase the KL implies, the NLL change on the calibration
+text) and the INT6/INT8 ratio evidence, then stores the decision where engine start-up will find it
+(same settings only: the key covers them). ``--eval-text`` adds measured perplexity on held-out
+512-token chunks for every candidate.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from ..policy import calibration, decide, placement
+from ..policy.layout import parse_policy
+from .args import at_least, output_file
+from .model_args import add_session_arguments, check_cache_dir, exit_with_reason, prepare
+
+
+def add_parser(parser) -> None:
+    add_session_arguments(parser)
+    parser.add_argument("--all", action="store_true", help="measure every candidate, not only up to the "
+                        "decision (the decision is the same)")
+    parser.add_argument("--eval-text", default=None, help="held-out text: perplexity of every candidate")
+    parser.add_argument("--eval-chunks", type=at_least(1), default=4, help="512-token chunks of --eval-text")
+    parser.add_argument("--json", type=output_file, default=None,
+                        help="also write the evidence (and perplexities) here")
+    parser.add_argument("--no-cache", action="store_true", help="do not store the decision")
+    parser.set_defaults(run=run)
+
+
+def _table(result: calibration.Calibration, ppl: dict) -> str:
+    base = ppl.get("fp")
+    head = (f"{'candidate':<14}{'B/tok/head':>11}{'mean KL':>11}{'top-1':>8}{'est. ppl Δ':>12}"
+            f"{'ΔNLL calib':>12}")
+    if base:
+        head += f"{'eval ppl':>12}{'ppl Δ':>9}"
+    rows = [head, "-" * len(head)]
+    for m in result.measurements:
+        size = "-" if m.bytes_per_token is None else str(m.bytes_per_token)
+        row = (f"{m.name:<14}{size:>11}{m.kl:>11.5f}{m.top1:>8.1%}{m.ppl_delta:>+12.2%}"
+               f"{m.dnll:>+12.5f}")
+        if base and m.name in ppl:
+            row += f"{ppl[m.name]:>12.5g}{ppl[m.name] / base - 1:>+9.2%}"
+        mark = "  <- decision" if m.name == result.policy.name else ""
+        mark += "  (measurement only)" if m.bytes_per_token is None else ""
+        rows.append(row + mark)
+    if base:
+        rows.append(f"{'full precision':<14}{'':>11}{'':>11}{'':>8}{'':>12}{'':>12}{base:>12.5g}")
+    return "\n".join(rows)
+
+
+def serving_hint(args, settings: calibration.Settings, dtype, policy: str) -> str:
+    """How `vllm serve` gets this decision: found under auto only when the engine computes the same key,
+    i.e. the same device type and dtype, and the settings the engine itself uses."""
+    fixed = f"set VLLM_INT4KV_POLICY={policy}"
+    if settings != decide.settings_from_env():
+        return (f"`vllm serve` calibrates with the default prompts and VLLM_INT4KV_KL_BUDGET, not with this "
+                f"run's --prompts/--max-tokens/--budget, so it will not find this decision: {fixed}")
+    device = placement.device_type(placement.pick_device(args.device))
+    return (f"`vllm serve` with VLLM_INT4KV_POLICY=auto finds it on {device} with --dtype "
+            f"{str(dtype).removeprefix('torch.')}; anywhere else, {fixed}")
+
+
+def run(args) -> int:
+    settings, _, head_dim, elem_bytes, dtype, _ = prepare(args, "calibrate")
+    if not args.no_cache:
+        check_cache_dir("calibrate")
+    chunks = []
+    if args.eval_text:  # before the model loads: a bad file fails at once
+        try:
+            chunks = calibration.text_chunks(args.model, args.eval_text, args.eval_chunks,
+                                             revision=args.revision, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--eval-text: {exc}") from exc
+    ppl, measured = {}, []
+
+    def held_out_perplexity(session, result) -> None:
+        measured.append(result)
+        if chunks:
+            ppl["fp"] = session.perplexity(chunks, None)
+            for m in result.measurements:
+                spec = ((6, 4, None, False) if m.name == "k6v4"
+                        else calibration.spec_of(parse_policy(m.name)))
+                ppl[m.name] = ppl["fp"] if m.exact else session.perplexity(chunks, spec)
+
+    target = decide.ModelTarget(args.model, args.revision, dtype, args.trust_remote_code, args.device)
+    with exit_with_reason("calibrate"):
+        decision = decide.decide("auto", target, settings=settings, fresh=True, store=not args.no_cache,
+                                 measure_all=args.all or bool(args.eval_text), with_session=held_out_perplexity)
+    [result] = measured
+    ev = decision.evidence
+    print(f"model {args.model}: head_dim {head_dim}, {ev['n_prompts']} prompts / {ev['n_tokens']} tokens, "
+          f"{ev['device']} {ev['dtype']}, budget {settings.budget:g} nats "
+          f"(≈ {math.expm1(settings.budget):+.2%} ppl)")
+    print(_table(result, ppl))
+    print(f"ratio classifier: err(K INT8, V INT4) = {ev['err_int8']:.5f}, err(K INT6, V INT4) = "
+          f"{ev['err_int6']:.5f}, ratio = {ev['ratio']:.2f} (tau {settings.tau:g}) -> keys {ev['keys']}; "
+          f"err(K4V4) = {ev['err_k4v4']:.5f}")
+    print(f"decision: {decision.policy.name}, {ev['bytes_per_token_per_head']} B/token/KV head; "
+          f"calibration {result.seconds:.1f} s")
+    if args.eval_text:
+        ev = {**ev, "eval": {"text": args.eval_text, "chunks": len(chunks), "tokens_per_chunk": 512,
+                             "perplexity": ppl}}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(ev, f, indent=1)
+    if decision.stored:
+        print(f"stored: {decision.stored}")
+        print(serving_hint(args, settings, dtype, decision.policy.name))
+    return 0

@@ -1,0 +1,1 @@
+"""Capacity planning: bytes per token, tokens and sequences that fit, decode traffic (pure arithmetic)."""

@@ -1,0 +1,1 @@
+"""Test support shipped with the package: tiny random models built locally (no download)."""
