@@ -130,9 +130,9 @@ def _forget_engine() -> None:
     from vllm_int4kv.policy import current
 
     current.reset_policy()
-    backend = sys.modules.get("vllm_int4kv.backend.attention_backend")
-    if backend is not None:
-        backend._vllm_config = None
+    engine = sys.modules.get("vllm_int4kv.backend.engine")
+    if engine is not None:
+        engine.forget_config()
 
 
 def error_chain(e: BaseException | None) -> list[str]:

@@ -10,10 +10,12 @@ from test_calibration import tiny_model
 from vllm_int4kv.policy import calibration, decision_cache
 from vllm_int4kv.policy import decide as auto
 from vllm_int4kv.policy.decide import Decision, ModelTarget, decide
-from vllm_int4kv.policy.calibration import Calibration, Measurement, Settings
+from vllm_int4kv.policy.calibration import Calibration, Settings
+from vllm_int4kv.policy.session import Measurement
 from vllm_int4kv.policy import KVPolicy
+from vllm_int4kv.policy.layer_map import PolicyMap
 
-FAST = Settings(n_prompts=2, max_tokens=128)  # the default budget; short prompts keep the tests quick
+FAST = Settings(n_prompts=1, max_tokens=128, long_tokens=256, per_layer=False)  # quick, the default budget
 
 
 def resolve_auto(model: str, **target) -> Decision:
@@ -57,8 +59,8 @@ class CountingCalibration:
         ms = [Measurement("k8v4", 104, 0.001, 0.99, 0.001), Measurement("k6v4", None, 0.002, 0.98, 0.002),
               Measurement("k4v4", 72, 0.05, 0.9, 0.05)]
         info = {"head_dim": head_dim, "elem_bytes": elem_bytes, "n_prompts": 2, "n_tokens": 256,
-                "device": "cpu", "dtype": "float32", "bytes_per_token_per_head": 104}
-        return Calibration(self.policy, ms, 2.0, settings, 0.1, info)
+                "device": "cpu", "dtype": "float32"}
+        return Calibration(PolicyMap.uniform(self.policy), self.policy, ms, 2.0, settings, 0.1, None, info)
 
 
 # -- real calibration end to end ----------------------------------------------------------------------
@@ -66,7 +68,7 @@ def test_calibrates_once_then_reads_the_cache(folder, isolated, monkeypatch):
     first = resolve_auto(folder)
     print("\n" + first.summary)
     assert isinstance(first, Decision) and first.source == "calibration"
-    assert first.policy == KVPolicy(4, 4)  # the ordinary test model fits the budget at K4V4
+    assert first.policy.single == KVPolicy(4, 4)  # the ordinary test model fits the budget at K4V4
     assert "k4v4" in first.summary and "budget" in first.summary
     json.dumps(first.evidence)
     for field in ("err_int8", "err_int6", "ratio", "err_k4v4", "seconds"):
@@ -94,7 +96,7 @@ def test_changed_weights_are_a_new_model(folder, isolated, tmp_path):
     after = resolve_auto(str(changed))
     print(f"\nbefore {before.policy} ({before.source}); after {after.policy} ({after.source})")
     assert after.source == "calibration"  # a miss: the key saw the new weights
-    assert before.policy == KVPolicy(4, 4) and after.policy != KVPolicy(4, 4)
+    assert before.policy.single == KVPolicy(4, 4) and after.policy.single != KVPolicy(4, 4)
     assert after.evidence["err_k4v4"] > after.evidence["budget"]
     assert len(cache_files(isolated)) == 2
 
@@ -185,10 +187,10 @@ def test_explicit_beats_cache_and_calibration(folder, monkeypatch):
     monkeypatch.setattr(auto, "run_calibration", fake)
     resolve_auto(folder)  # a cached k8v4 exists now
     decision = resolve_policy("k4v4-g16-rot", folder)
-    assert decision.source == "explicit" and decision.policy == KVPolicy(4, 4, 16, True)
+    assert decision.source == "explicit" and decision.policy.single == KVPolicy(4, 4, 16, True)
     assert fake.calls == 1
     # explicit needs no model at all
-    assert resolve_policy("K16V16", "/does/not/exist").policy == KVPolicy(16, 16)
+    assert resolve_policy("K16V16", "/does/not/exist").policy.single == KVPolicy(16, 16)
 
 
 def test_cache_beats_calibration_and_auto_calibrates_when_empty(folder, monkeypatch):

@@ -15,6 +15,7 @@ from vllm_int4kv import attention as attention_ops
 from vllm_int4kv.policy import current
 from vllm_int4kv.kernels.reference import fake_quantize_kv
 from vllm_int4kv.policy import KVPolicy, parse_policy
+from vllm_int4kv.policy.layer_map import PolicyMap
 
 vllm = pytest.importorskip("vllm")
 from vllm.v1.attention.backend import AttentionType  # noqa: E402
@@ -106,7 +107,7 @@ def test_a_checkpoint_that_asks_for_an_fp8_cache_is_told_what_to_pass(monkeypatc
     """vLLM turns --kv-cache-dtype auto into fp8 for these checkpoints: the user typed no fp8, so the
     message names the checkpoint's setting and the flag that keeps our pages."""
     plugin.register()
-    monkeypatch.setattr(backend, "_vllm_config", types.SimpleNamespace(model_config=types.SimpleNamespace(
+    monkeypatch.setattr(backend.engine, "_vllm_config", types.SimpleNamespace(model_config=types.SimpleNamespace(
         hf_config=types.SimpleNamespace(quantization_config=quantization_config))))
     for raise_it in (lambda: plugin._select_custom(_selector(kv_cache_dtype="fp8")),
                      lambda: backend.Int4KVImpl(4, 64, 0.125, 2, kv_cache_dtype="fp8")):
@@ -153,7 +154,7 @@ def test_customize_spec_allocates_policy_sized_pages(policy_env, policy, slot):
 
 
 def test_int4_cache_dtype_needs_a_quantized_policy(policy_env, monkeypatch):
-    monkeypatch.setattr(backend, "_vllm_config", types.SimpleNamespace(
+    monkeypatch.setattr(backend.engine, "_vllm_config", types.SimpleNamespace(
         model_config=types.SimpleNamespace(dtype=torch.float16)))
     policy_env("k4v4")
     spec = backend.Int4KVBackend.customize_spec(_spec(torch.uint8, mode=KVQuantMode.INT4_PER_TOKEN_HEAD))
@@ -168,17 +169,17 @@ def test_auto_policy_is_resolved_once_with_the_model_config(policy_env, monkeypa
 
     from vllm_int4kv.policy import decide
 
-    def fake_decide(request, target):
+    def fake_decide(request, target, **progress):
         calls.append((request, target))
-        return types.SimpleNamespace(policy=KVPolicy(8, 4), summary="auto: k8v4 within budget",
+        return types.SimpleNamespace(policy=PolicyMap.uniform(KVPolicy(8, 4)), summary="auto: k8v4 within budget",
                                      source="calibration")
 
     monkeypatch.setattr(decide, "decide", fake_decide)
     policy_env("auto")
-    monkeypatch.setattr(backend, "_vllm_config", types.SimpleNamespace(model_config=types.SimpleNamespace(
+    monkeypatch.setattr(backend.engine, "_vllm_config", types.SimpleNamespace(model_config=types.SimpleNamespace(
         model="/models/x", revision=None, dtype=torch.bfloat16, trust_remote_code=False)))
-    assert backend._policy() == KVPolicy(8, 4)
-    assert backend._policy() == KVPolicy(8, 4)
+    assert backend.engine.engine_policy().single == KVPolicy(8, 4)
+    assert backend.engine.engine_policy().single == KVPolicy(8, 4)
     assert calls == [("auto", decide.ModelTarget("/models/x", None, torch.bfloat16, False))]
     assert "auto: k8v4 within budget" in current.policy_source()
 

@@ -25,7 +25,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vllm_int4kv.policy import calibration
-from vllm_int4kv.policy.calibration import Session, Settings, calibrate
+from vllm_int4kv.policy.calibration import Settings, calibrate
+from vllm_int4kv.policy.session import Session
 from vllm_int4kv.policy import KVPolicy
 
 VOCAB = 1024
@@ -81,13 +82,15 @@ def token_ids(n=2, length=128, seed=1):
 
 
 def run(model, budget=calibration.DEFAULT_KL_BUDGET, **kw):
+    """The uniform stage alone (the per-layer search has tests of its own: test_search.py)."""
     with Session(model, token_ids()) as session:
-        return calibrate(session, model.config.head_dim, Settings(budget=budget, **kw), measure_all=True)
+        return calibrate(session, model.config.head_dim, Settings(budget=budget, per_layer=False, **kw),
+                         measure_all=True)
 
 
 def show(label, result):
     kls = ", ".join(f"{m.name} {m.kl:.4f}" for m in result.measurements)
-    print(f"\n{label}: ratio {result.ratio:.2f} -> {result.policy.name}; {kls}")
+    print(f"\n{label}: ratio {result.ratio:.2f} -> {result.uniform.name}; {kls}")
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +228,8 @@ def test_ratio_flags_offset_keys_and_they_get_more_key_bits(results):
     show("key offset (Qwen2-like)", offset)
     assert ordinary.ratio < ordinary.settings.tau and not ordinary.fragile
     assert offset.ratio > offset.settings.tau and offset.fragile
-    assert ordinary.policy.k_bits == 4
-    assert offset.policy.k_bits >= 8
+    assert ordinary.uniform.k_bits == 4
+    assert offset.uniform.k_bits >= 8
     ev = offset.evidence()
     assert ev["keys"] == "fragile" and ev["err_int6"] / ev["err_int8"] == pytest.approx(ev["ratio"])
     assert ev["err_k4v4"] > ev["budget"]
@@ -239,33 +242,33 @@ def test_ratio_below_tau_but_k4v4_over_budget_picks_a_costlier_layout(results):
     k4 = r.measured("k4v4")
     assert r.ratio < r.settings.tau  # the classifier alone would say "tolerant"
     assert k4.kl > r.settings.budget
-    assert r.policy != KVPolicy(4, 4)
-    assert r.policy.slot_bytes(HEAD_DIM) > k4.bytes_per_token
-    assert r.measured(r.policy.name).kl <= r.settings.budget
+    assert r.uniform != KVPolicy(4, 4)
+    assert r.uniform.slot_bytes(HEAD_DIM) > k4.bytes_per_token
+    assert r.measured(r.uniform.name).kl <= r.settings.budget
 
 
 def test_k4v4_within_budget_is_chosen(results):
     r = results["ordinary"]
     assert r.measured("k4v4").kl <= r.settings.budget
-    assert r.policy == KVPolicy(4, 4)
+    assert r.uniform == KVPolicy(4, 4) and r.policy.single == r.uniform
 
 
 def test_cheapest_within_budget_and_stops_at_first(results):
     for r in results.values():
-        size = r.policy.slot_bytes(HEAD_DIM)
+        size = r.uniform.slot_bytes(HEAD_DIM)
         for m in r.measurements:
             if m.bytes_per_token is not None and m.bytes_per_token < size:
-                assert m.kl > r.settings.budget, (m.name, r.policy.name)
+                assert m.kl > r.settings.budget, (m.name, r.uniform.name)
     # without measure_all the search stops at the decision (plus the two ratio passes)
     with Session(tiny_model(), token_ids()) as session:
         quick = calibrate(session, HEAD_DIM, Settings())
-    assert quick.policy == KVPolicy(4, 4)
+    assert quick.uniform == KVPolicy(4, 4) and quick.search is None  # nothing is cheaper
     assert [m.name for m in quick.measurements] == ["k8v4", "k6v4", "k4v4"]
 
 
 def test_k16v16_always_fits(results):
     r = run(tiny_model(key_bias=20.0), budget=1e-9)
-    assert r.policy == KVPolicy(16, 16)
+    assert r.uniform == KVPolicy(16, 16)
     assert r.measured("k16v16").exact and r.measured("k16v16").kl == 0.0
 
 
@@ -274,11 +277,11 @@ def test_ratio_early_exit_is_not_safe(results):
     K4 candidates on the ratio alone would spend bytes for nothing, so the early exit stays off."""
     r = results["outlier14"]
     show("outlier x14", r)
-    assert r.fragile and r.policy.k_bits == 4
+    assert r.fragile and r.uniform.k_bits == 4
     with Session(tiny_model(outlier_scale=14.0), token_ids()) as session:
-        skipped = calibrate(session, HEAD_DIM, Settings(ratio_early_exit=True))
-    assert skipped.policy.k_bits > 4
-    assert skipped.policy.slot_bytes(HEAD_DIM) > r.policy.slot_bytes(HEAD_DIM)
+        skipped = calibrate(session, HEAD_DIM, Settings(ratio_early_exit=True, per_layer=False))
+    assert skipped.uniform.k_bits > 4
+    assert skipped.uniform.slot_bytes(HEAD_DIM) > r.uniform.slot_bytes(HEAD_DIM)
 
 
 # -- (5) rotation ----------------------------------------------------------------------------------
@@ -300,9 +303,9 @@ def test_a_96_channel_head_gets_its_own_candidates_and_rotation_still_pays():
     names = [m.name for m in r.measurements]
     assert {"k4v4-rot", "k4v4-g32", "k4v4-g32-rot", "k4v4-g16-rot"} <= set(names)
     plain, rot = r.measured("k4v4"), r.measured("k4v4-rot")
-    print(f"\nhead 96, outlier x10: K4V4 KL {plain.kl:.4f} -> rotated {rot.kl:.4f}; decision {r.policy.name}")
+    print(f"\nhead 96, outlier x10: K4V4 KL {plain.kl:.4f} -> rotated {rot.kl:.4f}; decision {r.uniform.name}")
     assert rot.kl < plain.kl / 2
-    assert r.measured(r.policy.name).kl <= r.settings.budget
+    assert r.measured(r.uniform.name).kl <= r.settings.budget
 
 
 def test_rotation_is_no_free_lunch_without_outliers(results):
@@ -317,16 +320,19 @@ def test_evidence_is_json_and_complete(results):
 
     ev = json.loads(json.dumps(results["outlier10"].evidence()))
     for field in ("err_int8", "err_int6", "ratio", "err_k4v4", "decision", "seconds", "budget", "tau",
-                  "candidates", "bytes_per_token_per_head", "n_tokens"):
+                  "candidates", "bytes_per_token", "kl", "uniform", "n_tokens"):
         assert ev[field] is not None, field
     assert math.isclose(ev["ratio"], ev["err_int6"] / ev["err_int8"])
 
 
-def test_prompts_are_real_text():
-    prompts = calibration.load_prompts(5)
-    assert len(prompts) == 5
-    assert all(len(p) > 1000 and p.count(" ") > 150 for p in prompts)
-    assert len(set(prompts)) == 5
+def test_prompts_cover_the_genres_and_one_long_document():
+    prompts = calibration.load_prompts(Settings())
+    genres = [genre for genre, _ in prompts]
+    assert genres == ["speeches", "fiction", "encyclopedic", "technical", "code", "dialogue", "long"]
+    texts = [p for _, p in prompts if isinstance(p, str)]
+    assert all(len(p) > 2000 for p in texts) and len(dict(prompts)["long"]) > 30000
+    assert isinstance(dict(prompts)["dialogue"], list)  # chat messages, for the model's chat template
+    assert len(calibration.load_prompts(Settings(n_prompts=2, long_tokens=0))) == 12
 
 
 def test_a_model_whose_attention_ignores_the_interface_is_refused_not_measured_as_lossless():

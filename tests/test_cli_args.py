@@ -123,7 +123,7 @@ class Loaded(Exception):
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    from vllm_int4kv.policy.calibration import Session
+    from vllm_int4kv.policy.session import Session
 
     def load(*args, **kwargs):
         raise Loaded
@@ -139,7 +139,7 @@ def test_outputs_are_checked_before_the_model_loads(model_dir, files, capsys, mo
 
 
 @pytest.mark.parametrize("extra", [["--device", "CPU"], ["--json", "evidence.json"], ["--json", "~/e.json"],
-                                   ["--dtype", "half"], ["--prompts", "10", "--max-tokens", "2"]])
+                                   ["--dtype", "half"], ["--prompts", "2", "--max-tokens", "2", "--long-tokens", "0"]])
 def test_calibrate_accepts_what_it_should(model_dir, extra, tmp_path, monkeypatch, no_loading):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))

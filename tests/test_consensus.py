@@ -68,7 +68,7 @@ def test_a_failure_on_rank_zero_reaches_every_rank():
 
 def test_single_rank_is_trivial():
     (result,) = run_ranks(["k4v4-rot"], lambda r: (parse_policy(r), "explicit"))
-    assert result[0] == parse_policy("k4v4-rot")
+    assert result[0].single == parse_policy("k4v4-rot")
 
 
 @pytest.mark.parametrize("text", ["k4v4", "k8v4", "k16v4", "k8v8", "k16v16", "k4v4-g16-rot", "k8v4-rot"])

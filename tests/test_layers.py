@@ -11,8 +11,9 @@ from test_calibration import tiny_model, token_ids
 from vllm_int4kv.policy import calibration
 from vllm_int4kv.cli import layers as layers_cli
 from vllm_int4kv.policy import sensitivity
-from vllm_int4kv.policy.calibration import PerLayer, Session
+from vllm_int4kv.policy.session import PerLayer, Session
 from vllm_int4kv.policy import KVPolicy
+from vllm_int4kv.policy.layer_map import PolicyMap
 
 K4 = (4, 4, None, False)
 
@@ -51,7 +52,7 @@ def _fragile_second_layer():
 def test_sweep_keeps_the_worst_layer_first_and_measures_every_step():
     policy = KVPolicy(4, 4)
     with Session(_fragile_second_layer(), token_ids()) as session:
-        tight = sensitivity.sweep(session, policy, 64, 2, budget=1e-9, max_skip=2)
+        tight = sensitivity.sweep(session, PolicyMap.uniform(policy), 64, 2, budget=1e-9, max_skip=2)
         assert tight.single[1] > 10 * tight.single[0] > 0
         # keeping both layers would be k16v16 served as int4_per_token_head: not a step
         assert [s.kept for s in tight.steps] == [[], [1]]
@@ -60,11 +61,11 @@ def test_sweep_keeps_the_worst_layer_first_and_measures_every_step():
         assert tight.within_budget is None
 
         budget = tight.steps[1].kl * 1.01  # keeping layer 1 is enough, keeping nothing is not
-        enough = sensitivity.sweep(session, policy, 64, 2, budget=budget, max_skip=2)
+        enough = sensitivity.sweep(session, PolicyMap.uniform(policy), 64, 2, budget=budget, max_skip=2)
     assert [s.kept for s in enough.steps] == [[], [1]] and enough.within_budget.kept == [1]
     text = layers_cli.report(enough, "MODEL")
-    assert text.splitlines()[-1] == ("within budget: VLLM_INT4KV_POLICY=k4v4 vllm serve MODEL --attention-backend "
-                                     "CUSTOM --kv-cache-dtype int4_per_token_head --kv-cache-dtype-skip-layers 1")
+    assert text.splitlines()[-1] == ("within budget: VLLM_INT4KV_POLICY='k4v4;1:k16v16' vllm serve MODEL "
+                                     "--attention-backend CUSTOM")
 
 
 def test_cli_reports_and_refuses_an_unquantized_policy(tiny_model_dir, tmp_path, capsys):
@@ -91,7 +92,7 @@ def test_a_hybrid_model_is_swept_over_its_attention_layers_only(tmp_path):
     model = build_tiny_hybrid(tmp_path / "hybrid")
     with Session.load(str(model), token_ids(n=1, length=32)) as session:
         assert session.attention_layers == [1]
-        result = sensitivity.sweep(session, KVPolicy(4, 4), 64, 2, budget=1e-9, max_skip=3)
+        result = sensitivity.sweep(session, PolicyMap.uniform(KVPolicy(4, 4)), 64, 2, budget=1e-9, max_skip=3)
     assert list(result.single) == [1] and result.num_layers == 1
     # its only attention layer kept would be k16v16: the sweep measures the policy alone
     assert [s.kept for s in result.steps] == [[]] and result.steps[0].kl > 0.0

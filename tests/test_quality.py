@@ -138,7 +138,7 @@ def test_quality_command_end_to_end(tmp_path):
 
     # layer 0 kept unquantized (it carries most of K4V4's error on this model), layer 1 at k4v4
     skip0 = report["policies"]["k4v4@skip=0"]
-    assert skip0["resolved"]["attention_layers"] == 2 and skip0["resolved"]["kept_unquantized"] == 1
+    assert skip0["resolved"]["layer_layouts"] == {"0": "k16v16", "1": "k4v4"}
     assert skip0["bytes_per_token"] == (256 + 72) / 2
     assert 0 < skip0["vs_reference"]["mean_kl"] < k4v4["vs_reference"]["mean_kl"]
 

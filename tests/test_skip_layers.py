@@ -125,21 +125,22 @@ def _config(skip, *layers):
 def test_a_layer_kept_unlike_the_layer_whose_cache_it_reads_stops_start_up():
     """KV sharing (a layer that reads an earlier layer's pages): naming only one of the two would read
     quantized pages as unquantized ones, or the reverse."""
-    from vllm_int4kv.backend.attention_backend import skip_layers
+    from vllm_int4kv.backend import layers
+
+    def check(config, *stages):
+        layers.check_kept_layers(config, [layers.layer_facts(c) for c in (config, *stages)])
 
     target = "model.layers.0.self_attn.attn"
     reader = "model.layers.1.self_attn.attn"
-    ok = _config(["0", "1"], _attention(target, True), _attention(reader, True, shares=target))
-    skip_layers.check_kept_layers(ok)
+    check(_config(["0", "1"], _attention(target, True), _attention(reader, True, shares=target)))
     only_reader = _config(["1"], _attention(target, False), _attention(reader, True, shares=target))
     with pytest.raises(ValueError, match="layers.1.self_attn.attn reads the KV cache of model.layers.0"):
-        skip_layers.check_kept_layers(only_reader)
+        check(only_reader)
     # pipeline stages: each sees its own layers, the check their union
     stage0 = _config(["1"], _attention(target, False))
-    stage1 = _config(["1"], _attention(reader, True))
-    skip_layers.check_kept_layers(stage0, gather=lambda facts: [facts, skip_layers.layer_facts(stage1)])
+    check(stage0, _config(["1"], _attention(reader, True)))
     with pytest.raises(ValueError, match="layer 1 holds no attention KV cache"):
-        skip_layers.check_kept_layers(stage0)
+        check(stage0)
 
 
 class _Warnings(logging.Handler):

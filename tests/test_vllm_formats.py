@@ -18,7 +18,8 @@ if str(REPO) not in sys.path:
 
 from benchmarks import vllm_formats, vllm_quality  # noqa: E402
 from benchmarks.vllm_formats import FORMATS  # noqa: E402
-from vllm_int4kv.policy.calibration import DEFAULT_KL_BUDGET, Session, Settings, calibrate  # noqa: E402
+from vllm_int4kv.policy.calibration import DEFAULT_KL_BUDGET, Settings, calibrate  # noqa: E402
+from vllm_int4kv.policy.session import Session  # noqa: E402
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 ENV_VARS = {
-    "VLLM_INT4KV_POLICY": "K/V precision: auto (default: calibrate at start-up) or a policy name such as "
-                          "k4v4, k8v4, k16v4, k8v8, k16v16, optionally with -g<N> / -rot",
+    "VLLM_INT4KV_POLICY": "K/V precision: auto (default: calibrate at start-up), a policy such as k4v4, "
+                          "k8v4, k16v4, k8v8, k16v16 (optionally with -g<N> / -rot), a map with a layout "
+                          "per layer such as k4v4-rot;0-2,8:k8v4, or the path of a JSON map file",
     "VLLM_INT4KV_IMPL": "attention implementation: triton (default on GPU) or torch (default on CPU)",
     "VLLM_INT4KV_CACHE_DIR": "where auto-policy decisions are cached (default ~/.cache/vllm_int4kv)",
     "VLLM_INT4KV_KL_BUDGET": "quality budget of the auto policy: mean next-token KL (nats) vs full precision",
@@ -21,8 +22,8 @@ def policy_name(rank: int = 0) -> str:
     if override:
         target, _, name = override.partition(":")
         if target.strip() == str(rank):
-            return name.strip().lower()
-    return os.environ.get("VLLM_INT4KV_POLICY", "auto").strip().lower() or "auto"
+            return name.strip()
+    return os.environ.get("VLLM_INT4KV_POLICY", "auto").strip() or "auto"
 
 
 def impl_name(default: str) -> str:

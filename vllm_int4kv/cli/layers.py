@@ -1,15 +1,15 @@
-"""Which layers carry a policy's error, and which ones ``--kv-cache-dtype-skip-layers`` should keep.
+"""Which layers carry a layout's error, and which ones to keep unquantized.
 
-    vllm-int4kv layers MODEL [--policy k4v4] [--budget NATS] [--max-skip N] [--prompts N]
+    vllm-int4kv layers MODEL [--policy k4v4 | MAP] [--budget NATS] [--max-skip N] [--prompts N]
                              [--device cpu|cuda] [--json FILE]
 
-First each layer alone is stored at ``--policy`` (every other layer in full precision) and measured as
-``calibrate`` measures whole policies: mean next-token KL against full precision on the calibration
-prompts. Then the whole model is stored at ``--policy`` while the worst layers stay unquantized, one
-more at a time in the order of their single-layer KL, until the KL is within the budget or
-``--max-skip`` layers are kept. Every step is measured, not added up; the order is greedy (layers are
-ranked alone, not by how their errors combine). The first step within budget is printed as the vLLM
-flags that serve it. ``auto`` does not consider such mixed layouts: it picks one policy for every layer.
+First each layer alone is stored at its layout of ``--policy`` (a policy, or a per-layer map; every other
+layer in full precision) and measured as ``calibrate`` measures whole policies: mean next-token KL against
+full precision on the calibration prompts. Then the whole model is stored as ``--policy`` says while the
+worst layers stay unquantized, one more at a time in the order of their single-layer KL, until the KL is
+within the budget or ``--max-skip`` layers are kept. Every step is measured, not added up; the order is
+greedy (layers are ranked alone, not by how their errors combine). The first step within budget is printed
+as the map that serves it. ``auto`` searches over more layouts per layer than this (``calibrate``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import json
 import math
 from dataclasses import asdict
 
-from ..policy.layout import UNQUANTIZED, parse_policy
+from ..policy.layer_map import parse_policy_map
+from ..policy.layout import UNQUANTIZED
 from ..policy.sensitivity import Sweep, sweep
 from .args import at_least, output_file
 from .model_args import add_session_arguments, exit_with_reason, load_session, prepare
@@ -25,17 +26,15 @@ from .model_args import add_session_arguments, exit_with_reason, load_session, p
 
 def add_parser(parser) -> None:
     add_session_arguments(parser)
-    parser.add_argument("--policy", default="k4v4", help="the policy of the quantized layers (default k4v4)")
+    parser.add_argument("--policy", default="k4v4",
+                        help="the layout of the quantized layers: a policy or a per-layer map (default k4v4)")
     parser.add_argument("--max-skip", type=at_least(0), default=8, help="most layers to keep unquantized")
     parser.add_argument("--json", type=output_file, default=None, help="also write every measurement here")
     parser.set_defaults(run=run)
 
 
-def serve_flags(model: str, policy: str, kept: list[int]) -> str:
-    flags = f"VLLM_INT4KV_POLICY={policy} vllm serve {model} --attention-backend CUSTOM"
-    if kept:
-        flags += " --kv-cache-dtype int4_per_token_head --kv-cache-dtype-skip-layers " + " ".join(map(str, kept))
-    return flags
+def serve_flags(model: str, policy: str) -> str:
+    return f"VLLM_INT4KV_POLICY='{policy}' vllm serve {model} --attention-backend CUSTOM"
 
 
 def report(result: Sweep, model: str) -> str:
@@ -57,9 +56,9 @@ def report(result: Sweep, model: str) -> str:
                      f"{result.budget:g} nats (KL {result.steps[0].kl:.4g} -> {last.kl:.4g}); compare whole "
                      "policies with `vllm-int4kv calibrate`")
     elif not chosen.kept:
-        lines.append(f"{result.policy} is within budget on every layer: {serve_flags(model, result.policy, [])}")
+        lines.append(f"{result.policy} is within budget on every layer: {serve_flags(model, result.policy)}")
     else:
-        lines.append(f"within budget: {serve_flags(model, result.policy, chosen.kept)}")
+        lines.append(f"within budget: {serve_flags(model, chosen.policy)}")
     return "\n".join(lines)
 
 
@@ -68,7 +67,7 @@ def run(args) -> int:
         raise SystemExit("vllm-int4kv layers: --policy is the quantized layers' policy: give a fixed one such "
                          "as k4v4 (`vllm-int4kv calibrate` chooses auto's)")
     try:
-        policy = parse_policy(args.policy)
+        policy = parse_policy_map(args.policy)
     except ValueError as exc:
         raise SystemExit(f"vllm-int4kv layers: --policy: {exc}") from None
     if not policy.quantized:
@@ -76,7 +75,7 @@ def run(args) -> int:
 
     def check_policy(head_dim: int, elem_bytes: int) -> None:  # a policy this head size cannot take
         try:
-            policy.layout(head_dim, 16, elem_bytes)
+            policy.check_head_dim(head_dim, elem_bytes)
         except ValueError as exc:
             raise ValueError(f"--policy: {exc}") from None
 
@@ -84,8 +83,10 @@ def run(args) -> int:
     budget = settings.budget
     with exit_with_reason("layers"), load_session(args, token_ids, dtype) as session:
         num_layers = len(session.attention_layers)
-        print(f"model {args.model}: {num_layers} attention layers, head_dim {head_dim}; {policy.name} layers "
-              f"{policy.slot_bytes(head_dim, elem_bytes)} B/token/KV head, unquantized ones "
+        policy.check_layers(session.attention_layers)
+        size = policy.mean_slot_bytes(session.attention_layers, head_dim, elem_bytes)
+        print(f"model {args.model}: {num_layers} attention layers, head_dim {head_dim}; {policy.name}: "
+              f"{size:g} B/token/KV head, unquantized layers "
               f"{UNQUANTIZED.slot_bytes(head_dim, elem_bytes)}; budget {budget:g} nats "
               f"(≈ {math.expm1(budget):+.2%} ppl); {session.n_tokens} tokens on {session.device}", flush=True)
         result = sweep(session, policy, head_dim, elem_bytes, budget, args.max_skip)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import envs
-from ..policy import calibration, decide, placement
+from ..policy import calibration, decide, placement, session
 from .args import above, at_least
 
 
@@ -23,9 +23,14 @@ def add_session_arguments(parser) -> None:
                         help="mean KL budget in nats (default: VLLM_INT4KV_KL_BUDGET or "
                              f"{calibration.DEFAULT_KL_BUDGET})")
     parser.add_argument("--prompts", type=at_least(1), default=calibration.DEFAULT_PROMPTS,
-                        help="number of calibration prompts")
+                        help="calibration prompts per genre (speeches, fiction, encyclopedic, technical, code, "
+                             "dialogue; at most 2)")
     parser.add_argument("--max-tokens", type=at_least(2), default=calibration.DEFAULT_MAX_TOKENS,
                         help="tokens kept per prompt")
+    parser.add_argument("--long-tokens", type=at_least(0), default=calibration.DEFAULT_LONG_TOKENS,
+                        help="tokens of the long calibration document (0: leave it out)")
+    parser.add_argument("--uniform", action="store_true",
+                        help="one policy for every layer: skip the per-layer search")
     parser.add_argument("--device", type=device_name, default=None,
                         help="cuda, cpu, or auto: spread over every GPU, then CPU memory, for models one GPU "
                              "cannot hold (needs accelerate). Default: cuda when available")
@@ -37,7 +42,8 @@ def add_session_arguments(parser) -> None:
 
 
 def settings_from_args(args) -> calibration.Settings:
-    settings = replace(decide.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens)
+    settings = replace(decide.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens,
+                       long_tokens=args.long_tokens, per_layer=not args.uniform)
     return settings if args.budget is None else replace(settings, budget=args.budget)
 
 
@@ -61,7 +67,7 @@ def prepare(args, command: str, check_head_dim=None):
 
     try:
         settings = settings_from_args(args)
-        prompts = calibration.load_prompts(settings.n_prompts)
+        prompts = calibration.load_prompts(settings)
     except ValueError as exc:
         raise stop(exc) from None
     try:
@@ -70,8 +76,9 @@ def prepare(args, command: str, check_head_dim=None):
         calibration.candidate_policies(head_dim, elem_bytes)  # a head size the cache cannot hold
         if check_head_dim is not None:
             check_head_dim(head_dim, elem_bytes)
-        token_ids = calibration.prompt_token_ids(args.model, prompts, settings.max_tokens,
-                                                 revision=args.revision, trust_remote_code=args.trust_remote_code)
+        token_ids = session.prompt_token_ids(args.model, prompts, settings.max_tokens, revision=args.revision,
+                                             trust_remote_code=args.trust_remote_code,
+                                             long_tokens=settings.long_tokens)
     except (OSError, ValueError) as exc:
         raise stop(model_problem(args.model, exc)) from None
     return settings, prompts, head_dim, elem_bytes, dtype, token_ids
@@ -104,8 +111,8 @@ def check_cache_dir(command: str) -> None:
                          "VLLM_INT4KV_CACHE_DIR to a writable folder, or pass --no-cache")
 
 
-def load_session(args, token_ids, dtype) -> calibration.Session:
-    return calibration.Session.load(args.model, token_ids, revision=args.revision, dtype=dtype,
+def load_session(args, token_ids, dtype) -> session.Session:
+    return session.Session.load(args.model, token_ids, revision=args.revision, dtype=dtype,
                                     trust_remote_code=args.trust_remote_code, device=args.device)
 
 

@@ -8,11 +8,12 @@ from .args import above, at_least, count_list, input_file, output_folder
 
 def add_parser(parser) -> None:
     parser.add_argument("model", help="Hugging Face model folder (or a name in the local HF cache)")
-    parser.add_argument("--policies", default="k16v16,k8v4,k4v4,auto",
-                        help="comma-separated VLLM_INT4KV_POLICY values; k16v16 (the reference) is added "
-                             "first if missing. POLICY@skip=I:J keeps layers I and J unquantized "
-                             "(--kv-cache-dtype-skip-layers). vllm:DTYPE runs vLLM's own attention with "
-                             "--kv-cache-dtype DTYPE instead (e.g. vllm:auto, vllm:fp8), for comparison")
+    parser.add_argument("--policies", nargs="+", default=["k16v16,k8v4,k4v4,auto"],
+                        help="VLLM_INT4KV_POLICY values, separated by commas or spaces: policies, per-layer "
+                             "maps (k4v4-rot;0-2,8:k8v4; quote the ';' for the shell) or JSON map files; "
+                             "k16v16 (the reference) is added first if missing. POLICY@skip=I:J keeps layers "
+                             "I and J unquantized (--kv-cache-dtype-skip-layers). vllm:DTYPE runs vLLM's own "
+                             "attention with --kv-cache-dtype DTYPE instead (e.g. vllm:auto, vllm:fp8)")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (empty: none)")
     parser.add_argument("--include-path", help="folder of lm-eval task YAMLs (lm-eval --include_path)")
     parser.add_argument("--limit", type=above(0), help="lm-eval limit: documents per task (< 1: a fraction)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .layout import KVPolicy, parse_policy
+from .layer_map import PolicyMap, parse_policy_map
 
 AllGather = Callable[[object], list]
 
@@ -28,7 +28,7 @@ def _by_rank(values: list) -> str:
 
 
 def agree_on_policy(request: str, rank: int, all_gather: AllGather,
-                    resolve: Callable[[str], tuple[KVPolicy, str]]) -> tuple[KVPolicy, str]:
+                    resolve: Callable[[str], tuple[PolicyMap, str]]) -> tuple[PolicyMap, str]:
     """The engine-wide (policy, reason). ``resolve(request)`` runs on rank 0 only."""
     requests = all_gather(request)
     if len(set(requests)) > 1:
@@ -47,12 +47,12 @@ def agree_on_policy(request: str, rank: int, all_gather: AllGather,
     if isinstance(decisions[0], str):
         raise RuntimeError(f"vllm-int4kv: rank 0 could not resolve the KV policy: {decisions[0]}")
     name, reason = decisions[0]
-    policy = parse_policy(name)
+    policy = parse_policy_map(name)
     check_same_layout(policy, all_gather)
     return policy, reason if rank == 0 else f"{reason} (decided on rank 0)"
 
 
-def check_same_layout(policy: KVPolicy, all_gather: AllGather) -> None:
+def check_same_layout(policy: PolicyMap, all_gather: AllGather) -> None:
     names = all_gather(policy.name)
     if len(set(names)) > 1:
         raise PolicyMismatchError(

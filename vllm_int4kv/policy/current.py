@@ -6,15 +6,17 @@ its decision (``consensus``); a calibration runs once, not once per rank.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable
 
 from .. import envs
 from .consensus import AllGather, agree_on_policy
 from .decide import ModelTarget
-from .layout import KVPolicy
+from .layer_map import PolicyMap
+from .progress import Progress
 
-_policy: KVPolicy | None = None
+_policy: PolicyMap | None = None
 _source = ""
 _lock = threading.Lock()
 
@@ -22,16 +24,18 @@ _lock = threading.Lock()
 TargetOf = Callable[[], "ModelTarget | None"]  # asked only for auto: explicit policies need no model
 
 
-def _decide(request: str, target_of: TargetOf) -> tuple[KVPolicy, str]:
+def _decide(request: str, target_of: TargetOf) -> tuple[PolicyMap, str]:
     from .decide import decide  # a calibration imports transformers: only when auto is asked for
 
-    decision = decide(request, target_of() if request == "auto" else None)
+    auto = request.lower() == "auto"
+    progress = Progress(logging.getLogger("vllm.int4kv").info, "vllm-int4kv auto", every=30.0)
+    decision = decide(request, target_of() if auto else None, progress=progress)
     reason = decision.summary if decision.source != "explicit" else f"VLLM_INT4KV_POLICY={request}"
     return decision.policy, reason
 
 
 def resolve_policy(target_of: TargetOf = lambda: None, *, all_gather: AllGather | None = None,
-                   rank: int = 0) -> KVPolicy:
+                   rank: int = 0) -> PolicyMap:
     """The process's policy for ``VLLM_INT4KV_POLICY`` (a policy, or ``auto`` for the model ``target_of()``
     returns), decided once.
 
@@ -55,7 +59,7 @@ def policy_source() -> str:
     return _source
 
 
-def current_policy() -> KVPolicy | None:
+def current_policy() -> PolicyMap | None:
     return _policy
 
 

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import envs
-from . import calibration, decision_cache, placement
-from .layout import KVPolicy, parse_policy
+from . import calibration, decision_cache, placement, session
+from .layer_map import PolicyMap, parse_policy_map
+from .progress import SILENT, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class ModelTarget:
 
 @dataclass(frozen=True)
 class Decision:
-    policy: KVPolicy
+    policy: PolicyMap
     summary: str  # one log line: the decision and why
     evidence: dict  # JSON-serialisable measurements behind it
     source: str  # "explicit" | "cache" | "calibration"
@@ -52,18 +53,23 @@ def settings_from_env() -> calibration.Settings:
 
 def summarize(model: str, evidence: dict, source: str) -> str:
     """One line: what was chosen, what it costs, why, and where the decision came from."""
-    head_dim, elem = evidence["head_dim"], evidence["elem_bytes"]
-    chosen = next(c for c in evidence["candidates"] if c["name"] == evidence["decision"])
-    size = chosen["bytes_per_token"]
-    rejected = [c for c in evidence["candidates"] if c["kl"] > evidence["budget"] and c["bytes_per_token"]
-                and c["bytes_per_token"] < size]
+    head_dim, elem, budget = evidence["head_dim"], evidence["elem_bytes"], evidence["budget"]
+    size, kl = evidence["bytes_per_token"], evidence["kl"]
+    uniform = next(c for c in evidence["candidates"] if c["name"] == evidence["uniform"])
+    rejected = [c for c in evidence["candidates"] if c["kl"] > budget and c["bytes_per_token"]
+                and c["bytes_per_token"] < uniform["bytes_per_token"]]
     over = ", ".join("{} {:.3g}".format(c["name"], c["kl"]) for c in rejected)
-    why = f"cheaper layouts over budget: {over}" if rejected else "the cheapest layout"
+    why = f"cheaper uniform layouts over budget: {over}" if rejected else "the cheapest layout"
+    if evidence["decision"] != evidence["uniform"]:
+        why = (f"a layout per layer, verified; the best uniform policy, {uniform['name']}, costs "
+               f"{uniform['bytes_per_token']} B (KL {uniform['kl']:.3g}); {why}")
+    elif evidence.get("per_layer"):
+        why += f"; per layer: {evidence['per_layer']['note']}"
     origin = "cached decision" if source == "cache" else f"calibrated in {evidence['seconds']:.1f} s"
-    return (f"int4kv auto policy for {model}: {evidence['decision']} ({size} B/token/KV head, "
+    return (f"int4kv auto policy for {model}: {evidence['decision']} ({size:g} B/token/KV head, "
             f"{2 * head_dim * elem / size:.2f}x smaller than {8 * elem}-bit K/V); "
-            f"mean KL {chosen['kl']:.3g} nats <= budget {evidence['budget']:g}; {why}; keys {evidence['keys']} (INT6/INT8 error ratio "
-            f"{evidence['ratio']:.2f}, tau {evidence['tau']:g}; K4V4 KL {evidence['err_k4v4']:.3g}); "
+            f"mean KL {kl:.3g} nats <= budget {budget:g}; {why}; keys {evidence['keys']} (INT6/INT8 error "
+            f"ratio {evidence['ratio']:.2f}, tau {evidence['tau']:g}; K4V4 KL {evidence['err_k4v4']:.3g}); "
             f"{evidence['n_prompts']} prompts / {evidence['n_tokens']} tokens on {evidence['device']}; "
             f"{origin}")
 
@@ -75,16 +81,27 @@ def model_facts(model, revision, dtype, trust_remote_code):
 
     config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     serving = placement.serving_dtype(dtype, config, model=model, revision=revision)
-    return calibration.head_dim_of(config), serving.itemsize, serving
+    return session.head_dim_of(config), serving.itemsize, serving
+
+
+def mixes_layer_types(model, revision=None, trust_remote_code=False) -> bool:
+    """Whether the model's layers are of more than one type (sliding-window, state or linear-attention
+    layers beside full attention), as the config's ``layer_types`` lists them: vLLM then pads pages."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    text = getattr(config, "get_text_config", lambda: config)()
+    return len(set(getattr(text, "layer_types", None) or ())) > 1
 
 
 def _quantizer_digest() -> str:
     """Hash of the code that defines what the cache stores and how a layout is measured: a changed
     quantizer or measurement recalibrates."""
     from ..kernels import page_format, reference
+    from . import search
 
     digest = hashlib.sha256()
-    for module in (page_format, reference, calibration):
+    for module in (page_format, reference, calibration, session, search):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -109,50 +126,55 @@ def record_of(model: str, result: calibration.Calibration) -> dict:
 
 def decision_from_record(model: str, record: dict, source: str, stored: Path | None = None) -> Decision:
     evidence = record["decision"]["evidence"]
-    return Decision(parse_policy(record["decision"]["policy"]), summarize(model, evidence, source), evidence,
-                    source, stored)
+    return Decision(parse_policy_map(record["decision"]["policy"]), summarize(model, evidence, source),
+                    evidence, source, stored)
 
 
-def run_calibration(model: str, settings: calibration.Settings, prompts: list[str], *, head_dim: int,
+def run_calibration(model: str, settings: calibration.Settings, prompts: list, *, head_dim: int,
                     elem_bytes: int, revision=None, dtype=None, trust_remote_code=False, device=None,
-                    measure_all: bool = False, with_session=None) -> calibration.Calibration:
-    """Load the model, measure the candidates; ``with_session(session, result)`` runs before the model
+                    measure_all: bool = False, with_session=None,
+                    progress: Progress = SILENT) -> calibration.Calibration:
+    """Load the model, measure the candidates; ``with_session(loaded, result)`` runs before the model
     is freed (``vllm-int4kv calibrate`` measures held-out perplexity there)."""
-    token_ids = calibration.prompt_token_ids(model, prompts, settings.max_tokens, revision=revision,
-                                             trust_remote_code=trust_remote_code)
-    with calibration.Session.load(model, token_ids, revision=revision, dtype=dtype,
-                                  trust_remote_code=trust_remote_code, device=device) as session:
-        result = calibration.calibrate(session, head_dim, settings, elem_bytes=elem_bytes,
-                                       measure_all=measure_all)
+    token_ids = session.prompt_token_ids(model, prompts, settings.max_tokens, revision=revision,
+                                         trust_remote_code=trust_remote_code, long_tokens=settings.long_tokens)
+    progress.stage(f"loading {model} and its full-precision reference ({sum(len(t) for _, t in token_ids)} "
+                   f"tokens of {len(token_ids)} prompts)")
+    mixed = mixes_layer_types(model, revision, trust_remote_code)
+    with session.Session.load(model, token_ids, revision=revision, dtype=dtype,
+                              trust_remote_code=trust_remote_code, device=device) as loaded:
+        result = calibration.calibrate(loaded, head_dim, settings, elem_bytes=elem_bytes,
+                                       measure_all=measure_all, mixed_types=mixed, progress=progress)
         if with_session is not None:
-            with_session(session, result)
+            with_session(loaded, result)
         return result
 
 
 def explicit(request: str) -> Decision:
-    """A policy named outright: no model needed, nothing measured."""
-    policy = parse_policy(request)
+    """A policy or map named outright: no model needed, nothing measured."""
+    policy = parse_policy_map(request)
     return Decision(policy, f"int4kv policy {policy.name}: chosen explicitly (VLLM_INT4KV_POLICY={request})",
                     {"requested": request}, "explicit")
 
 
 def decide(request: str, target: ModelTarget | None = None, *, settings: calibration.Settings | None = None,
-           fresh: bool = False, store: bool = True, measure_all: bool = False, with_session=None) -> Decision:
+           fresh: bool = False, store: bool = True, measure_all: bool = False, with_session=None,
+           progress: Progress = SILENT) -> Decision:
     """The policy for ``target``: ``request`` itself unless it is ``auto`` (or empty); else the cached
     decision; else a fresh calibration, stored for next time (``store``).
 
     ``settings`` default to the environment's (what engine start-up uses); ``fresh`` measures even when
     a decision is cached, and ``measure_all`` every candidate (reports); ``with_session`` see
-    ``run_calibration``.
+    ``run_calibration``; ``progress`` hears of every measurement.
     """
-    request = (request or "auto").strip().lower()
-    if request != "auto":
+    request = (request or "auto").strip()
+    if request.lower() != "auto":
         return explicit(request)
     if target is None:
         raise RuntimeError("VLLM_INT4KV_POLICY=auto needs the model's config, which is not available here; "
                            "set VLLM_INT4KV_POLICY to a fixed policy such as k4v4")
     settings = settings or settings_from_env()
-    prompts = calibration.load_prompts(settings.n_prompts)
+    prompts = calibration.load_prompts(settings)
     head_dim, elem_bytes, dtype = model_facts(target.model, target.revision, target.dtype,
                                               target.trust_remote_code)
     key = calibration_key(target.model, settings, prompts, head_dim, elem_bytes, target.revision, dtype,
@@ -167,7 +189,7 @@ def decide(request: str, target: ModelTarget | None = None, *, settings: calibra
         result = run_calibration(target.model, settings, prompts, head_dim=head_dim, elem_bytes=elem_bytes,
                                  revision=target.revision, dtype=dtype,
                                  trust_remote_code=target.trust_remote_code, device=target.device,
-                                 measure_all=measure_all, with_session=with_session)
+                                 measure_all=measure_all, with_session=with_session, progress=progress)
         record, stored = record_of(target.model, result), None
         if store:
             try:

@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__, envs
-from .layout import parse_policy
+from .layer_map import parse_policy_map
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the decision is a policy map, its evidence holds the per-layer search
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -79,7 +79,7 @@ def load(key: str, directory: Path | None = None) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("schema") != SCHEMA or record.get("key") != key:
             raise ValueError("written for another key or schema")
-        parse_policy(record["decision"]["policy"])
+        parse_policy_map(record["decision"]["policy"])
         if not isinstance(record["decision"].get("evidence"), dict):
             raise ValueError("no evidence")
         return record

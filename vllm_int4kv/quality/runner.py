@@ -10,6 +10,7 @@ reference and writes ``report.md``, ``report.json`` and ``quality.png`` into ``-
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import os
 import signal
@@ -175,22 +176,19 @@ def vllm_baseline_problem(kv_cache_dtype: str, head_dim: int | None, dtype: str)
 
 
 def _bytes_per_token(resolved: dict, model: str) -> float | None:
-    """Bytes per token per KV head of the policy that ran (BF16 basis for 16-bit planes), averaged over
-    the attention layers when the engine kept some unquantized (as the worker counted them)."""
+    """Bytes per token per KV head of what ran (BF16 basis for 16-bit planes), averaged over the attention
+    layers at the layouts the worker saw them served with (a map, or layers kept unquantized)."""
     from transformers import AutoConfig
 
-    from ..policy.layout import mean_slot_bytes, parse_policy
+    from ..policy.layout import parse_policy
 
     config = AutoConfig.from_pretrained(model).get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     name = resolved["name"]
     if name.startswith(VLLM_PREFIX):
         return vllm_cache_bytes(name.removeprefix(VLLM_PREFIX), head_dim)
-    policy = parse_policy(split_run_name(name)[0])
-    layers, kept = resolved.get("attention_layers"), resolved.get("kept_unquantized", 0)
-    if not kept:
-        return policy.slot_bytes(head_dim, 2)
-    return round(mean_slot_bytes(policy, head_dim, 2, layers, kept), 1)
+    sizes = [parse_policy(layout).slot_bytes(head_dim, 2) for layout in resolved["layer_layouts"].values()]
+    return round(sum(sizes) / len(sizes), 1)
 
 
 def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
@@ -253,7 +251,7 @@ def worker_spec(args, out: Path, prompts: dict) -> dict:
 def model_shape(model: str) -> tuple[int | None, int | None]:
     """(head_dim, number of layers) from the model's config; (None, None) when it cannot be read, which
     is then left to vLLM's engine to report."""
-    from ..policy.calibration import head_dim_of
+    from ..policy.session import head_dim_of
 
     try:
         from transformers import AutoConfig
@@ -264,11 +262,28 @@ def model_shape(model: str) -> tuple[int | None, int | None]:
     return head_dim_of(config), getattr(config.get_text_config(), "num_hidden_layers", None)
 
 
+def run_names(text: str | list[str]) -> list[str]:
+    """``--policies`` as run names: comma-separated, except the commas of a map's layer lists (a comma
+    followed by a digit: ``k16v16,k4v4-rot;0-2,8:k8v4``); a JSON map file runs under its map's text."""
+    from ..policy.layer_map import parse_policy_map
+
+    parts = [part.strip() for item in ([text] if isinstance(text, str) else text)
+             for part in re.split(r",(?!\d)", item) if part.strip()]
+    names = []
+    for part in parts:
+        try:
+            names.append(parse_policy_map(part).name if part.lower().endswith(".json") else part)
+        except ValueError as exc:
+            raise SystemExit(f"--policies: {exc}") from exc
+    return names
+
+
 def check_policies(model: str, policies: list[str], dtype: str = "float32") -> None:
     """Fail before any engine starts on a name no worker could run, or a policy this model cannot take:
     key groups its head size does not allow, kept layers it does not have, or a ``vllm:`` baseline that
     vLLM cannot run on this machine (e.g. ``vllm:fp8`` on a CPU without AVX-512 or AMX)."""
-    from ..policy.layout import is_layer_index, parse_policy
+    from ..policy.layer_map import parse_policy_map
+    from ..policy.layout import is_layer_index
 
     head_dim, num_layers = model_shape(model)
     for name in policies:
@@ -284,13 +299,18 @@ def check_policies(model: str, policies: list[str], dtype: str = "float32") -> N
                                      f"refuses it here ({problem}). Drop it from --policies, or run it "
                                      "on a machine that has what vLLM asks for")
             elif policy != "auto":
-                parsed = parse_policy(policy)
+                parsed = parse_policy_map(policy)
                 if head_dim is not None:
-                    parsed.layout(head_dim, 16, 2)
+                    parsed.check_head_dim(head_dim)
+                if num_layers is not None:  # the engine checks the layers it built; the config's count here
+                    parsed.check_layers(range(num_layers))
+                if skipped and parsed.single is None:
+                    raise ValueError(f"{name}: {SKIP_MARK} applies to uniform policies; write the layers "
+                                     "to keep into the map (e.g. k4v4;0,1:k16v16)")
             if SKIP_MARK in name and not (skipped and all(map(is_layer_index, skipped))):
                 raise ValueError(f"{name}: write the layers to keep unquantized as indices, e.g. "
                                  f"{policy}{SKIP_MARK}0:1")
-            if skipped and policy != "auto" and not parse_policy(policy).quantized:
+            if skipped and policy != "auto" and not parse_policy_map(policy).quantized:
                 raise ValueError(f"{name}: keeping layers unquantized needs a quantized policy")
             if num_layers is not None and any(int(i) >= num_layers for i in skipped):
                 raise ValueError(f"{name}: the model's layers are 0 to {num_layers - 1}")
@@ -308,8 +328,7 @@ def run(args) -> int:
                          "them at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    policies = [p.strip().lower() for p in args.policies.split(",") if p.strip()]
-    policies = [REFERENCE] + [p for p in policies if p != REFERENCE]
+    policies = [REFERENCE] + [p for p in run_names(args.policies) if p.lower() != REFERENCE]
     check_policies(args.model, policies, args.dtype)
     prompts = build_prompts(args, out)
     spec = worker_spec(args, out, prompts)

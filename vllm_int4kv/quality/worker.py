@@ -81,12 +81,17 @@ def build_engine(spec: dict):
 
 
 def served_layers(llm) -> dict:
-    """How many attention layers our backend serves and how many of them keep K16V16 pages
-    (--kv-cache-dtype-skip-layers): the layers that really hold a KV cache, not the config's count."""
+    """The layout our backend serves each attention layer with (a map's, or K16V16 for a layer that
+    --kv-cache-dtype-skip-layers keeps), by layer index: the layers that really hold a KV cache, not the
+    config's count. Each layer's backend class answers, as it did when vLLM sized its pages."""
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-    ours = [layer.impl for layer in runner.compilation_config.static_forward_context.values()
-            if hasattr(getattr(layer, "impl", None), "_kept_unquantized")]
-    return {"attention_layers": len(ours), "kept_unquantized": sum(impl._kept_unquantized for impl in ours)}
+    layouts = {}
+    for name, layer in runner.compilation_config.static_forward_context.items():
+        layer_policy = getattr(getattr(layer, "attn_backend", None), "layer_policy", None)
+        if layer_policy is not None:
+            index = int(name.split("layers.")[1].split(".")[0]) if "layers." in name else len(layouts)
+            layouts[index] = layer_policy(layer.impl.kv_cache_dtype)[0].name
+    return {"attention_layers": len(layouts), "layer_layouts": dict(sorted(layouts.items()))}
 
 
 def resolved_policy(requested: str) -> dict:
