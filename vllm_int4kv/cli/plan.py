@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..planner.capacity import (GIB, DEFAULT_POLICIES, _ELEM_BYTES, ModelKV, load_config, model_from_config, round_up, sequence_bytes, PolicyPlan, PlanInputs, plan, measured_bandwidth)
-from ..policy.layout import parse_policy
+from ..policy.layer_map import parse_policy_map, split_policy_list
 from .args import above, at_least, fraction, output_file
 
 def fmt_bytes(n: float) -> str:
@@ -102,7 +102,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--gen-tokens", type=at_least(0), default=1024, help="generated tokens G after the context")
     w.add_argument("--block-size", type=at_least(1), default=16)
     w.add_argument("--tensor-parallel-size", "-tp", type=at_least(1), default=1)
-    w.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated policies")
+    w.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                   help="comma-separated policies or per-layer maps (e.g. k16v16,'k4v4-rot;0-2,8:k8v4')")
     w.add_argument("--skip-layers", help="layers kept unquantized (K16V16), as --kv-cache-dtype-skip-layers "
                    "serves them: e.g. 0,1 or 0-3, or sliding_window for every sliding-window layer")
     w.add_argument("--bandwidth-gbs", type=above(0), help="HBM bandwidth (default: measured, else datasheet)")
@@ -204,11 +205,11 @@ def run(args) -> int:
         budget, budget_text = _budget(args, model, weights, tp)
         bandwidth, bw_text = ((args.bandwidth_gbs, f"{args.bandwidth_gbs:g} GB/s (given)")
                               if args.bandwidth_gbs else measured_bandwidth())
-        names = [p.strip() for p in args.policies.split(",") if p.strip()]
+        names = split_policy_list(args.policies)
         if not names or "auto" in (n.lower() for n in names):
-            raise ValueError("--policies: give fixed policies such as k16v16,k8v4,k4v4 (auto is decided per "
-                             "model by `vllm-int4kv calibrate`, which prints the policy to plan with)")
-        policies = [parse_policy(n) for n in names]
+            raise ValueError("--policies: give fixed policies or maps such as k16v16,k8v4,k4v4 (auto is decided "
+                             "per model by `vllm-int4kv calibrate`, which prints the policy to plan with)")
+        policies = [parse_policy_map(n) for n in names]
         inputs = PlanInputs(args.context, args.batch, args.gen_tokens, budget, bandwidth,
                             args.block_size, tp)
         rows = plan(model, policies, inputs)
@@ -220,7 +221,7 @@ def run(args) -> int:
                           "policies": [asdict(r) for r in rows]}, indent=2))
     else:
         print(_header(model, inputs, weights, budget_text, bw_text))
-        print(format_table(rows, inputs, bool(model.kept)))
+        print(format_table(rows, inputs, bool(model.kept) or any(p.single is None for p in policies)))
         for r in rows:
             if r.max_seqs < args.batch:
                 print(f"note: batch {args.batch} does not fit with {r.policy} at context {args.context} "

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
-from ..policy.layout import UNQUANTIZED, KVPolicy, parse_policy
+from ..policy.layer_map import PolicyMap, parse_policy_map
+from ..policy.layout import UNQUANTIZED, KVPolicy
 
 GIB = 1 << 30
 DEFAULT_POLICIES = ("k16v16", "k8v4", "k4v4")
@@ -181,25 +182,33 @@ def positions_read(c0: int, gen: int, window: int | None = None) -> int:
     return growing * c0 + growing * (growing - 1) // 2 + (gen - growing) * window
 
 
-def _layer_token_bytes(model: ModelKV, policy: KVPolicy, tp: int) -> list[int]:
-    """Bytes one token costs in each layer on one rank (K16V16's in the kept layers)."""
+def as_map(policy) -> PolicyMap:
+    """A map from a ``PolicyMap``, a ``KVPolicy`` or their text."""
+    if isinstance(policy, PolicyMap):
+        return policy
+    return PolicyMap.uniform(policy) if isinstance(policy, KVPolicy) else parse_policy_map(policy)
+
+
+def _layer_token_bytes(model: ModelKV, policy, tp: int) -> list[int]:
+    """Bytes one token costs in each layer on one rank: each layer at its layout (K16V16 in the kept
+    layers). Pages are taken unpadded: on a model that mixes layer types vLLM pads some of them, in ways
+    that differ between its CPU and GPU platforms (docs/policy.md), and the cache then holds fewer tokens."""
     if model.head_dim not in HEAD_DIMS:
         raise UnsupportedModel(f"head_dim {model.head_dim} is not supported by the int4kv backend "
                                f"(it must be {HEAD_DIMS_TEXT})")
-    heads = model.kv_heads_per_rank(tp)
-    quantized = heads * policy.slot_bytes(model.head_dim, model.elem_bytes)
-    kept = heads * UNQUANTIZED.slot_bytes(model.head_dim, model.elem_bytes)
-    return [kept if i in model.kept else quantized for i in range(model.num_layers)]
+    policy_map, heads = as_map(policy), model.kv_heads_per_rank(tp)
+    layouts = [UNQUANTIZED if i in model.kept else policy_map.for_layer(i) for i in range(model.num_layers)]
+    return [heads * layout.slot_bytes(model.head_dim, model.elem_bytes) for layout in layouts]
 
 
-def sequence_bytes(model: ModelKV, policy: KVPolicy, context: int, block_size: int = 16,
+def sequence_bytes(model: ModelKV, policy, context: int, block_size: int = 16,
                    tp: int = 1) -> int:
     """KV bytes one sequence of ``context`` tokens holds on one rank, in whole blocks per layer."""
     return sum(b * round_up(min(context, w or context), block_size)
                for b, w in zip(_layer_token_bytes(model, policy, tp), model.windows))
 
 
-def max_context(model: ModelKV, policy: KVPolicy, budget: int, block_size: int = 16,
+def max_context(model: ModelKV, policy, budget: int, block_size: int = 16,
                 tp: int = 1) -> int | None:
     """Longest single-sequence context whose blocks fit in ``budget`` bytes; None if every layer slides
     and even a full window fits (the sequence can then grow without bound)."""
@@ -246,12 +255,16 @@ class PlanInputs:
 
 
 def plan(model: ModelKV, policies, inputs: PlanInputs) -> list[PolicyPlan]:
-    """Numbers for each policy (``KVPolicy`` or string)."""
-    policies = [p if isinstance(p, KVPolicy) else parse_policy(p) for p in policies]
+    """Numbers for each policy or per-layer map (``PolicyMap``, ``KVPolicy`` or their text)."""
+    policies = [as_map(p) for p in policies]
+    for policy in policies:
+        policy.check_layers(range(model.num_layers))
+        if model.head_dim in HEAD_DIMS:  # (else _layer_token_bytes refuses the model itself)
+            policy.check_head_dim(model.head_dim, model.elem_bytes)
     return [_plan_one(model, p, inputs) for p in policies]
 
 
-def _plan_one(model: ModelKV, policy: KVPolicy, x: PlanInputs) -> PolicyPlan:
+def _plan_one(model: ModelKV, policy: PolicyMap, x: PlanInputs) -> PolicyPlan:
     layer_bytes = _layer_token_bytes(model, policy, x.tp)
     per_token = sum(layer_bytes)
     mean = per_token / model.num_layers
@@ -274,7 +287,7 @@ def startup_summary(num_layers: int, num_kv_heads: int, head_dim: int, policy,
                     elem_bytes: int = 2) -> dict:
     """What the backend's start-up line reports: KV bytes per token (per layer and all layers, for the
     KV heads given, i.e. per rank) and how many more tokens fit than in a BF16 cache."""
-    policy = policy if isinstance(policy, KVPolicy) else parse_policy(policy)
+    policy = policy if isinstance(policy, KVPolicy) else as_map(policy).single
     per_layer = num_kv_heads * policy.slot_bytes(head_dim, elem_bytes)
     bf16_per_layer = num_kv_heads * 2 * head_dim * 2
     gain = bf16_per_layer / per_layer

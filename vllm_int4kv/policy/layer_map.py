@@ -15,6 +15,7 @@ A JSON file holds the same: ``VLLM_INT4KV_POLICY=/path/map.json`` with
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -124,6 +125,23 @@ class PolicyMap:
         see ``allocation`` for what vLLM allocates)."""
         sizes = [self.slot_bytes(index, head_dim, elem_bytes) for index in attention_layers]
         return sum(sizes) / len(sizes)
+
+
+def allocated_sizes(sizes: list[int], mixed_types: bool) -> list[int]:
+    """Per-layer page sizes (bytes per token) as vLLM allocates them. Layers of one type each keep their
+    own size in one pool; on a model that mixes layer types (sliding-window or state layers beside full
+    attention) vLLM unifies the pages: a page that divides the largest gets proportionally more tokens
+    (the same bytes per token), any other is padded to the largest."""
+    if not mixed_types or not sizes:
+        return list(sizes)
+    largest = max(sizes)
+    return [size if largest % size == 0 else largest for size in sizes]
+
+
+def split_policy_list(text: str) -> list[str]:
+    """``"k16v16,k4v4-rot;0-2,8:k8v4"`` -> ``["k16v16", "k4v4-rot;0-2,8:k8v4"]``: commas separate names,
+    except those of a map's layer lists (followed by a digit)."""
+    return [part.strip() for part in re.split(r",(?!\s*\d)", text) if part.strip()]
 
 
 def format_layers(indices: Iterable[int]) -> str:

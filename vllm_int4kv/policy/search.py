@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .layer_map import PolicyMap
+from .layer_map import PolicyMap, allocated_sizes
 from .layout import UNQUANTIZED, KVPolicy
 from .progress import SILENT, Progress
 from .session import Measurement, PerLayer, Session, spec_of, spec_of_map
@@ -45,10 +45,7 @@ def allocated_slot_bytes(policy_map: PolicyMap, layers: list[int], head_dim: int
     Layers of one type (all full attention) each get pages of their own size in one pool. A model that
     mixes types (sliding-window or state layers beside full attention) gets one page size: a page that
     does not divide the largest is padded to it (one that does gets proportionally more tokens)."""
-    sizes = [policy_map.slot_bytes(index, head_dim, elem_bytes) for index in layers]
-    if mixed_types:
-        largest = max(sizes)
-        sizes = [size if largest % size == 0 else largest for size in sizes]
+    sizes = allocated_sizes([policy_map.slot_bytes(index, head_dim, elem_bytes) for index in layers], mixed_types)
     return sum(sizes) / len(sizes)
 
 

@@ -10,7 +10,6 @@ reference and writes ``report.md``, ``report.json`` and ``quality.png`` into ``-
 from __future__ import annotations
 
 import hashlib
-import re
 import json
 import os
 import signal
@@ -265,10 +264,9 @@ def model_shape(model: str) -> tuple[int | None, int | None]:
 def run_names(text: str | list[str]) -> list[str]:
     """``--policies`` as run names: comma-separated, except the commas of a map's layer lists (a comma
     followed by a digit: ``k16v16,k4v4-rot;0-2,8:k8v4``); a JSON map file runs under its map's text."""
-    from ..policy.layer_map import parse_policy_map
+    from ..policy.layer_map import parse_policy_map, split_policy_list
 
-    parts = [part.strip() for item in ([text] if isinstance(text, str) else text)
-             for part in re.split(r",(?!\d)", item) if part.strip()]
+    parts = [part for item in ([text] if isinstance(text, str) else text) for part in split_policy_list(item)]
     names = []
     for part in parts:
         try:
