@@ -111,10 +111,15 @@ def test_quality_command_end_to_end(tmp_path):
     model = build_tiny_llama(tmp_path / "tiny")
     tasks, corpus = _write_inputs(tmp_path)
     out = tmp_path / "report"
+    genres = tmp_path / "genres"  # held-out text in the calibration files' format
+    genres.mkdir()
+    for genre, text in (("licenses", corpus.read_text()[:20000]), ("numbers", " ".join(map(str, range(4000))))):
+        (genres / f"{genre}.txt").write_text(f"# held out\n\n=== {genre} ===\n\n{text}\n")
     code = main(["quality", str(model), "--policies", ",".join(policies), "--tasks", "tiny_mc",
                  "--include-path", str(tasks), "--corpus", str(corpus), "--ppl-chunks", "2",
                  "--chunk-tokens", "128", "--long-prompts", "1", "--long-tokens", "600",
-                 "--gen-lengths", "16,300", "--gen-tokens", "8", "--out", str(out)])
+                 "--gen-lengths", "16,300", "--gen-tokens", "8", "--passkey-lengths", "300,700,9000",
+                 "--genres", str(genres), "--genre-chunks", "2", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert list(report["policies"]) == policies
@@ -134,6 +139,13 @@ def test_quality_command_end_to_end(tmp_path):
 
     k4v4 = report["policies"]["k4v4"]
     assert k4v4["bytes_per_token"] == 72 and ref["bytes_per_token"] == 256  # head_dim 64
+    # held-out genres: each scored, the reference against itself exactly
+    assert report["settings"]["genres"] == {"licenses": 2, "numbers": 2}
+    assert ref["genre_ppl_change"] == {"licenses": 0.0, "numbers": 0.0}
+    assert set(k4v4["genre_ppl_change"]) == {"licenses", "numbers"} and k4v4["genre_ppl_change"]["licenses"] != 0
+    # pass-key retrieval: 2 lengths x 3 depths (9000 tokens is past the tiny model's context)
+    assert report["settings"]["passkey_lengths"] == [300, 700] and report["settings"]["passkey_skipped"] == [9000]
+    assert len(ref["passkey"]["hits"]) == 6 and 0 <= k4v4["passkey"]["accuracy"] <= 1
     assert 0 < k4v4["vs_reference"]["mean_kl"] < 5 and 0 <= k4v4["vs_reference"]["top1_agreement"] < 1
 
     # layer 0 kept unquantized (it carries most of K4V4's error on this model), layer 1 at k4v4
@@ -150,6 +162,7 @@ def test_quality_command_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert "| k16v16 | k16v16 | 256 |" in md and "16-bit basis" in md and "| k4v4 | k4v4 | 72 |" in md
     assert "## What the numbers mean" in md and "+0.77 %" in md
+    assert "## Held-out genres" in md and "## Pass-key retrieval" in md and "| k4v4 |" in md
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -65,6 +65,19 @@ def count_list(text: str) -> list[int]:
     return values
 
 
+def counts_or_none(text: str) -> list[int]:
+    """``count_list``, or ``none`` for no entries (a check turned off)."""
+    return [] if text.strip().lower() in ("", "none") else count_list(text)
+
+
+def input_folder(text: str) -> str:
+    """An existing folder; returned with ``~`` expanded."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return str(path)
+
+
 def input_file(text: str) -> str:
     """An existing file; returned with ``~`` expanded (a shell leaves ``--x=~/f`` alone)."""
     path = Path(text).expanduser()

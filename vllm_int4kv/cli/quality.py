@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..policy.layout import VLLM_DTYPE_NAMES
 from ..quality import runner
-from .args import above, at_least, count_list, input_file, output_folder
+from .args import above, at_least, count_list, counts_or_none, input_file, input_folder, output_folder
 
 
 def add_parser(parser) -> None:
@@ -25,6 +25,15 @@ def add_parser(parser) -> None:
     parser.add_argument("--gen-lengths", type=count_list, default="64,512,1536",
                         help="prompt lengths (tokens) for the greedy-continuation comparison (at least one)")
     parser.add_argument("--gen-tokens", type=at_least(1), default=32, help="greedy tokens per continuation")
+    parser.add_argument("--passkey-lengths", type=counts_or_none, default="1024,2048,4096,8192",
+                        help="pass-key retrieval prompts of these lengths (tokens; a key hidden at 10, 50 and "
+                             "90 %% depth of each; none: no such check), those longer than the model's context "
+                             "left out")
+    parser.add_argument("--genres", type=input_folder, default=None,
+                        help="folder of held-out genre text (scripts/prepare_data.py writes "
+                             "artifacts/data/genres): perplexity per genre")
+    parser.add_argument("--genre-chunks", type=at_least(1), default=4,
+                        help="--chunk-tokens chunks scored per genre")
     parser.add_argument("--top-k", type=at_least(1), default=40, help="prompt_logprobs requested per position")
     parser.add_argument("--kl-top-k", type=at_least(1), default=20, help="reference tokens kept apart in the KL")
     parser.add_argument("--bos", choices=("auto", "never"), default="auto",

@@ -119,6 +119,39 @@ def position_table(report: dict) -> str:
                               "whose context (tokens before the predicted one, BOS included) is in the span."
 
 
+def genre_table(report: dict) -> str:
+    """Held-out perplexity change per genre against the reference (text the calibration never saw)."""
+    genres = list(report["settings"].get("genres") or {})
+    entries = {n: e for n, e in report["policies"].items() if e.get("ok") and e.get("genre_ppl_change")}
+    if not genres or not entries:
+        return ""
+    lines = ["| policy | " + " | ".join(genres) + " | worst |", "|" + "---|" * (len(genres) + 2)]
+    for name, entry in entries.items():
+        changes = entry["genre_ppl_change"]
+        cells = [f"{100 * changes[g]:+.2f} %" if g in changes else "—" for g in genres]
+        worst = max(changes.values())
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * worst:+.2f} % |")
+    ref = report["policies"].get(report["reference"], {}).get("genre_perplexity", {})
+    base = ", ".join(f"{g} {ref[g]:.2f}" for g in genres if g in ref)
+    return "\n".join(lines) + (f"\n\nReference perplexity per genre: {base}." if base else "")
+
+
+def passkey_table(report: dict) -> str:
+    """Pass-key retrieval accuracy by context length (each: the key at 10, 50 and 90 % depth)."""
+    lengths = report["settings"].get("passkey_lengths") or []
+    entries = {n: e for n, e in report["policies"].items() if e.get("ok") and e.get("passkey")}
+    if not lengths or not entries:
+        return ""
+    lines = ["| policy | " + " | ".join(f"{n} tokens" for n in lengths) + " | all |", "|" + "---|" * (len(lengths) + 2)]
+    for name, entry in entries.items():
+        by_length = entry["passkey"]["by_length"]
+        cells = [f"{by_length[str(n)]:.2f}" for n in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {entry['passkey']['accuracy']:.2f} |")
+    skipped = report["settings"].get("passkey_skipped")
+    note = f" Lengths left out (longer than the model's context): {skipped}." if skipped else ""
+    return "\n".join(lines) + f"\n\nExact match: the key appears in the greedy answer.{note}"
+
+
 def machine_lines(machine: dict) -> str:
     return (f"- Machine: {machine['cpu']} ({machine['cpu_count']} cores), {machine['platform']}, "
             f"{('GPU ' + machine['gpu']) if machine.get('gpu') else 'no GPU'}\n"
@@ -187,6 +220,8 @@ def meaning(report: dict) -> str:
 def markdown(report: dict, notes: str | None = None) -> str:
     out = [f"# KV-cache quality: {report['model_name']}", "", machine_lines(report["machine"]), "",
            table(report), "", "## By context length", "", position_table(report), "",
+           *(["## Held-out genres", "", genre_table(report), ""] if genre_table(report) else []),
+           *(["## Pass-key retrieval", "", passkey_table(report), ""] if passkey_table(report) else []),
            "## What the numbers mean", "", meaning(report), ""]
     if notes:
         out += [notes.strip(), ""]

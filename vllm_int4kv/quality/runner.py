@@ -33,7 +33,9 @@ def say(message: str) -> None:
 # -- prompts: tokenized once, shared by every policy ----------------------------------------------
 def build_prompts(args, out: Path) -> dict:
     """Token-id prompts for the workers; ``first_row`` = 1 (row i predicts token i)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from . import long_context
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = tokenizer(Path(args.corpus).read_text(encoding="utf-8"), add_special_tokens=False,
@@ -56,6 +58,12 @@ def build_prompts(args, out: Path) -> dict:
                "long": [take(args.long_tokens) for _ in range(args.long_prompts)],
                "gen": [take(n) for n in gen_lengths], "first_row": 1, "bos_token_id": bos,
                "corpus_tokens": len(ids)}
+    limit = getattr(AutoConfig.from_pretrained(args.model).get_text_config(), "max_position_embeddings", None)
+    lengths = [n for n in args.passkey_lengths if limit is None or n + long_context.ANSWER_TOKENS <= limit]
+    prompts["passkey"] = long_context.passkey_prompts(tokenizer, lengths, seed=args.seed) if lengths else []
+    prompts["passkey_skipped"] = [n for n in args.passkey_lengths if n not in lengths]
+    prompts["genres"] = (long_context.genre_chunks(tokenizer, args.genres, args.genre_chunks, args.chunk_tokens,
+                                                   prefix) if args.genres else {})
     (out / "prompts.json").write_text(json.dumps(prompts))
     return prompts
 
@@ -187,15 +195,19 @@ def _bytes_per_token(resolved: dict, model: str) -> float | None:
     if name.startswith(VLLM_PREFIX):
         return vllm_cache_bytes(name.removeprefix(VLLM_PREFIX), head_dim)
     sizes = [parse_policy(layout).slot_bytes(head_dim, 2) for layout in resolved["layer_layouts"].values()]
-    return round(sum(sizes) / len(sizes), 1)
+    mean = sum(sizes) / len(sizes)
+    return int(mean) if mean.is_integer() else round(mean, 1)
 
 
 def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
     import numpy as np
+    from transformers import AutoTokenizer
 
+    from . import long_context
     from . import metrics as qm
     from .report import machine_info
 
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     n_ppl_rows = sum(len(p) - prompts["first_row"] for p in prompts["ppl"])
     ppl_rows = np.arange(n_ppl_rows)
     ref_ok = runs.get(REFERENCE, {}).get("ok")
@@ -208,6 +220,9 @@ def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
             topk = qm.TopK.load(out / "runs" / name / "topk.npz")
             entry["perplexity"] = qm.perplexity(topk.target[ppl_rows])
             entry["bytes_per_token"] = _bytes_per_token(run["resolved"], args.model)
+            entry["genre_perplexity"] = run.get("genre_perplexity", {})
+            if prompts["passkey"]:
+                entry["passkey"] = long_context.passkey_accuracy(tokenizer, prompts["passkey"], run["passkey"])
             lm_eval = run.get("lm_eval", {})
             entry["lm_eval"] = {task: r["metrics"] for task, r in lm_eval.items()}
             entry["lm_eval_samples"] = {task: r["n_samples"] for task, r in lm_eval.items()}
@@ -216,6 +231,9 @@ def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
                 entry["generation"] = qm.generation_agreement(runs[REFERENCE]["generations"],
                                                               run["generations"])
                 ref_choices = runs[REFERENCE].get("lm_eval", {})
+                ref_genres = runs[REFERENCE].get("genre_perplexity", {})
+                entry["genre_ppl_change"] = {genre: ppl / ref_genres[genre] - 1
+                                             for genre, ppl in entry["genre_perplexity"].items() if genre in ref_genres}
                 entry["choice_agreement"] = {
                     task: qm.choice_agreement({int(d): c for d, c in ref_choices[task]["choices"].items()},
                                               {int(d): c for d, c in r["choices"].items()})
@@ -231,13 +249,21 @@ def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
         "gen_prompts": len(prompts["gen"]), "gen_lengths": [len(p) for p in prompts["gen"]],
         "gen_tokens": args.gen_tokens, "top_k": args.top_k, "kl_top_k": args.kl_top_k,
         "bos_token_id": prompts["bos_token_id"], "seed": args.seed,
+        "passkey_lengths": sorted({item["length"] for item in prompts["passkey"]}),
+        "passkey_depths": sorted({item["depth"] for item in prompts["passkey"]}),
+        "passkey_skipped": prompts["passkey_skipped"],
+        "genres": {genre: len(chunks) for genre, chunks in prompts["genres"].items()},
+        "genres_folder": str(args.genres) if args.genres else None,
     }
     return {"model": str(args.model), "model_name": Path(args.model).name, "reference": REFERENCE,
             "machine": machine_info(), "settings": settings, "policies": policies, "plot": PLOT_NAME}
 
 
 def worker_spec(args, out: Path, prompts: dict) -> dict:
-    longest = max(len(p) for p in prompts["ppl"] + prompts["long"] + prompts["gen"]) + args.gen_tokens
+    from .long_context import ANSWER_TOKENS
+
+    longest = max([len(p) + args.gen_tokens for p in prompts["ppl"] + prompts["long"] + prompts["gen"]]
+                  + [len(item["ids"]) + ANSWER_TOKENS for item in prompts["passkey"]])
     digest = hashlib.sha256((out / "prompts.json").read_bytes()).hexdigest()
     return {"model": str(args.model), "dtype": args.dtype, "seed": args.seed, "top_k": args.top_k,
             "prompts_sha256": digest,

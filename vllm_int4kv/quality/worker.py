@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from .long_context import ANSWER_TOKENS
+
 
 def log(policy: str, message: str) -> None:
     print(f"[quality {policy}] {message}", flush=True)
@@ -193,6 +195,22 @@ def main(spec_path: str) -> int:
     log(policy, f"greedy continuations: {len(prompts['gen'])} prompts x {spec['gen_tokens']} tokens")
     result["generations"] = generate(llm, prompts["gen"], spec["gen_tokens"])
     stage("generation", t0)
+
+    if prompts["passkey"]:
+        t0 = time.perf_counter()
+        log(policy, f"pass-key retrieval: {len(prompts['passkey'])} prompts of up to "
+                    f"{max(len(item['ids']) for item in prompts['passkey'])} tokens")
+        result["passkey"] = generate(llm, [item["ids"] for item in prompts["passkey"]], ANSWER_TOKENS)
+        stage("passkey", t0)
+    if prompts["genres"]:
+        t0 = time.perf_counter()
+        from .metrics import perplexity
+
+        log(policy, f"held-out genres: {', '.join(prompts['genres'])}")
+        result["genre_perplexity"] = {
+            genre: perplexity(score_prompts(llm, chunks, prompts["first_row"], 1, 0).target)
+            for genre, chunks in prompts["genres"].items()}
+        stage("genres", t0)
 
     if lm is not None:
         t0 = time.perf_counter()
