@@ -71,7 +71,7 @@ def test_a_model_without_fragile_layers_keeps_one_policy():
 
 def test_the_ladder_takes_the_rotated_layout_at_each_size():
     names = [p.name for p in ladder(candidate_policies(64), 64, 2)]
-    assert names == ["k4v4-rot", "k4v4-g32-rot", "k4v4-g16-rot", "k8v4-rot", "k8v8", "k16v4", "k16v16"]
+    assert names == ["k4v4-rot", "k4v4-g16-rot", "k8v4-rot", "k8v8", "k16v4", "k16v16"]
 
 
 def test_bytes_as_vllm_allocates_them():
@@ -101,8 +101,8 @@ class ScriptedSession:
 
 
 def _scripted(map_kl):
-    layer = {"k4v4-rot": 0.004, "k4v4-g32-rot": 0.003, "k4v4-g16-rot": 0.002, "k8v4-rot": 0.0001}
-    fragile = {"k4v4-rot": 0.05, "k4v4-g32-rot": 0.04, "k4v4-g16-rot": 0.03, "k8v4-rot": 0.001}
+    layer = {"k4v4-rot": 0.004, "k4v4-g16-rot": 0.002, "k8v4-rot": 0.0001}
+    fragile = {"k4v4-rot": 0.05, "k4v4-g16-rot": 0.03, "k8v4-rot": 0.001}
     return ScriptedSession({0: layer, 1: fragile, 2: layer, 3: layer}, map_kl)
 
 

@@ -33,7 +33,7 @@ DEFAULT_TAU = 3.0  # published threshold of the INT6/INT8 ratio classifier
 DEFAULT_PROMPTS = 1  # per genre
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_LONG_TOKENS = 2048
-DEFAULT_SCAN_TOKENS = 256
+DEFAULT_SCAN_TOKENS = 128
 K4_GROUPS = (32, 16)  # key channel groups tried at 4 bits (each adds 4 B per group per token and head)
 
 

@@ -1,8 +1,9 @@
 """A layout per layer: the cheapest map whose measured KL stays within the budget.
 
-1. **Scan.** Each attention layer alone is stored at each rung of a ladder of layouts (every other layer
-   in full precision) and measured on the first ``scan_tokens`` of every calibration prompt; rungs above
-   one whose KL is negligible are not measured (the KL only falls further).
+1. **Scan.** Each attention layer alone is stored at the rungs of a ladder of layouts, cheapest first
+   (every other layer in full precision), and measured on the first ``scan_tokens`` of every calibration
+   prompt, until its KL is a small part of its share of the budget (``SETTLED``): upgrades beyond that
+   would buy almost nothing, so they are not measured, and are taken to gain nothing.
 2. **Plan.** The layers' KLs are taken to add up. Every layer starts on the cheapest rung; then the
    upgrade with the largest KL drop per extra byte is taken, over and over, until the predicted KL is
    within the target (a fraction of the budget: layers' errors do not add exactly).
@@ -23,14 +24,18 @@ from .progress import SILENT, Progress
 from .session import Measurement, PerLayer, Session, spec_of, spec_of_map
 
 TARGET = 0.9  # plan to this fraction of the budget before the first check
-NEGLIGIBLE = 0.02  # a layer whose KL is below this fraction of the budget / layers needs no upgrade
+SETTLED = 0.1  # a layer whose KL is below this fraction of its share of the budget (budget / layers) is
+# not measured on higher rungs: a scan of every rung of every layer would cost rungs x layers passes
 
 
 def ladder(candidates: list[KVPolicy], head_dim: int, elem_bytes: int) -> list[KVPolicy]:
     """The rungs a layer may stand on, cheapest first: at each size the best-placed layout (rotated,
-    where rotation is offered at that size: it never costs bytes), up to K16V16."""
+    where rotation is offered at that size: it never costs bytes), up to K16V16. 32-channel key groups are
+    left out: a step of 4 bytes between two rungs 12 bytes apart, not worth a pass per layer."""
     by_size: dict[int, KVPolicy] = {}
     for policy in candidates:
+        if policy.k_group is not None and policy.k_group > 16:
+            continue
         size = policy.slot_bytes(head_dim, elem_bytes)
         if size not in by_size or (policy.rotate and not by_size[size].rotate):
             by_size[size] = policy
@@ -79,7 +84,7 @@ class Search:
 
 def _scan(session: Session, rungs: list[KVPolicy], layers: list[int], budget: float, tokens: int,
           progress: Progress) -> dict[int, dict[str, float]]:
-    negligible = NEGLIGIBLE * budget / len(layers)
+    settled = SETTLED * budget / len(layers)
     progress.stage("per-layer scan", len(layers) * (len(rungs) - 1))
     single: dict[int, dict[str, float]] = {}
     for index in layers:
@@ -88,10 +93,10 @@ def _scan(session: Session, rungs: list[KVPolicy], layers: list[int], budget: fl
             if not rung.quantized:
                 kls[rung.name] = 0.0
                 continue
-            below = next((kl for kl in kls.values() if kl <= negligible), None)
-            if below is not None:  # a cheaper rung is already negligible: this one is no worse
+            below = next((kl for kl in kls.values() if kl <= settled), None)
+            if below is not None:  # a cheaper rung already settles this layer: taken to gain nothing more
                 kls[rung.name] = below
-                progress.step(f"layer {index} {rung.name}: skipped, a cheaper rung is negligible")
+                progress.step(f"layer {index} {rung.name}: not measured, a cheaper rung settles it")
                 continue
             alone = PerLayer(None, {index: spec_of(rung)})
             kls[rung.name] = session.measure(f"layer {index} {rung.name}", alone, tokens=tokens).kl
