@@ -6,6 +6,9 @@ channel groups are in the kernels (more scale/zero loads). So this times the bac
 decode step, ``attention.write_kv`` then ``attention.attend`` for one new token per sequence,
 for a policy and its ``-rot`` / ``-g32`` variants, on the same pages. The auto policy picks among these
 variants by quality; this gives the speed side of that trade-off.
+
+A per-layer map's decode step is the sum of its layers' steps: ``MAPS`` rows add up the timed layouts
+over the shape's layers (``layer_step_map``), beside the uniform policies' whole-model steps.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 
 from vllm_int4kv import attention as ops
 from vllm_int4kv.policy import parse_policy
+from vllm_int4kv.policy.layer_map import parse_policy_map
 
 from . import traffic
 from .config import BLOCK_SIZE, ModelShape, make_layout
@@ -27,6 +31,8 @@ POINTS = {"default": ((1, 4096), (16, 4096), (64, 4096), (16, 32768)),
           "quick": ((1, 4096), (64, 4096)),
           "smoke": ((2, 40),)}
 SHAPES = {"default": ("llama3-8b", "smollm2-135m"), "quick": ("llama3-8b",), "smoke": ("smollm2-135m",)}
+# per-layer maps whose layouts are all timed above: a few fragile layers upgraded, the rest at K4V4
+MAPS = ("k4v4-rot;0-1:k8v4-rot", "k4v4-rot;0-1,8:k16v16")
 
 
 class LayerStepCase:
@@ -92,4 +98,25 @@ def time_layer_steps(runner, shape: ModelShape) -> None:
                 plain_us = plain_us or row["median_us"]
                 row["vs_plain"] = row["median_us"] / plain_us
         del pool
+    add_map_rows(runner.r, shape)
     runner.save()
+
+
+def add_map_rows(results: dict, shape: ModelShape) -> None:
+    """``results["layer_step_map"]``: per point, each map's whole-model decode step (the sum over the
+    shape's layers of its layouts' timed steps) and the same for the uniform policies it mixes."""
+    timed = {(row["policy"], row["batch"], row["context"]): row["median_us"]
+             for row in results["layer_step"] if row["shape"] == shape.name}
+    points = sorted({(b, c) for _, b, c in timed})
+    rows = results.setdefault("layer_step_map", [])
+    for name in MAPS:
+        policy_map = parse_policy_map(name)
+        layouts = [policy_map.for_layer(i).name for i in range(shape.num_layers)]
+        for batch, context in points:
+            steps = [timed.get((layout, batch, context)) for layout in layouts]
+            if None in steps:
+                continue
+            uniform = {p.name: shape.num_layers * timed[(p.name, batch, context)] for p in policy_map.policies
+                       if (p.name, batch, context) in timed}
+            rows.append({"shape": shape.name, "policy": policy_map.name, "batch": batch, "context": context,
+                         "model_step_us": sum(steps), "uniform_model_step_us": uniform})

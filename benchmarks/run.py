@@ -63,7 +63,7 @@ class Runner:
                            "source": vllm_baseline.SOURCE},
                   "decode": [], "sdpa_decode": [], "vllm_decode": [], "prefill": [], "sdpa_prefill": [],
                   "vllm_prefill": [], "vllm_write": [],
-                  "write": [], "layer_step": [], "tune_splits": [], "tune_prefill": [], "checks": [], "skipped": [],
+                  "write": [], "layer_step": [], "layer_step_map": [], "tune_splits": [], "tune_prefill": [], "checks": [], "skipped": [],
                   "notes": [], "errors": [],
                   "goals": {}, "model_estimates": []}
         self.r["notes"] += [

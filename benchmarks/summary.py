@@ -94,6 +94,19 @@ def _layer_step(r):
                       "vs k4v4"], table))
 
 
+def _layer_step_map(r):
+    rows = r.get("layer_step_map") or []
+    if not rows:
+        return ""
+    table = [[x["shape"], x["policy"], x["batch"], x["context"], _f(x["model_step_us"]),
+              ", ".join(f"{name} {us:.1f}" for name, us in x["uniform_model_step_us"].items())] for x in rows]
+    return ("## Per-layer maps at decode (whole model: the sum of each layer's step)
+
+"
+            + _table(["shape", "map", "batch", "context", "µs", "the same with every layer at one layout (µs)"],
+                     table))
+
+
 def _options(x) -> list[str]:
     return [" ".join(f"{k}:{v:.1f}" for k, v in x.get(key, {}).items())
             for key in ("warps_us", "stages_us", "tiles_us")]
@@ -170,7 +183,7 @@ def render(r: dict) -> str:
         parts.append("Skipped points: " + "; ".join(f"{n}× {k}" for k, n in reasons.items()) + ".\n")
     if r.get("plots"):
         parts.append("Plots: " + ", ".join(f"`{p}`" for p in r["plots"]) + "\n")
-    for section in (_goals, _decode, _prefill, _write, _layer_step, _tune, _estimates):
+    for section in (_goals, _decode, _prefill, _write, _layer_step, _layer_step_map, _tune, _estimates):
         if section is not _goals or r["goals"]:
             parts.append(section(r))
     return "\n".join(parts)

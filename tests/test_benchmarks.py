@@ -30,7 +30,7 @@ VLLM_CHECKS = {"vllm_bf16", "vllm_fp8", "vllm_int4_per_token_head"}
 TOP_LEVEL = ("schema", "mode", "machine", "timing_meaningful", "dtype", "block_size", "copy_bandwidth_gbs",
              "copy", "gemm", "vllm", "decode", "sdpa_decode", "vllm_decode", "prefill", "sdpa_prefill", "vllm_prefill",
              "vllm_write",
-             "write", "layer_step", "tune_splits", "tune_prefill", "checks", "skipped", "notes", "errors", "goals", "model_estimates",
+             "write", "layer_step", "layer_step_map", "tune_splits", "tune_prefill", "checks", "skipped", "notes", "errors", "goals", "model_estimates",
              "plots", "elapsed_s")
 ROW = ("median_us", "method", "bytes", "breakdown", "gbs", "pct_copy")
 GOALS = ("decode_bandwidth", "long_context_speedup", "batch1_no_slowdown", "prefill_int4_vs_bf16",
@@ -89,6 +89,11 @@ def test_smoke_json_structure(smoke):
     steps = {row["policy"]: row for row in r["layer_step"]}
     assert set(steps) == {"k4v4", "k4v4-rot", "k4v4-g32", "k4v4-g32-rot", "k8v4", "k8v4-rot", "k16v16"}
     assert steps["k4v4"]["vs_plain"] == 1.0
+    maps = {row["policy"]: row for row in r["layer_step_map"]}  # smollm2-135m: 30 layers
+    assert set(maps) == {"k4v4-rot;0-1:k8v4-rot", "k4v4-rot;0-1,8:k16v16"}
+    mixed = maps["k4v4-rot;0-1:k8v4-rot"]
+    assert mixed["model_step_us"] == pytest.approx(28 * steps["k4v4-rot"]["median_us"] + 2 * steps["k8v4-rot"]["median_us"])
+    assert mixed["uniform_model_step_us"]["k8v4-rot"] == pytest.approx(30 * steps["k8v4-rot"]["median_us"])
     assert all(row["vs_plain"] == row["median_us"] / steps[row["policy"].replace("-rot", "")]["median_us"]
                for row in r["layer_step"])
     assert r["tune_splits"] and all(row["best"] in (1, 2) for row in r["tune_splits"])
