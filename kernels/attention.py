@@ -7,6 +7,7 @@ import torch
 import triton
 
 from .attention_kernels import _reduce_splits_kernel, paged_attention_kernel
+from .block_checks import check_block_table, check_index_tensors, checks_blocks
 from .interpreter import check_interpreter
 from .page_format import PageLayout
 from .planes import plane_views
@@ -57,16 +58,18 @@ def tile_tokens(head_dim: int, elem_bytes: int = 2) -> int:
     return 32 if head_dim > 128 else 64
 
 
-def code_bias(bits: int, dtype: torch.dtype) -> int:
+def code_bias(bits: int, dtype: torch.dtype, fold: bool = True) -> int:
     """The constant whose mantissa a code is OR-ed into to become a float of the dot's dtype (0: convert).
 
     128.0 in bf16 holds codes below 128 exactly (8 significant bits), 1024.0 in fp16 codes below 1024;
-    fp32 queries (exact ``tl.dot``) convert. See ``_code_values`` in the kernel.
+    fp32 queries (exact ``tl.dot``) convert. See ``_code_values`` in the kernel. fp16 tiles dequantized
+    value by value (not ``fold``) take 256.0, whose last bit is worth 1/4: ``256 + code / 4``, so the
+    values come out in quarters, which keeps rows saturated at +-65504 finite (``_load_tile``).
     """
     if dtype == torch.bfloat16 and bits == 4:
         return 128
     if dtype == torch.float16 and bits <= 8:
-        return 1024
+        return 1024 if fold else 256
     return 0
 
 
@@ -94,21 +97,20 @@ def shares_tiles_by_default(bits: int, decode: bool, query: torch.Tensor) -> boo
     return can_share_tiles(query) and (bits != 16 or not decode)
 
 
-def _check(query, block_table, seq_lens, query_start_loc, num_kv_heads, layout):
+def _check(query, cache, block_table, seq_lens, query_start_loc, num_kv_heads, layout, max_seq_len, out):
     if query.dim() != 3 or query.shape[-1] != layout.head_dim:
         raise ValueError(f"query must be [tokens, heads, {layout.head_dim}], got {tuple(query.shape)}")
     if query.stride(-1) != 1:
         raise ValueError("query needs a contiguous last dimension")
     if query.shape[1] % num_kv_heads:
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {num_kv_heads} KV heads")
-    for name, t in (("block_table", block_table), ("seq_lens", seq_lens),
-                    ("query_start_loc", query_start_loc)):
-        if t.dtype not in (torch.int32, torch.int64) or t.device != query.device:
-            raise TypeError(f"{name} must be an int32/int64 tensor on {query.device}")
-    if block_table.dim() != 2 or block_table.stride(1) != 1:
-        raise ValueError("block_table must be [num_seqs, max_blocks] with contiguous rows")
-    if query_start_loc.shape[0] != seq_lens.shape[0] + 1 or block_table.shape[0] < seq_lens.shape[0]:
-        raise ValueError("need len(query_start_loc) == num_seqs + 1 and a block_table row per sequence")
+    if cache.device != query.device:
+        raise ValueError(f"the cache is on {cache.device}, the query on {query.device}")
+    check_index_tensors(block_table, seq_lens, query_start_loc, query.device, layout.block_size, max_seq_len)
+    if out is not None and (out.shape != query.shape or out.stride(-1) != 1 or out.dtype != query.dtype
+                            or out.device != query.device):
+        raise ValueError(f"out must be {query.dtype} {tuple(query.shape)} on {query.device} with a "
+                         f"contiguous last dimension, got {out.dtype} {tuple(out.shape)} on {out.device}")
 
 
 def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
@@ -118,7 +120,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
                     out: torch.Tensor | None = None, num_splits: int | None = None,
                     num_warps: int = 4, num_stages: int | None = None,
                     share_tiles: bool | None = None, sinks: torch.Tensor | None = None,
-                    alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                    alibi_slopes: torch.Tensor | None = None,
+                    validate_blocks: bool | None = None) -> torch.Tensor:
     """Causal attention of ``query`` ``[T, Hq, D]`` over the paged quantized ``cache``.
 
     Sequence ``s`` owns query rows ``query_start_loc[s]:query_start_loc[s+1]``, the last tokens of its
@@ -129,11 +132,18 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     ``num_splits`` (flash-decoding), ``num_warps``, ``num_stages`` (software pipelining depth; None
     keeps Triton's default) and ``share_tiles`` (None: ``shares_tiles_by_default``; False: convert KV
     tiles in the dot's layout) override the defaults, for tuning.
+
+    The contract is checked on the host without reading the device: shapes, dtypes, devices, strides, that
+    the block table has a column for each block of ``max_seq_len`` tokens. The values of the index tensors
+    (block ids in ``0 <= id < num_blocks`` for every block a sequence reads, lengths, query offsets, that
+    ``max_query_len`` holds) are checked on CPU always, on a GPU only with ``validate_blocks=True`` or
+    ``VLLM_INT4KV_CHECK_BLOCKS=1`` (``block_checks``): reading them there costs a device sync per call,
+    and under CUDA graphs it is not allowed. Unchecked, a bad id is read like any other block.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     planes = plane_views(cache, layout, query.dtype)
     num_kv_heads = planes.k.shape[1]
-    _check(query, block_table, seq_lens, query_start_loc, num_kv_heads, layout)
+    _check(query, cache, block_table, seq_lens, query_start_loc, num_kv_heads, layout, max_seq_len, out)
     if not _is_gpu(query.device):
         check_interpreter()
     if max(planes.k.stride(0), planes.v.stride(0), planes.params.stride(0)) >= 2 ** 31:
@@ -143,10 +153,12 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
+    if checks_blocks(query.device, validate_blocks):
+        check_block_table(block_table, seq_lens, query_start_loc, num_blocks=planes.k.shape[0],
+                          block_size=layout.block_size, num_tokens=num_tokens, max_query_len=max_query_len,
+                          sliding_window=sliding_window)
     if out is None:
         out = torch.empty_like(query)
-    elif out.shape != query.shape or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(query.shape)} with a contiguous last dimension")
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
@@ -193,6 +205,9 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     # ``max_query_len`` must be exact (vLLM's is): DECODE also drops the causal mask, which one query
     # token per sequence, its last, does not need.
     decode = max_query_len <= 1
+    k_fold = decode and layout.k_bits != 16 and layout.k_groups == 1
+    # (fp16: p * scale would lose its low bits in fp16's subnormal range, so V is dequantized)
+    v_fold = decode and layout.v_bits != 16 and layout.v_groups == 1 and query.dtype != torch.float16
     k_share, v_share = (shares_tiles_by_default(bits, decode, query) if share_tiles is None else share_tiles
                         for bits in (layout.k_bits, layout.v_bits))
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
@@ -210,10 +225,9 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
         BLOCK_Q=block_q, BLOCK_M=max(16, block_q * group_pad), TILE_N=tile_n,
         K_BITS=layout.k_bits, V_BITS=layout.v_bits, K_GROUP=planes.k_group, V_GROUP=planes.v_group,
         K_ROW=planes.k_row, V_ROW=planes.v_row, P_ROW=planes.p_row, V_PAR_OFFSET=2 * layout.k_groups,
-        DECODE=decode, K_FOLD=decode and layout.k_bits != 16 and layout.k_groups == 1,
-        # (fp16: p * scale would lose its low bits in fp16's subnormal range, so V is dequantized)
-        V_FOLD=decode and layout.v_bits != 16 and layout.v_groups == 1 and query.dtype != torch.float16,
-        K_CODE_BIAS=code_bias(layout.k_bits, query.dtype), V_CODE_BIAS=code_bias(layout.v_bits, query.dtype),
+        DECODE=decode, K_FOLD=k_fold, V_FOLD=v_fold,
+        K_CODE_BIAS=code_bias(layout.k_bits, query.dtype, k_fold),
+        V_CODE_BIAS=code_bias(layout.v_bits, query.dtype, v_fold),
         NUM_SPLITS=num_splits, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
         IEEE=query.dtype == torch.float32, PTX_UNPACK=_has_ptx(query.device),
         K_SHARE=k_share, V_SHARE=v_share, USE_SINKS=sinks is not None, USE_ALIBI=alibi_slopes is not None,

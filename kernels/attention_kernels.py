@@ -27,6 +27,9 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)  # globals read inside @jit must be constexpr on the GPU
 BF16_128 = tl.constexpr(0x4300)  # the bits of 128.0 in bf16: OR-ing a code < 128 in gives 128 + code
 FP16_1024 = tl.constexpr(0x6400)  # the bits of 1024.0 in fp16: OR-ing a code < 1024 in gives 1024 + code
+FP16_256 = tl.constexpr(0x5C00)  # the bits of 256.0 in fp16, whose last bit is 1/4: 256 + code / 4
+QUARTERS = tl.constexpr(256)  # the CODE_BIAS of fp16 tiles dequantized in quarters (``_load_tile``)
+FP16_MAX = tl.constexpr(65504.0)
 
 
 @triton.jit
@@ -48,12 +51,13 @@ def _code_values(codes, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
     With a bias the code is OR-ed into the mantissa of the bias (``BF16_128``, ``FP16_1024``): one integer
     op per value instead of an int->float conversion, which runs at a quarter of the rate of integer ops,
-    and a float->16-bit pack.
+    and a float->16-bit pack. (``FP16_256``, CODE_BIAS ``QUARTERS``: ``256 + codes / 4``.)
     """
     if CODE_BIAS == 0:  # (if/else, not an early return: Triton compiles the code after a return too)
         values = codes.to(DOT_DTYPE)
     else:
-        bits = codes.to(tl.uint16) | (BF16_128 if CODE_BIAS == 128 else FP16_1024)
+        bits = codes.to(tl.uint16) | (BF16_128 if CODE_BIAS == 128 else
+                                      (FP16_256 if CODE_BIAS == QUARTERS else FP16_1024))
         values = bits.to(DOT_DTYPE, bitcast=True)
     return values
 
@@ -74,12 +78,14 @@ def _nibbles_ptx(bias_high_byte: int) -> str:
 
 NIBBLES_TO_BF16_PTX = tl.constexpr(_nibbles_ptx(BF16_128.value >> 8))
 NIBBLES_TO_FP16_PTX = tl.constexpr(_nibbles_ptx(FP16_1024.value >> 8))
+NIBBLES_TO_FP16_QUARTERS_PTX = tl.constexpr(_nibbles_ptx(FP16_256.value >> 8))
 COPY_PTX = tl.constexpr("mov.b32 $0, $1;")  # two 16-bit values, unchanged (``_once_per_program``)
 
 
 @triton.jit
 def _nibble_values(packed, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr):
-    """uint8 ``packed`` -> (low nibble + CODE_BIAS, high nibble + CODE_BIAS) in ``DOT_DTYPE``.
+    """uint8 ``packed`` -> (low nibble + CODE_BIAS, high nibble + CODE_BIAS) in ``DOT_DTYPE`` (with
+    CODE_BIAS ``QUARTERS``: 256 + nibble / 4).
 
     With ``PTX`` (NVIDIA GPUs; the launcher's PTX_UNPACK) and a bias, 7 instructions per 4 bytes instead
     of the ~22 the compiler makes of ``_code_values`` (sm_90): the nibbles of 4 bytes are masked at once
@@ -92,6 +98,9 @@ def _nibble_values(packed, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX
                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     elif PTX and CODE_BIAS == 1024:
         even, odd = tl.inline_asm_elementwise(NIBBLES_TO_FP16_PTX, "=r,=r,=r,=r,r", [packed],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    elif PTX and CODE_BIAS == QUARTERS:
+        even, odd = tl.inline_asm_elementwise(NIBBLES_TO_FP16_QUARTERS_PTX, "=r,=r,=r,=r,r", [packed],
                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
         even = _code_values(packed & 0xF, CODE_BIAS, DOT_DTYPE)
@@ -120,9 +129,10 @@ def _once_per_program(values, SHARE: tl.constexpr):
 
 @triton.jit
 def _channel_params(par_ptrs, mask, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr):
+                    DOT_DTYPE: tl.constexpr, QUARTER_ZERO: tl.constexpr = False):
     """Each even (= each odd) channel's (scale, zero) ``[TILE_N, HEAD_PAD // 2]`` in ``DOT_DTYPE`` (the
     dot's 16-bit dtype, or fp32 where values are dequantized in fp32); 0 for groups past HEAD_DIM.
+    ``QUARTER_ZERO``: zero / 4 (exact, short of fp16's subnormal range), for tiles in quarters.
 
     One contiguous load of a token's (scale, zero) pairs, converted per group, then broadcast over the
     group's channels (2j and 2j+1 share group 2j // GROUP): per-channel loads converted per channel took
@@ -136,6 +146,8 @@ def _channel_params(par_ptrs, mask, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     pairs = tl.load(par_ptrs[:, None] + offs[None, :], mask=mask, other=0)
     rows: tl.constexpr = pairs.shape[0]
     scale, zero = tl.split(tl.reshape(pairs.to(DOT_DTYPE), (rows, NG, 2)))
+    if QUARTER_ZERO:
+        zero = zero * 0.25
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows, NG, GROUP // 2)), (rows, HEAD_PAD // 2))
     zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (rows, NG, GROUP // 2)), (rows, HEAD_PAD // 2))
     return scale, zero
@@ -155,6 +167,12 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
     ``scale * code + zero``), which the caller applies once per score or probability instead of once per
     channel. Otherwise (prefill tiles, channel groups, fp16 values) the values, dequantized here: for a
     16-bit dot in its dtype from the biased codes (HFMA2, two values per instruction), else in fp32.
+
+    fp16 tiles dequantized here hold the values in quarters (the launcher's CODE_BIAS ``QUARTERS``: codes
+    OR-ed into 256.0, whose last bit is 1/4), which the caller multiplies back in fp32: a row the cache
+    write saturated at +-65504 has a scale of up to 2 * 65504 / levels, rounded up, so ``code * scale``
+    reaches 2 * 65504 and even the value can pass 65504 (the scale is rounded up): both were inf. In
+    quarters nothing passes 33000, at no extra instruction (``zero / 4`` is once per token and group).
     """
     offs_j = tl.arange(0, HEAD_PAD // 2)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -186,6 +204,7 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
             else:
                 row_scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)
                 row_zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32)
+            tl.static_assert(CODE_BIAS != QUARTERS, "folded tiles take whole codes")
             row_zero -= CODE_BIAS * row_scale
         if BITS == 4:  # values straight from the bytes
             even, odd = _nibble_values(packed, CODE_BIAS, DOT_DTYPE, PTX)
@@ -193,7 +212,8 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
             even = _code_values(even, CODE_BIAS, DOT_DTYPE)
             odd = _code_values(odd, CODE_BIAS, DOT_DTYPE)
         if not FOLD:  # a 16-bit dot: dequantize in its dtype, two values per instruction
-            scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, HEAD_PAD, DOT_DTYPE)
+            scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, HEAD_PAD, DOT_DTYPE,
+                                          CODE_BIAS == QUARTERS)
             even = (even - CODE_BIAS) * scale + zero  # (the subtraction is exact: bias and code are)
             odd = (odd - CODE_BIAS) * scale + zero
     else:  # prefill with fp32 queries or bf16 8-bit codes (no bias holds them): int->float, fp32 math
@@ -201,6 +221,16 @@ def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.conste
         even = (even.to(tl.float32) * scale + zero).to(DOT_DTYPE)
         odd = (odd.to(tl.float32) * scale + zero).to(DOT_DTYPE)
     return _once_per_program(even, SHARE), _once_per_program(odd, SHARE), row_scale, row_zero
+
+
+@triton.jit
+def _saturate(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` in ``DTYPE``; for fp16 clamped to +-65504 first, the cache write's saturation: the values
+    of a row written at the fp16 maximum dequantize up to ~0.3 % past it (the scale is rounded up), and
+    an output among them would otherwise be stored as inf. (Two instructions per stored value.)"""
+    if DTYPE == tl.float16:
+        x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
+    return x.to(DTYPE)
 
 
 @triton.jit
@@ -255,7 +285,7 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
         scores = scores * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
     # (Natural units, scaled after the sum, as the reference and the torch path: folding sm_scale *
     # log2(e) into the K scales saved 2 % of the decode loop and moved an engine test's logprobs by
-    # 6e-4 in fp32.)
+    # 6e-4 in fp32. Keys in quarters: the caller's sm_scale has the 4, exactly.)
     scores *= sm_scale
     if USE_SOFTCAP:  # softcap * tanh(s / softcap), with tanh from exp (no libdevice needed)
         scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
@@ -361,6 +391,8 @@ def paged_attention_kernel(
     q_sum = tl.zeros([BLOCK_M], tl.float32)  # (used by K_FOLD only)
     if K_FOLD:
         q_sum = tl.sum(q_even.to(tl.float32), axis=1) + tl.sum(q_odd.to(tl.float32), axis=1)
+    if K_CODE_BIAS == QUARTERS:  # K tiles hold the keys in quarters (``_load_tile``)
+        sm_scale = sm_scale * 4
     k_head_ptr = k_plane_ptr + kv_head * stride_k_head
     v_head_ptr = v_plane_ptr + kv_head * stride_v_head
     p_head_ptr = par_ptr + kv_head * stride_p_head
@@ -393,10 +425,12 @@ def paged_attention_kernel(
     acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_PAD))  # interleave channels back
     if V_FOLD:
         acc += acc_zero[:, None]
+    if V_CODE_BIAS == QUARTERS:  # V tiles held the values in quarters (``_load_tile``)
+        acc *= 4
     if NUM_SPLITS == 1:
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = out_ptr + tok[:, None] * stride_o_t + q_head[:, None] * stride_o_h
-        tl.store(o_rows + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+        tl.store(o_rows + offs_d[None, :], _saturate(acc, out_ptr.dtype.element_ty), mask=d_mask)
     else:  # partials [T, Hq, NUM_SPLITS(, D)], contiguous
         part = (tok * num_q_heads + q_head) * NUM_SPLITS + split
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
@@ -424,4 +458,4 @@ def _reduce_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num
                   other=0.0)
     out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=in_d)
+             _saturate(out, out_ptr.dtype.element_ty), mask=in_d)

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .block_checks import check_slots
 from .page_format import FP16_MAX, PageLayout
 
 # Directed rounding to fp16 with fp32 arithmetic only (the Triton kernels use the same expressions):
@@ -96,6 +97,7 @@ def _run_views(cache: torch.Tensor, layout: PageLayout):
 def write_cache_reference(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           slot_mapping: torch.Tensor, layout: PageLayout) -> None:
     """Quantize ``key``/``value`` ``[T, H, D]`` into ``cache`` at ``slot_mapping`` (< 0: skipped)."""
+    check_slots(slot_mapping, slot_mapping.shape[0], cache.shape[0], layout.block_size)
     keep = slot_mapping >= 0
     key, value, slots = key[keep], value[keep], slot_mapping[keep].long()
     blocks, offsets = slots // layout.block_size, slots % layout.block_size

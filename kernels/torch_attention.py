@@ -22,6 +22,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from .block_checks import check_block_table, check_index_tensors, checks_blocks
 from .page_format import PageLayout
 from .reference import _run_views, read_cache_reference
 
@@ -254,8 +255,19 @@ def paged_attention_torch(query: torch.Tensor, cache: torch.Tensor, layout: Page
                           sm_scale: float | None = None, sliding_window: int | None = None,
                           softcap: float | None = None, kv_dtype=None,
                           sinks: torch.Tensor | None = None,
-                          alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract and result as ``paged_attention_reference`` (fp32 ``[T, Hq, D]``), batched."""
+                          alibi_slopes: torch.Tensor | None = None,
+                          validate_blocks: bool | None = None) -> torch.Tensor:
+    """Same contract and result as ``paged_attention_reference`` (fp32 ``[T, Hq, D]``), batched.
+
+    The block ids it reads, lengths and query offsets are checked as in ``attention.paged_attention``
+    (``block_checks``: always on CPU, where this path serves)."""
+    if query.dim() != 3 or query.shape[-1] != layout.head_dim:
+        raise ValueError(f"query must be [tokens, heads, {layout.head_dim}], got {tuple(query.shape)}")
+    check_index_tensors(block_table, seq_lens, query_start_loc, query.device, layout.block_size)
+    if checks_blocks(query.device, validate_blocks):
+        check_block_table(block_table, seq_lens, query_start_loc, num_blocks=cache.shape[0],
+                          block_size=layout.block_size, num_tokens=query.shape[0],
+                          sliding_window=sliding_window)
     kv_dtype = kv_dtype or query.dtype
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(query.shape[-1])
     num_seqs = seq_lens.shape[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vllm_int4kv"
 
 # group -> groups of vllm_int4kv it may import ("" is the package root: __version__)

@@ -12,6 +12,8 @@ ENV_VARS = {
     "VLLM_INT4KV_IMPL": "attention implementation: triton (default on GPU) or torch (default on CPU)",
     "VLLM_INT4KV_CACHE_DIR": "where auto-policy decisions are cached (default ~/.cache/vllm_int4kv)",
     "VLLM_INT4KV_KL_BUDGET": "quality budget of the auto policy: mean next-token KL (nats) vs full precision",
+    "VLLM_INT4KV_CHECK_BLOCKS": "1: on a GPU too, check every block id and slot a launch uses before it runs (a "
+                                "device sync per launch; on CPU the checks always run)",
     "VLLM_INT4KV_TEST_RANK_POLICY": "testing only: RANK:POLICY makes that rank ask for another policy, to check "
                                     "that mismatched ranks stop start-up",
 }

@@ -14,6 +14,8 @@ import torch
 
 from conftest import num_kv_blocks, vllm_engine
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: `pytest -m "not engine"` leaves it out
+
 BLOCK_SIZE = 32
 CHUNK = 64  # max_num_batched_tokens: every prompt longer than this is prefilled in several chunks
 NUM_REQUESTS = 32

@@ -6,6 +6,8 @@ vLLM preempts running requests when it runs out of blocks, frees their pages and
 import pytest
 from conftest import vllm_engine
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: `pytest -m "not engine"` leaves it out
+
 PROMPTS = [f"Licence clause {i}: the licensee may copy, modify and distribute the work, provided that"
            for i in range(8)]
 MAX_TOKENS = 48

@@ -17,7 +17,7 @@ import pytest
 
 from vllm_int4kv.policy import corpus
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
 EVAL_TXT = ARTIFACTS / "data" / "sotu_2010_2021.txt"
 SMOLLM2 = ARTIFACTS / "smollm2-135m-instruct"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "scripts") not in sys.path:  # the scripts are not a package
     sys.path.insert(0, str(REPO / "scripts"))
 

@@ -175,3 +175,21 @@ def test_scratch_keeps_no_buffer_past_its_bound(monkeypatch):
     kept = torch_attention._scratch.buffers
     assert all(b.numel() * b.element_size() <= 64 << 10 for b in kept.values()), \
         {k: b.numel() for k, b in kept.items()}
+
+
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_block_ids_outside_the_cache_are_refused(shape):
+    """A negative id in a prefill sequence was read silently (Python indexing: the cache's last block);
+    one past the end failed with an IndexError naming neither sequence nor entry. Both raise ValueError."""
+    for block_id in (None, -1):
+        case = make_case(**shape)
+        num_blocks = case.cache.shape[0]
+        case.block_table[2, 0] = num_blocks if block_id is None else block_id
+        args = (case.query, case.cache, case.layout, case.block_table, case.seq_lens, case.query_start_loc)
+        with pytest.raises(ValueError, match=rf"block_table\[2, 0\] = {case.block_table[2, 0]} is not a "
+                                             rf"block of the cache \(0 <= id < {num_blocks}\): sequence 2"):
+            paged_attention_torch(*args)
+    case = _garbage_table_padding(make_case(**shape))  # entries no sequence reads are not checked
+    _poison_before_window(case, 24)
+    paged_attention_torch(case.query, case.cache, case.layout, case.block_table, case.seq_lens,
+                          case.query_start_loc, sliding_window=24)

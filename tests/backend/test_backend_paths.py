@@ -15,6 +15,8 @@ import pytest
 
 from conftest import env_vars, error_chain, num_kv_blocks, vllm_engine
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: `pytest -m "not engine"` leaves it out
+
 
 def test_k4v4_gives_3_76x_the_blocks_of_k16v16_in_bf16(tiny_model_d128_dir):
     # head_dim 128, bf16: K16V16 pages are 512 B per token and KV head, K4V4 pages 136 B

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_utils import alibi_slopes, make_case
+from kernel_utils import (EXTREME_CASES, alibi_slopes, assert_within_rounding, make_case, make_extreme_case,
+                          rewrite_cache)
 from vllm_int4kv.kernels.attention import paged_attention
 from vllm_int4kv.kernels.cache_write import write_kv_cache
 from vllm_int4kv.kernels.reference import (error_ratio, paged_attention_reference, read_cache_reference,
@@ -120,3 +121,73 @@ def test_cache_write_on_gpu_decodes_like_the_reference(policy, head_dim):
     slots = case.slot_mapping
     for got, want in zip(mine, expect):
         assert error_ratio(got[slots].float(), want[slots].float()) < 1e-3
+
+
+def _run(case, **kw):
+    return paged_attention(case.query, case.cache, case.layout, case.block_table, case.seq_lens,
+                           case.query_start_loc, max_query_len=case.max_query_len,
+                           max_seq_len=case.max_seq_len, **kw)
+
+
+# bf16 decode folds V's (scale, zero) into the probabilities (V_FOLD) and rounds p * scale to bf16 before
+# the dot multiplies it by code + 128, while the bias's share is taken back from the unrounded product:
+# that rounding comes back ~128x (3-9 % of the output in a NumPy model of the arithmetic, against ~0.5 %
+# for values dequantized one by one). Expected to fail here until that path changes.
+BF16_FOLDED_V4 = [name for name, case in EXTREME_CASES.items() if case[2] == 4 and max(case[7]["q_lens"]) == 1]
+EXTREME_PARAMS = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}",
+                               marks=[pytest.mark.xfail(reason="bf16 V_FOLD rounds p * scale before the bias")]
+                               if dtype == torch.bfloat16 and name in BF16_FOLDED_V4 else [])
+                  for name in EXTREME_CASES for dtype in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("name,dtype", EXTREME_PARAMS)
+def test_extreme_rows_within_rounding(name, dtype):
+    """The CPU suite's extreme rows (``kernel_utils.EXTREME_CASES``) on the device, in bf16 too, which the
+    interpreter computes wrongly: finite, and within 16-bit rounding of the float64 attention."""
+    case, splits = make_extreme_case(name, dtype)
+    case = _on_gpu(case)
+    for num_splits in splits + (None,):  # None: the launcher's own split count
+        kw = {} if num_splits is None else dict(num_splits=num_splits)
+        assert_within_rounding(_run(case, **kw), case)
+        if num_splits is None:
+            for share in (True, False):  # both routes of a converted tile to the dot
+                assert_within_rounding(_run(case, share_tiles=share), case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("q_lens", [[2, 61, 1], [1, 1, 1]], ids=["mixed", "decode"])
+def test_alibi_at_long_context_within_rounding(q_lens, dtype):
+    case = _on_gpu(make_case(seq_lens=[2, 61, 1000], q_lens=q_lens, num_kv_heads=1, group=16, head_dim=80,
+                             block_size=32, k_bits=8, v_bits=8, dtype=dtype))
+    slopes = alibi_slopes(16).cuda()
+    assert_within_rounding(_run(case, alibi_slopes=slopes), case, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("q_lens", [[1, 1], [1, 2]], ids=["decode", "mixed"])
+def test_fp16_output_saturates_like_the_cache_write(q_lens):
+    case = make_case(seq_lens=[1, 2], q_lens=q_lens, num_kv_heads=1, group=2, head_dim=64, k_bits=8, v_bits=8,
+                     dtype=torch.float16)
+    signs = torch.where(torch.arange(64) % 2 == 0, 1.0, -1.0)
+    case.key[:] = (65504.0 * signs).half()
+    case.value[:] = (65504.0 * signs).half()
+    case = _on_gpu(rewrite_cache(case))
+    out = _run(case).float().cpu()
+    assert torch.equal(out, (65504.0 * signs).expand_as(out)), out
+
+
+def test_block_ids_are_checked_on_request(monkeypatch):
+    """On the device the ids are checked only when asked (a device sync per call)."""
+    from vllm_int4kv.kernels.block_checks import CHECK_BLOCKS_ENV
+
+    case = make_case(**MIXED)
+    case.block_table[1, 2] = case.cache.shape[0]
+    case = _on_gpu(case)
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\]"):
+        _run(case, validate_blocks=True)
+    monkeypatch.setenv(CHECK_BLOCKS_ENV, "1")
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\]"):
+        _run(case)
+    key = torch.randn(3, case.cache.shape[1], case.layout.head_dim, device="cuda")
+    slots = torch.tensor([0, case.cache.shape[0] * case.layout.block_size, 1], device="cuda")
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\]"):
+        write_kv_cache(key, key, case.cache, slots, case.layout)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_calibration import HEAD_DIM, tiny_model, token_ids
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import triton
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on H100/H200
 

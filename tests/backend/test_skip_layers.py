@@ -13,6 +13,8 @@ import pytest
 
 from conftest import error_chain, num_kv_blocks, vllm_engine
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: `pytest -m "not engine"` leaves it out
+
 
 def _layers(llm) -> dict[int, tuple[str, int, int, int]]:
     """Per layer index: its pages' policy, bytes per (token, KV head), tokens per block and bytes per

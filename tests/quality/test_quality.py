@@ -99,6 +99,7 @@ def _write_inputs(tmp_path):
     return tasks, tmp_path / "corpus.txt"
 
 
+@pytest.mark.engine
 def test_quality_command_end_to_end(tmp_path):
     from vllm_int4kv.cli import main
     from vllm_int4kv.quality.runner import vllm_baseline_problem

@@ -117,3 +117,31 @@ def test_write_contract_errors():
         write_kv_cache(key[:, :1], key[:, :1], cache, torch.zeros(3, dtype=torch.int32), layout)
     with pytest.raises(ValueError, match="elem_bytes"):
         write_kv_cache(key.half(), key.half(), cache, torch.zeros(3, dtype=torch.int32), layout)
+
+
+@pytest.mark.parametrize("writer", ["kernel", "reference"])
+def test_slots_past_the_cache_are_refused(writer):
+    """A slot past num_blocks * block_size was written past the cache (the kernel) or failed with an
+    IndexError (the reference, the CPU path's writer): both name the token. Negative slots are padding."""
+    layout = LAYOUTS["k4v4_d64"]
+    cache = poisoned_cache(layout)  # 9 blocks of 16: slots 0-143
+    key = torch.randn(4, 2, 64)
+    write = write_kv_cache if writer == "kernel" else (
+        lambda k, v, c, slots, lay: write_cache_reference(c, k, v, slots, lay))
+    with pytest.raises(ValueError, match=r"slot_mapping\[2\] = 144 is past the cache's 144 slots "
+                                         r"\(9 blocks of 16\)"):
+        write(key, key, cache, torch.tensor([0, -1, 144, 5], dtype=torch.int64), layout)
+    assert (cache == POISON).all(), "nothing written before the check"
+    write(key, key, cache, torch.tensor([0, -1, 143, -7], dtype=torch.int32), layout)
+    assert (cache != POISON).any()
+
+
+def test_slot_mapping_contract():
+    layout = LAYOUTS["k4v4_d64"]
+    key = torch.randn(4, 2, 64)
+    with pytest.raises(TypeError, match="slot_mapping must be a contiguous 1-D int32/int64 tensor"):
+        write_kv_cache(key, key, poisoned_cache(layout), torch.arange(4.0), layout)
+    with pytest.raises(TypeError, match="slot_mapping must be a contiguous 1-D int32/int64 tensor"):
+        write_kv_cache(key, key, poisoned_cache(layout), torch.arange(8)[::2], layout)
+    with pytest.raises(ValueError, match="must agree"):
+        write_kv_cache(key, key.double(), poisoned_cache(layout), torch.arange(4), layout)

@@ -8,6 +8,8 @@ from test_backend_server import Server  # noqa: E402
 
 from vllm_int4kv.policy import parse_policy  # noqa: E402
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: `pytest -m "not engine"` leaves it out
+
 KV_SPACE_BYTES = 1 << 30  # VLLM_CPU_KVCACHE_SPACE=1 (GiB), set by Server
 
 

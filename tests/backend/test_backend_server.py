@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: `pytest -m "not engine"` leaves it out
+
 httpx = pytest.importorskip("httpx")
 
 MAX_TOKENS = 12

@@ -16,6 +16,8 @@ import pytest
 
 from test_skip_layers import _logprob_gap, _run, _start_up_error, _Warnings
 
+pytestmark = pytest.mark.engine  # starts vLLM engines: `pytest -m "not engine"` leaves it out
+
 MAP = "k4v4;1:k8v4-rot"  # layer 0 at K4V4 (72 B per token and KV head), layer 1 rotated K8V4 (104 B)
 
 

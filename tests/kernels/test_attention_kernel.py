@@ -1,10 +1,14 @@
 """Unified paged-attention kernel vs the torch reference (tight) and vs full precision (error budget)."""
+import random
+
 import pytest
 import torch
 
-from kernel_utils import alibi_oracle, alibi_slopes, full_precision_attention, make_case
+from kernel_utils import (EXTREME_CASES, alibi_oracle, alibi_slopes, assert_within_rounding, attention_f64,
+                          full_precision_attention, make_case, make_extreme_case, rewrite_cache)
 from vllm_int4kv.kernels import attention
 from vllm_int4kv.kernels.attention import paged_attention
+from vllm_int4kv.kernels.page_format import FP16_MAX
 from vllm_int4kv.kernels.reference import error_ratio, paged_attention_reference
 
 # Mixed batch: a decode (1 query token), a chunked prefill (query after cached context), a full
@@ -90,6 +94,93 @@ def test_fp16_queries_and_output(shape, k_bits, v_bits, k_group):
     out = run_kernel(case)
     assert out.dtype == torch.float16
     assert error_ratio(out.float(), run_reference(case)) < 2e-3  # fp16 operands of tl.dot
+
+
+def test_float64_reference_agrees_with_the_reference():
+    """``kernel_utils.attention_f64``, the oracle of the fp16 tests, is written apart from the reference:
+    both must read the same cache the same way (fp32 queries, every option)."""
+    case = make_case(**MIXED, k_bits=4, v_bits=8, k_group=16)
+    sinks = torch.randn(case.query.shape[1], generator=torch.Generator().manual_seed(3))
+    for kw in ({}, dict(alibi_slopes=alibi_slopes(case.query.shape[1])),
+               dict(sinks=sinks, sliding_window=20, softcap=5.0)):
+        assert error_ratio(attention_f64(case, **kw), run_reference(case, **kw)) < 1e-6, kw
+
+
+@pytest.mark.parametrize("name", list(EXTREME_CASES))
+def test_fp16_extreme_rows_stay_finite_and_within_rounding(name):
+    """Rows the cache write accepts and saturates (a 1e4 outlier channel, values at +-65504, constant,
+    zero and tiny rows) among ordinary ones: in fp16 ``code * scale`` and even the dequantized value passed
+    65504 and gave inf or NaN (``_load_tile`` now holds quarters), and outputs past 65504 are stored
+    saturated. Every (K, V) pair, head sizes 48-240, GQA 1-16, blocks of 48 and 144, decode and mixed."""
+    case, splits = make_extreme_case(name, torch.float16)
+    for num_splits in splits:
+        out = run_kernel(case, num_splits=num_splits)
+        assert out.dtype == torch.float16
+        assert_within_rounding(out, case)
+
+
+@pytest.mark.parametrize("q_lens", [[2, 61, 1], [1, 1, 1]], ids=["mixed", "decode"])
+def test_fp16_alibi_at_long_context(q_lens):
+    """ALiBi over ~1000 positions in fp16 (Bloom's slopes, 16 query heads on one KV head, K8V8): biases
+    of up to ~700 are added in fp32 to scores taken in natural units, so fp16 stays within rounding."""
+    case = make_case(seq_lens=[2, 61, 1000], q_lens=q_lens, num_kv_heads=1, group=16, head_dim=80,
+                     block_size=32, k_bits=8, v_bits=8, dtype=torch.float16)
+    slopes = alibi_slopes(16)
+    for num_splits in (1, 4) if max(q_lens) == 1 else (1,):
+        assert_within_rounding(run_kernel(case, alibi_slopes=slopes, num_splits=num_splits), case,
+                               alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("q_lens", [[1, 1], [1, 2]], ids=["decode", "mixed"])
+def test_fp16_output_saturates_like_the_cache_write(q_lens):
+    """Rows of +-65504 are written with zero -65504 and a scale rounded up, so the top code reads back as
+    65693.5: attention over them alone must give the saturated 65504, not inf."""
+    case = make_case(seq_lens=[1, 2], q_lens=q_lens, num_kv_heads=1, group=2, head_dim=64, k_bits=8,
+                     v_bits=8, dtype=torch.float16)
+    signs = torch.where(torch.arange(64) % 2 == 0, 1.0, -1.0)
+    case.key[:] = (FP16_MAX * signs).half()
+    case.value[:] = (FP16_MAX * signs).half()
+    out = run_kernel(rewrite_cache(case), num_splits=1 if max(q_lens) > 1 else 2)
+    assert torch.equal(out.float(), (FP16_MAX * signs).expand_as(out)), out
+    assert_within_rounding(out, case)
+
+
+def test_rounding_allowance_can_fail():
+    """The fp16 tolerance (~0.3 % of an ordinary row here) sees a 1 % error, and inf."""
+    case = make_case(**MIXED, dtype=torch.float16, adversarial=0.05)
+    out = run_kernel(case)
+    assert_within_rounding(out, case)
+    off = out.clone()
+    off[3] *= 1.01
+    with pytest.raises(AssertionError, match="rms error"):
+        assert_within_rounding(off, case)
+    off = out.clone()
+    off[5, 1, 7] = float("inf")
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_within_rounding(off, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_fp16_extreme_rows_random_sweep(seed):
+    """Random shapes, policies, options and fractions of extreme rows (~1 minute per seed)."""
+    rng = random.Random(seed)
+    for i in range(20):
+        head_dim = rng.choice([32, 48, 64, 80, 96, 112, 128, 160, 192, 240, 256])
+        k_bits, v_bits = rng.choice([4, 8, 16]), rng.choice([4, 8, 16])
+        group = rng.choice([1, 2, 3, 5, 7, 8, 16])
+        decode = rng.random() < 0.5
+        seq_lens = [rng.choice([1, rng.randint(2, 80), rng.randint(80, 300)]) for _ in range(rng.randint(1, 4))]
+        q_lens = [1 if decode else rng.choice([1, rng.randint(1, s), s]) for s in seq_lens]
+        case = make_case(seq_lens, q_lens, num_kv_heads=rng.choice([1, 2]), group=group, head_dim=head_dim,
+                         block_size=rng.choice([16, 32, 48, 64, 144]), k_bits=k_bits, v_bits=v_bits,
+                         k_group=16 if k_bits != 16 and rng.random() < 0.2 else None, dtype=torch.float16,
+                         adversarial=rng.choice([0.0, 0.02, 0.05, 0.1]), seed=100 * seed + i)
+        heads = case.query.shape[1]
+        kw = rng.choice([{}, {}, dict(alibi_slopes=torch.linspace(0.7, 2 ** -8, heads)), dict(softcap=20.0),
+                         dict(sliding_window=30), dict(sinks=torch.linspace(-1.0, 2.0, heads))])
+        splits = rng.choice([1, 4]) if decode else 1
+        assert_within_rounding(run_kernel(case, num_splits=splits, **kw), case, **kw)
 
 
 # Error budget against attention on the original, never-quantized K/V (relative RMS of the output,
@@ -208,6 +299,100 @@ def test_contract_errors_are_clear():
     assert error_ratio(run_kernel(case, num_stages=1), run_reference(case)) < 1e-6  # a launch option only
 
 
+def test_more_contract_errors_are_clear():
+    """What the host can check without a device sync: devices, dtypes, strides, and that the block table
+    has a column for each block of max_seq_len tokens."""
+    case = make_case(**DECODE)  # blocks of 16, at most 130 tokens: 9 blocks, a table of 10 columns
+    with pytest.raises(ValueError, match="max_seq_len 161 needs 11 blocks of 16; block_table has 10 columns"):
+        paged_attention(case.query, case.cache, case.layout, case.block_table, case.seq_lens,
+                        case.query_start_loc, max_query_len=1, max_seq_len=161)
+    with pytest.raises(ValueError, match="seq_lens must be 1-D with contiguous entries"):
+        paged_attention(case.query, case.cache, case.layout, case.block_table,
+                        torch.stack((case.seq_lens, case.seq_lens), 1)[:, 0], case.query_start_loc,
+                        max_query_len=1, max_seq_len=130)
+    with pytest.raises(TypeError, match="block_table must be an int32/int64 tensor"):
+        paged_attention(case.query, case.cache, case.layout, case.block_table.float(), case.seq_lens,
+                        case.query_start_loc, max_query_len=1, max_seq_len=130)
+    with pytest.raises(ValueError, match="out must be torch.float32"):
+        run_kernel(case, out=torch.empty_like(case.query, dtype=torch.float16))
+
+
+def _bad_entry(case, seq: int, entry: int, block_id: int):
+    case.block_table = case.block_table.clone()
+    case.block_table[seq, entry] = block_id
+    return case
+
+
+@pytest.mark.parametrize("shape", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_block_ids_outside_the_cache_are_refused(shape):
+    """A block id past the end of the cache (or negative) was read without a word (the output changed; a
+    probe crashed the interpreter): on CPU every block a sequence reads is checked before the launch."""
+    case = make_case(**shape)
+    num_blocks = case.cache.shape[0]
+    with pytest.raises(ValueError, match=rf"block_table\[1, 2\] = {num_blocks} is not a block of the "
+                                         rf"cache \(0 <= id < {num_blocks}\): sequence 1 reads it for its "
+                                         "tokens 32 to 47"):
+        run_kernel(_bad_entry(make_case(**shape), 1, 2, num_blocks))
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = -1 is not a block"):
+        run_kernel(_bad_entry(make_case(**shape), 0, 0, -1))
+    # entries past a sequence's blocks, and those before every row's window, are never read: anything goes
+    expected = run_reference(case, sliding_window=16)
+    case.block_table = case.block_table.clone()
+    for s, n in enumerate(case.seq_lens.tolist()):
+        case.block_table[s, -(-n // 16):] = (10 ** 6, -5)[s % 2]
+    case.block_table[1, 0] = num_blocks  # 50 or 130 tokens, a window of 16 from the first new row
+    assert error_ratio(run_kernel(case, sliding_window=16), expected) < 1e-6
+
+
+def test_lengths_and_offsets_the_launch_cannot_follow_are_refused():
+    """A length past the block table's columns (the kernel would read the next row as block ids), more
+    query tokens than max_query_len (decode tiles drop the causal mask) or than the sequence holds."""
+    case = make_case(**MIXED)
+    seq_lens = case.seq_lens.clone()
+    seq_lens[3] = 16 * case.block_table.shape[1] + 1  # max_seq_len (70) is what the caller says
+    with pytest.raises(ValueError, match="sequence 3 has 97 tokens, 7 blocks of 16; block_table has 6 col"):
+        paged_attention(case.query, case.cache, case.layout, case.block_table, seq_lens, case.query_start_loc,
+                        max_query_len=19, max_seq_len=70)
+    with pytest.raises(ValueError, match="sequence 2 has 19 query tokens, more than max_query_len 13"):
+        paged_attention(case.query, case.cache, case.layout, case.block_table, case.seq_lens,
+                        case.query_start_loc, max_query_len=13, max_seq_len=70)
+    case.seq_lens = case.seq_lens.clone()
+    case.seq_lens[1] = 12
+    with pytest.raises(ValueError, match=r"sequence 1 has 13 query tokens but seq_lens\[1\] = 12"):
+        run_kernel(case)
+    case = make_case(**MIXED)
+    starts = case.query_start_loc.clone()
+    starts[2] = 40  # sequence 2 would run from 40 to 33
+    with pytest.raises(ValueError, match="query_start_loc falls at sequence 2: 40 to 33"):
+        paged_attention(case.query, case.cache, case.layout, case.block_table, case.seq_lens, starts,
+                        max_query_len=19, max_seq_len=70)
+    with pytest.raises(ValueError, match="query_start_loc runs from 0 to 36, outside the 35 query tokens"):
+        paged_attention(case.query[:35], case.cache, case.layout, case.block_table, case.seq_lens,
+                        case.query_start_loc, max_query_len=19, max_seq_len=70)
+
+
+def test_block_checks_are_opt_in_on_a_gpu(monkeypatch):
+    """On a GPU reading the ids is a device sync per call: only with validate_blocks=True or
+    VLLM_INT4KV_CHECK_BLOCKS=1; on CPU always, unless a caller turns them off."""
+    from vllm_int4kv.kernels.block_checks import CHECK_BLOCKS_ENV, checks_blocks
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(CHECK_BLOCKS_ENV, raising=False)
+    assert not checks_blocks(cuda, None) and checks_blocks(cuda, True)
+    assert checks_blocks(cpu, None) and not checks_blocks(cpu, False)
+    for value, checks in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv(CHECK_BLOCKS_ENV, value)
+        assert checks_blocks(cuda, None) == checks, value
+    assert not checks_blocks(cuda, False)
+    calls = []
+    monkeypatch.setattr(attention, "check_block_table", lambda *args, **kw: calls.append(kw["num_blocks"]))
+    case = make_case(**DECODE)
+    run_kernel(case, validate_blocks=False)
+    assert not calls
+    run_kernel(case)
+    assert calls == [case.cache.shape[0]]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter check is for CPU runs")
 def test_an_interpreter_that_cannot_run_the_loop_is_named_before_the_launch(monkeypatch):
     """Triton 3.6's interpreter with NumPy 2.4 fails inside the tile loop (triton-lang/triton#9171);
@@ -266,18 +451,22 @@ def test_16bit_queries_on_gpu(shape, dtype, k_bits, v_bits):
     assert error_ratio(out.float().cpu(), ref) < 1e-2
 
 
-@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, 4), (torch.float16, 4), (torch.float16, 8)])
-def test_codes_become_floats_by_or_ing_them_into_the_bias(dtype, bits):
+@pytest.mark.parametrize("dtype,bits,fold", [(torch.bfloat16, 4, True), (torch.bfloat16, 4, False),
+                                            (torch.float16, 4, True), (torch.float16, 8, True),
+                                            (torch.float16, 4, False), (torch.float16, 8, False)])
+def test_codes_become_floats_by_or_ing_them_into_the_bias(dtype, bits, fold):
     """The kernel turns a code into ``bias + code`` in the dot's dtype with one OR (no int->float
     conversion) and folds ``-bias * scale`` into the zero point: the constant must hold every code exactly.
+    fp16 tiles dequantized value by value take 256.0, whose last bit is 1/4: ``256 + code / 4``.
     """
-    from vllm_int4kv.kernels.attention_kernels import BF16_128, FP16_1024
+    from vllm_int4kv.kernels.attention_kernels import BF16_128, FP16_256, FP16_1024
 
-    bias = attention.code_bias(bits, dtype)
-    pattern = {128: BF16_128, 1024: FP16_1024}[bias].value
+    bias = attention.code_bias(bits, dtype, fold)
+    pattern = {128: BF16_128, 256: FP16_256, 1024: FP16_1024}[bias].value
     assert torch.tensor(pattern, dtype=torch.int16).view(dtype).item() == bias
     codes = torch.arange(2 ** bits, dtype=torch.int16)
-    assert torch.equal((codes | pattern).view(dtype).double(), bias + codes.double())
+    unit = 0.25 if bias == 256 else 1.0
+    assert torch.equal((codes | pattern).view(dtype).double(), bias + unit * codes.double())
     assert attention.code_bias(8, torch.bfloat16) == 0  # 128 + 255 needs 9 significant bits: converted
     assert attention.code_bias(4, torch.float32) == 0  # exact fp32 dot: converted
 
@@ -319,8 +508,9 @@ def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
     return regs
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_ptx_nibble_unpack_gives_bias_plus_code(dtype):
+@pytest.mark.parametrize("dtype,fold", [(torch.bfloat16, True), (torch.float16, True), (torch.float16, False)],
+                         ids=["bf16", "fp16", "fp16_quarters"])
+def test_ptx_nibble_unpack_gives_bias_plus_code(dtype, fold):
     """``_nibble_values`` (GPU only) against its definition, for every byte in every position.
 
     Triton passes the 4 bytes of one call in ``$4`` (element i = byte i) and reads each output's elements
@@ -328,8 +518,10 @@ def test_ptx_nibble_unpack_gives_bias_plus_code(dtype):
     """
     from vllm_int4kv.kernels import attention_kernels as ak
 
-    asm = (ak.NIBBLES_TO_BF16_PTX if dtype == torch.bfloat16 else ak.NIBBLES_TO_FP16_PTX).value
-    bias = attention.code_bias(4, dtype)
+    bias = attention.code_bias(4, dtype, fold)
+    asm = {128: ak.NIBBLES_TO_BF16_PTX, 1024: ak.NIBBLES_TO_FP16_PTX,
+           256: ak.NIBBLES_TO_FP16_QUARTERS_PTX}[bias].value
+    unit = 0.25 if bias == 256 else 1.0
     for first in range(0, 256, 4):
         packed = [first, first + 1, first + 2, (first * 7 + 3) % 256]
         out = _run_ptx(asm, {"$4": int.from_bytes(bytes(packed), "little")})
@@ -337,8 +529,8 @@ def test_ptx_nibble_unpack_gives_bias_plus_code(dtype):
                              dtype=torch.int32).to(torch.int16).view(dtype).double()
         low = torch.tensor([b & 0xF for b in packed], dtype=torch.float64)
         high = torch.tensor([b >> 4 for b in packed], dtype=torch.float64)
-        assert torch.equal(lanes[:4], bias + low), (packed, lanes)
-        assert torch.equal(lanes[4:], bias + high), (packed, lanes)
+        assert torch.equal(lanes[:4], bias + unit * low), (packed, lanes)
+        assert torch.equal(lanes[4:], bias + unit * high), (packed, lanes)
 
 
 def test_ptx_copy_changes_no_bit():
