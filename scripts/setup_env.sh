@@ -26,7 +26,7 @@ else
   $PIP uninstall -q -y torchvision torchaudio torchcodec || true
 fi
 # numpy<2.4: Triton 3.6's CPU interpreter, which runs the kernel tests, fails on NumPy 2.4 (triton#9171).
-$PIP install -q "lm-eval[api]==0.4.13" pytest hypothesis matplotlib gguf accelerate "numpy<2.4"
+$PIP install -q "lm-eval[api]==0.4.13" pytest pytest-timeout hypothesis matplotlib gguf accelerate "numpy<2.4"
 $PIP install -q --no-deps -e .
 # vLLM's Triton kernels, copied for the GPU machine (no vLLM there): carry artifacts/vllm_kernels
 "$VENV/bin/python" benchmarks/vllm_kernels.py --stage || echo "could not stage vLLM's kernels (benchmark baseline only)"

@@ -129,14 +129,7 @@ def _run(case, **kw):
                            max_seq_len=case.max_seq_len, **kw)
 
 
-# bf16 decode folds V's (scale, zero) into the probabilities (V_FOLD) and rounds p * scale to bf16 before
-# the dot multiplies it by code + 128, while the bias's share is taken back from the unrounded product:
-# that rounding comes back ~128x (3-9 % of the output in a NumPy model of the arithmetic, against ~0.5 %
-# for values dequantized one by one). Expected to fail here until that path changes.
-BF16_FOLDED_V4 = [name for name, case in EXTREME_CASES.items() if case[2] == 4 and max(case[7]["q_lens"]) == 1]
-EXTREME_PARAMS = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}",
-                               marks=[pytest.mark.xfail(reason="bf16 V_FOLD rounds p * scale before the bias")]
-                               if dtype == torch.bfloat16 and name in BF16_FOLDED_V4 else [])
+EXTREME_PARAMS = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
                   for name in EXTREME_CASES for dtype in (torch.bfloat16, torch.float16)]
 
 

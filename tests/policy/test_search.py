@@ -3,6 +3,7 @@ within the budget, only a verified map is chosen, and bytes are counted as vLLM 
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -69,6 +70,19 @@ def test_a_model_without_fragile_layers_keeps_one_policy():
     assert r.uniform.k_bits == 4 and r.policy.single == r.uniform and r.search is None
 
 
+def test_attention_errors_rank_layouts_and_leave_the_model_alone():
+    """The scan's probe: per layer, the attention output's error grows as bits shrink, and the model goes
+    on with the full-precision output (the probe pass gives the reference's log-probabilities)."""
+    with Session(one_fragile_layer(), token_ids(n=1, length=64)) as session:
+        specs = {"k4v4": (4, 4, None, False), "k8v4": (8, 4, None, False), "k8v8": (8, 8, None, False)}
+        errors = session.attention_errors(specs)
+        for layer in session.attention_layers:
+            assert errors.mean(layer, "k4v4") > errors.mean(layer, "k8v4") > errors.mean(layer, "k8v8") > 0
+        assert errors.mean(1, "k4v4") > max(errors.mean(i, "k4v4") for i in (2, 3))  # the fragile one
+        again = session.measure("probe off", None)
+        assert again.kl == 0.0
+
+
 def test_the_ladder_takes_the_rotated_layout_at_each_size():
     names = [p.name for p in ladder(candidate_policies(64), 64, 2)]
     assert names == ["k4v4-rot", "k4v4-g16-rot", "k8v4-rot", "k8v8", "k16v4", "k16v16"]
@@ -85,10 +99,14 @@ def test_bytes_as_vllm_allocates_them():
 
 
 class ScriptedSession:
-    """Measures nothing: single-layer KLs from a table, whole maps at a fixed KL (the checks)."""
+    """Measures nothing: single-layer KLs from a table (through the scan's prediction: the output errors
+    are the KLs themselves), whole maps at a fixed KL (the checks)."""
 
     def __init__(self, single, map_kl):
         self.attention_layers, self.single, self.map_kl, self.maps = sorted(single), single, map_kl, []
+
+    def attention_errors(self, specs, tokens=None):
+        return types.SimpleNamespace(mean=lambda layer, name: self.single[layer].get(name, 1e-9))
 
     def measure(self, name, spec, bytes_per_token=None, tokens=None):
         if name.startswith("layer "):

@@ -85,10 +85,3 @@ def is_layer_index(entry: str) -> bool:
     ``str(layer index)``, so only plain ASCII numbers without leading zeros ever match (not ``01``, not
     ``²``, which ``str.isdigit`` accepts)."""
     return entry.isascii() and entry.isdigit() and str(int(entry)) == entry
-
-
-def mean_slot_bytes(policy: KVPolicy, head_dim: int, elem_bytes: int, num_layers: int, kept: int) -> float:
-    """Bytes per token per KV head averaged over ``num_layers`` attention layers, ``kept`` of them
-    unquantized and the rest at ``policy``."""
-    quantized, full = policy.slot_bytes(head_dim, elem_bytes), UNQUANTIZED.slot_bytes(head_dim, elem_bytes)
-    return (kept * full + (num_layers - kept) * quantized) / num_layers

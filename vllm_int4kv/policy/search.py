@@ -1,9 +1,11 @@
 """A layout per layer: the cheapest map whose measured KL stays within the budget.
 
-1. **Scan.** Each attention layer alone is stored at the rungs of a ladder of layouts, cheapest first
-   (every other layer in full precision), and measured on the first ``scan_tokens`` of every calibration
-   prompt, until its KL is a small part of its share of the budget (``SETTLED``): upgrades beyond that
-   would buy almost nothing, so they are not measured, and are taken to gain nothing.
+1. **Scan.** Each attention layer alone is stored at the cheapest rung of a ladder of layouts (every other
+   layer in full precision) and its KL measured on the first ``scan_tokens`` of every calibration prompt:
+   one pass per layer, which says how far that layer's error carries to the output. One more pass
+   measures, for every layer and rung, the error of the layer's attention output (``ErrorProbe``); a
+   rung's KL for a layer is predicted as the measured KL scaled by the ratio of those errors. (Measuring
+   every rung of every layer end to end would cost rungs times more passes.)
 2. **Plan.** The layers' KLs are taken to add up. Every layer starts on the cheapest rung; then the
    upgrade with the largest KL drop per extra byte is taken, over and over, until the predicted KL is
    within the target (a fraction of the budget: layers' errors do not add exactly).
@@ -24,8 +26,6 @@ from .progress import SILENT, Progress
 from .session import Measurement, PerLayer, Session, spec_of, spec_of_map
 
 TARGET = 0.9  # plan to this fraction of the budget before the first check
-SETTLED = 0.1  # a layer whose KL is below this fraction of its share of the budget (budget / layers) is
-# not measured on higher rungs: a scan of every rung of every layer would cost rungs x layers passes
 
 
 def ladder(candidates: list[KVPolicy], head_dim: int, elem_bytes: int) -> list[KVPolicy]:
@@ -70,7 +70,8 @@ class Search:
 
     budget: float
     rungs: list[str]
-    single: dict[int, dict[str, float]]  # layer -> rung -> KL of that layer alone at that rung (scan)
+    single: dict[int, dict[str, float]]  # layer -> rung -> KL of that layer alone at that rung (predicted)
+    basis: dict = field(default_factory=dict)  # layer -> the measured KL and output errors behind ``single``
     checks: list[Check] = field(default_factory=list)
     chosen: PolicyMap | None = None
     note: str = ""
@@ -78,31 +79,30 @@ class Search:
     def evidence(self) -> dict:
         return {"budget": self.budget, "rungs": self.rungs,
                 "single": {str(layer): kls for layer, kls in self.single.items()},
+                "basis": {str(layer): b for layer, b in self.basis.items()},
                 "checks": [asdict(check) for check in self.checks],
                 "chosen": None if self.chosen is None else self.chosen.name, "note": self.note}
 
 
-def _scan(session: Session, rungs: list[KVPolicy], layers: list[int], budget: float, tokens: int,
-          progress: Progress) -> dict[int, dict[str, float]]:
-    settled = SETTLED * budget / len(layers)
-    progress.stage("per-layer scan", len(layers) * (len(rungs) - 1))
-    single: dict[int, dict[str, float]] = {}
+def _scan(session: Session, rungs: list[KVPolicy], layers: list[int], tokens: int,
+          progress: Progress) -> tuple[dict[int, dict[str, float]], dict]:
+    """Predicted KL per layer and rung, and what it was predicted from (per layer: the measured KL at the
+    cheapest rung, and the attention-output error of every rung)."""
+    quantized = [rung for rung in rungs if rung.quantized]
+    progress.stage("per-layer scan", len(layers) + 1)
+    errors = session.attention_errors({rung.name: spec_of(rung) for rung in quantized}, tokens)
+    progress.step(f"attention-output error of {len(quantized)} layouts in every layer")
+    single, basis = {}, {}
     for index in layers:
-        kls: dict[str, float] = {}
-        for rung in rungs:
-            if not rung.quantized:
-                kls[rung.name] = 0.0
-                continue
-            below = next((kl for kl in kls.values() if kl <= settled), None)
-            if below is not None:  # a cheaper rung already settles this layer: taken to gain nothing more
-                kls[rung.name] = below
-                progress.step(f"layer {index} {rung.name}: not measured, a cheaper rung settles it")
-                continue
-            alone = PerLayer(None, {index: spec_of(rung)})
-            kls[rung.name] = session.measure(f"layer {index} {rung.name}", alone, tokens=tokens).kl
-            progress.step(f"layer {index} {rung.name}: KL {kls[rung.name]:.2g}")
-        single[index] = kls
-    return single
+        alone = PerLayer(None, {index: spec_of(rungs[0])})
+        kl = session.measure(f"layer {index} {rungs[0].name}", alone, tokens=tokens).kl
+        progress.step(f"layer {index} {rungs[0].name}: KL {kl:.2g}")
+        base = errors.mean(index, rungs[0].name)
+        single[index] = {rung.name: (kl * errors.mean(index, rung.name) / base if base > 0 else 0.0)
+                         if rung.quantized else 0.0 for rung in rungs}
+        single[index][rungs[0].name] = kl
+        basis[index] = {"kl": kl, "output_mse": {rung.name: errors.mean(index, rung.name) for rung in quantized}}
+    return single, basis
 
 
 def _plan(single: dict[int, dict[str, float]], rungs: list[KVPolicy], start: dict[int, int], target: float,
@@ -148,7 +148,7 @@ def search(session: Session, candidates: list[KVPolicy], uniform: Measurement, h
     if len(layers) < 2:
         result.note = "one attention layer: a map is a uniform policy"
         return result
-    result.single = _scan(session, rungs, layers, budget, scan_tokens, progress)
+    result.single, result.basis = _scan(session, rungs, layers, scan_tokens, progress)
     at, target = {index: 0 for index in layers}, TARGET * budget
     progress.stage("per-layer check", max_checks)
     for _ in range(max_checks):

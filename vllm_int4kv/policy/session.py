@@ -124,23 +124,55 @@ class PerLayer:
         return self.overrides.get(index, self.default)
 
 
-def _quantizing_attention(module, query, key, value, attention_mask, **kwargs):
+@dataclass
+class ErrorProbe:
+    """Active instead of a format: every attention layer computes its output from full-precision K/V (which
+    the model goes on with) and from K/V through each of ``specs``, and adds up the squared difference:
+    ``sums[(layer, name)] = [sum of squares, number of values]``."""
+
+    specs: dict[str, tuple]
+    sums: dict = field(default_factory=dict)
+
+    def mean(self, layer: int, name: str) -> float:
+        total, count = self.sums[(layer, name)]
+        return total / count
+
+
+def _through(spec, key, value):
+    """K/V as the cache format ``spec`` returns them."""
+    if callable(spec):
+        return spec(key, value)
+    if spec is None:
+        return key, value
+    k_bits, v_bits, k_group, rotate = spec
+    d = key.shape[-1]
+    return fake_quantize_kv(key, value, k_bits, v_bits, min(k_group or d, d), d, rotate)
+
+
+def _attend(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    global _calls
-    _calls += 1
-    if getattr(module, "layer_idx", None) is not None:
-        _layers_seen.add(module.layer_idx)
-    spec = _ACTIVE.for_layer(module) if isinstance(_ACTIVE, PerLayer) else _ACTIVE
-    if callable(spec):
-        key, value = spec(key, value)
-    elif spec is not None:
-        k_bits, v_bits, k_group, rotate = spec
-        d = key.shape[-1]
-        key, value = fake_quantize_kv(key, value, k_bits, v_bits, min(k_group or d, d), d, rotate)
     if kwargs.get("s_aux") is not None or kwargs.get("softcap"):
         return _eager_attention(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _quantizing_attention(module, query, key, value, attention_mask, **kwargs):
+    global _calls
+    _calls += 1
+    index = getattr(module, "layer_idx", None)
+    if index is not None:
+        _layers_seen.add(index)
+    if isinstance(_ACTIVE, ErrorProbe):
+        exact = _attend(module, query, key, value, attention_mask, **kwargs)
+        for name, spec in _ACTIVE.specs.items():
+            out = _attend(module, query, *_through(spec, key, value), attention_mask, **kwargs)[0]
+            sums = _ACTIVE.sums.setdefault((index, name), [0.0, 0])
+            sums[0] += (out.float() - exact[0].float()).pow(2).sum().item()
+            sums[1] += out.numel()
+        return exact
+    spec = _ACTIVE.for_layer(module) if isinstance(_ACTIVE, PerLayer) else _ACTIVE
+    return _attend(module, query, *_through(spec, key, value), attention_mask, **kwargs)
 
 
 def _eager_attention(module, query, key, value, attention_mask, **kwargs):
@@ -296,6 +328,15 @@ class Session:
             del logq
         return Measurement(name, bytes_per_token, kl / n_rows, agree / n_rows, dnll / max(n_next, 1),
                            by_genre={genre: total / rows for genre, (total, rows) in genre_kl.items()})
+
+    @torch.inference_mode()
+    def attention_errors(self, specs: dict[str, tuple], tokens: int | None = None) -> ErrorProbe:
+        """One pass over the prompts (their first ``tokens``): per attention layer and format, the mean
+        squared error of the layer's output when only its K/V go through the format (``ErrorProbe``)."""
+        probe = ErrorProbe(specs)
+        for ids in self.inputs:
+            self._logprobs(ids if tokens is None else ids[:, :tokens], probe)
+        return probe
 
     @torch.inference_mode()
     def perplexity(self, chunks: list[list[int]], spec: tuple | Callable | None) -> float:
