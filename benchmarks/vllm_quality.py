@@ -1,9 +1,10 @@
 """Quality of vLLM's own quantized KV caches beside ours, measured the same way on the same model.
 
-    python benchmarks/vllm_quality.py MODEL --eval-text FILE [--eval-chunks 6] [--out DIR]
+    python benchmarks/vllm_quality.py MODEL --eval-text FILE [--eval-chunks 6] [--maps MAP,...] [--out DIR]
 
-One calibration session (HF transformers, the prompts ``auto`` calibrates on): every candidate layout of
-ours (which also gives ``auto``'s decision), then vLLM 0.32's ``fp8``, ``fp8_per_token_head``,
+One calibration session (HF transformers, the prompts ``auto`` calibrates on): every uniform candidate of
+ours (which also gives ``auto``'s best uniform policy), the per-layer maps given (``--maps``: e.g. the one
+``vllm-int4kv calibrate`` chose), then vLLM 0.32's ``fp8``, ``fp8_per_token_head``,
 ``int8_per_token_head`` and ``int4_per_token_head`` caches through the emulations in ``vllm_formats.py``
 (checked against vLLM's own kernels in ``tests/test_vllm_kernels.py``). Per layout: bytes per token per
 KV head (16-bit model), mean next-token KL against full precision and top-1 agreement on the calibration
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -29,48 +29,53 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 from benchmarks.vllm_formats import FORMATS  # noqa: E402
-from vllm_int4kv.policy import decide as auto
-from vllm_int4kv.policy import calibration  # noqa: E402
-from vllm_int4kv.policy import parse_policy  # noqa: E402
+from vllm_int4kv.policy import calibration, session  # noqa: E402
+from vllm_int4kv.policy import decide as auto  # noqa: E402
+from vllm_int4kv.policy.layer_map import parse_policy_map  # noqa: E402
 
 BF16_BYTES = 2  # sizes are for a 16-bit model, the usual serving dtype
 
 
 def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calibration.Settings,
-            device: str | None = None) -> dict:
+            device: str | None = None, maps: list[str] = ()) -> dict:
     """Every layout of ours and every vLLM format on one loaded model; a JSON-ready dict."""
     import transformers
 
-    prompts = calibration.load_prompts(settings.n_prompts)
-    head_dim = calibration.head_dim_of(transformers.AutoConfig.from_pretrained(model))
-    token_ids = calibration.prompt_token_ids(model, prompts, settings.max_tokens)
-    chunks = calibration.text_chunks(model, eval_text, eval_chunks) if eval_text else []
+    prompts = calibration.load_prompts(settings)
+    head_dim = session.head_dim_of(transformers.AutoConfig.from_pretrained(model))
+    token_ids = session.prompt_token_ids(model, prompts, settings.max_tokens, long_tokens=settings.long_tokens)
+    chunks = session.text_chunks(model, eval_text, eval_chunks) if eval_text else []
     start = time.perf_counter()
     rows = []
-    with calibration.Session.load(model, token_ids, device=device) as session:
-        result = calibration.calibrate(session, head_dim, settings, elem_bytes=BF16_BYTES, measure_all=True)
-        base = session.perplexity(chunks, None) if chunks else None
-        for m in result.measurements:
-            if m.bytes_per_token is None:  # k6v4: the ratio classifier's measurement, not a layout
-                continue
-            spec = calibration.spec_of(parse_policy(m.name))
+    with session.Session.load(model, token_ids, device=device) as loaded:
+        uniform_only = calibration.Settings(**{**vars(settings), "per_layer": False})
+        result = calibration.calibrate(loaded, head_dim, uniform_only, elem_bytes=BF16_BYTES, measure_all=True)
+        base = loaded.perplexity(chunks, None) if chunks else None
+        measured = [m for m in result.measurements if m.bytes_per_token is not None]  # (k6v4: the ratio's)
+        layers = loaded.attention_layers
+        for name in maps:
+            policy_map = parse_policy_map(name)
+            measured.append(loaded.measure(policy_map.name, session.spec_of_map(policy_map),
+                                           policy_map.mean_slot_bytes(layers, head_dim, BF16_BYTES)))
+        for m in measured:
+            spec = session.spec_of_map(parse_policy_map(m.name))
             rows.append({"cache": m.name, "by": "vllm-int4kv", "bytes_per_token": m.bytes_per_token,
-                         "kl": m.kl, "top1": m.top1, "auto": m.name == result.policy.name,
-                         "ppl": (base if m.exact else session.perplexity(chunks, spec)) if chunks else None})
+                         "kl": m.kl, "top1": m.top1, "auto": m.name == result.uniform.name,
+                         "ppl": (base if m.exact else loaded.perplexity(chunks, spec)) if chunks else None})
         for fmt in FORMATS.values():
-            m = session.measure(fmt.name, fmt.fake_quantize_kv, fmt.bytes_per_token(head_dim))
+            m = loaded.measure(fmt.name, fmt.fake_quantize_kv, fmt.bytes_per_token(head_dim))
             rows.append({"cache": fmt.name, "by": "vLLM 0.32", "bytes_per_token": m.bytes_per_token,
                          "kl": m.kl, "top1": m.top1, "auto": False,
-                         "ppl": session.perplexity(chunks, fmt.fake_quantize_kv) if chunks else None})
-        dtype = str(next(session.model.parameters()).dtype).removeprefix("torch.")
-        dev = str(session.device)
+                         "ppl": loaded.perplexity(chunks, fmt.fake_quantize_kv) if chunks else None})
+        dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+        dev = str(loaded.device)
     for row in rows:
         row["within_budget"] = row["kl"] <= settings.budget
         row["ppl_delta"] = row["ppl"] / base - 1 if base else None
     rows.sort(key=lambda r: (r["bytes_per_token"], r["by"] != "vLLM 0.32"))
-    return {"model": model, "head_dim": head_dim, "budget": settings.budget, "decision": result.policy.name,
+    return {"model": model, "head_dim": head_dim, "budget": settings.budget, "decision": result.uniform.name,
             "ratio": result.ratio, "rows": rows, "full_precision_ppl": base,
-            "calibration": {"prompts": len(token_ids), "tokens": sum(map(len, token_ids))},
+            "calibration": {"prompts": len(token_ids), "tokens": sum(len(ids) for _, ids in token_ids)},
             "eval": {"text": eval_text, "chunks": len(chunks), "tokens_per_chunk": 512},
             "seconds": round(time.perf_counter() - start, 1),
             "machine": {"device": dev, "dtype": dtype, "cpu": platform.processor() or platform.machine(),
@@ -92,14 +97,14 @@ def markdown(report: dict) -> str:
              "| ppl Δ |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        name = f"**{r['cache']} ← auto**" if r["auto"] else r["cache"]
+        name = f"**{r['cache']} ← best uniform**" if r["auto"] else r["cache"]
         ppl = "—" if r["ppl"] is None else f"{r['ppl']:.3f}"
         delta = "—" if r["ppl_delta"] is None else f"{r['ppl_delta']:+.2%}"
         lines.append(f"| {name} | {r['by']} | {r['bytes_per_token']} | {r['kl']:.5f} | {r['top1']:.1%} | "
                      f"{'yes' if r['within_budget'] else 'no'} | {ppl} | {delta} |")
     if report["full_precision_ppl"]:
         lines += ["", f"Full precision: perplexity {report['full_precision_ppl']:.3f}."]
-    lines += ["", f"auto's decision: {report['decision']} (INT6/INT8 ratio {report['ratio']:.2f})."]
+    lines += ["", f"auto's best uniform policy: {report['decision']} (INT6/INT8 ratio {report['ratio']:.2f})."]
     return "\n".join(lines) + "\n"
 
 
@@ -110,12 +115,17 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-chunks", type=int, default=6, help="512-token chunks of --eval-text")
     ap.add_argument("--prompts", type=int, default=calibration.DEFAULT_PROMPTS)
     ap.add_argument("--max-tokens", type=int, default=calibration.DEFAULT_MAX_TOKENS)
+    ap.add_argument("--long-tokens", type=int, default=calibration.DEFAULT_LONG_TOKENS)
+    ap.add_argument("--maps", default="", help="per-layer maps measured beside the uniform candidates")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "quality")
     args = ap.parse_args(argv)
     settings = calibration.Settings(n_prompts=args.prompts, max_tokens=args.max_tokens,
-                                    budget=auto.settings_from_env().budget)
-    report = measure(args.model, args.eval_text, args.eval_chunks, settings, args.device)
+                                    long_tokens=args.long_tokens, budget=auto.settings_from_env().budget)
+    from vllm_int4kv.policy.layer_map import split_policy_list
+
+    report = measure(args.model, args.eval_text, args.eval_chunks, settings, args.device,
+                     split_policy_list(args.maps))
     argv = sys.argv[1:] if argv is None else argv
     report["command"] = "python benchmarks/vllm_quality.py " + " ".join(argv)
     args.out.mkdir(parents=True, exist_ok=True)

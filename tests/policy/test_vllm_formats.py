@@ -100,11 +100,13 @@ def test_runner_writes_a_complete_comparison(tmp_path, monkeypatch):
     text = tmp_path / "held_out.txt"
     text.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(400)))
     monkeypatch.delenv("VLLM_INT4KV_KL_BUDGET", raising=False)
-    vllm_quality.main([str(folder), "--eval-text", str(text), "--eval-chunks", "2", "--prompts", "2",
-                       "--max-tokens", "96", "--out", str(tmp_path / "out")])
+    vllm_quality.main([str(folder), "--eval-text", str(text), "--eval-chunks", "2", "--prompts", "1",
+                       "--max-tokens", "96", "--long-tokens", "200", "--maps", "k4v4;1:k8v4,k8v4;1:k4v4-rot",
+                       "--out", str(tmp_path / "out")])
     report = json.loads((tmp_path / "out" / "vllm-formats.json").read_text())
     rows = {r["cache"]: r for r in report["rows"]}
-    assert set(FORMATS) <= set(rows) and {"k4v4", "k8v4", "k16v16"} <= set(rows)
+    assert set(FORMATS) <= set(rows) and {"k4v4", "k8v4", "k16v16", "k4v4;1:k8v4", "k8v4;1:k4v4-rot"} <= set(rows)
+    assert rows["k4v4;1:k8v4"]["bytes_per_token"] == (72 + 104) / 2
     sizes = [r["bytes_per_token"] for r in report["rows"]]
     assert sizes == sorted(sizes)
     assert sum(r["auto"] for r in report["rows"]) == 1 and rows[report["decision"]]["auto"]
@@ -112,7 +114,7 @@ def test_runner_writes_a_complete_comparison(tmp_path, monkeypatch):
     assert rows["int8_per_token_head"]["kl"] < rows["int4_per_token_head"]["kl"]
     assert all(r["ppl"] > 1 and r["within_budget"] == (r["kl"] <= report["budget"]) for r in rows.values())
     markdown = (tmp_path / "out" / "vllm-formats.md").read_text()
-    assert "int4_per_token_head | vLLM 0.32 | 72 |" in markdown and "← auto" in markdown
+    assert "int4_per_token_head | vLLM 0.32 | 72 |" in markdown and "← best uniform" in markdown
 
 
 def test_vllm_cpu_fp8_cache_truncates_the_mantissa():
