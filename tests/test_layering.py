@@ -27,7 +27,7 @@ MAY_IMPORT = {
     "planner": {"kernels", "policy"},
     "quality": {"", "policy"},
     "backend": {"envs", "kernels", "policy", "attention"},
-    "plugin": set(),
+    "plugin": {"backend"},
     "cli": {"", "envs", "kernels", "policy", "attention", "planner", "quality", "testing"},
 }
 

@@ -33,6 +33,7 @@ def register() -> None:
     else:
         register_backend(custom, BACKEND_PATH)
         _wrap_cpu_backend_selection()
+        _register_cache_dtype()
         logger.info("vllm-int4kv: registered as --attention-backend CUSTOM (%s)", BACKEND_PATH)
     _registered = True
 
@@ -57,6 +58,13 @@ def _wrap_cpu_backend_selection() -> None:
     wrapper = classmethod(get_attn_backend_cls)
     wrapper._int4kv_original = original  # lets tests (and us) see and undo the wrap
     platform_cls.get_attn_backend_cls = wrapper
+
+
+def _register_cache_dtype() -> None:
+    """vLLM 0.33 and later: ``--kv-cache-dtype int4kv`` names our pages (0.32: int4_per_token_head)."""
+    from .backend.compat import register_own_cache_dtype
+
+    register_own_cache_dtype()
 
 
 def unwrap_cpu_backend_selection() -> None:

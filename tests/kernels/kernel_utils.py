@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import math
 
+import numpy as np
 import torch
 
 from vllm_int4kv.kernels.page_format import FP16_MAX, PageLayout
@@ -119,6 +120,45 @@ def alibi_oracle(case: PagedCase, slopes: torch.Tensor) -> torch.Tensor:
         out.append(attn[0].transpose(0, 1))
         row, qrow = row + n, qrow + q_len
     return torch.cat(out)
+
+
+def assert_tight_fp16_params(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                             group: int) -> None:
+    """(scale, zero) ``[..., D // group]`` of ``x`` ``[..., D]`` are the tightest fp16 pair: ``zero`` the
+    largest fp16 at most each group's minimum, ``scale`` the smallest positive fp16 whose ``2**bits - 1``
+    steps from ``zero`` reach its maximum (both compared exactly, in float64; fp16 steps from NumPy)."""
+    levels = 2 ** bits - 1
+    g = x.double().clamp(-FP16_MAX, FP16_MAX).unflatten(-1, (-1, group))
+    lo, hi = g.amin(-1), g.amax(-1)
+    z16, s16 = zero.numpy(), scale.numpy()
+    z, s = torch.from_numpy(z16.astype(np.float64)), torch.from_numpy(s16.astype(np.float64))
+    with np.errstate(over="ignore"):  # (above 65504: inf)
+        above_zero = torch.from_numpy(np.nextafter(z16, np.float16(np.inf)).astype(np.float64))
+    below_scale = torch.from_numpy(np.nextafter(s16, np.float16(0)).astype(np.float64))
+    assert (z <= lo).all() and (above_zero > lo).all(), "zero is not the largest fp16 <= the minimum"
+    assert (s > 0).all() and (z + s * levels >= hi).all(), "the coded range misses the maximum"
+    assert ((below_scale == 0) | (z + below_scale * levels < hi)).all(), "a smaller fp16 scale covers"
+
+
+# Rows whose quantization parameters sit at the edges of fp16: its maximum (and past it: clamped), zeros
+# of both signs, constants (the scale must stay a positive fp16), subnormals and values below them,
+# large common offsets (Qwen2's keys), an outlier.
+EXTREME_ROWS = {
+    "fp16_max": torch.full((64,), 65504.0),
+    "minus_fp16_max": torch.full((64,), -65504.0),
+    "both_signs_at_the_limit": torch.tensor([65504.0, -65504.0] * 32),
+    "past_the_fp16_range": torch.tensor([1e6, -3e5] + [1.0] * 62),
+    "zeros": torch.zeros(64),
+    "negative_zeros": torch.full((64,), -0.0),
+    "constant": torch.full((64,), 7.25),
+    "negative_constant": torch.full((64,), -3.1),
+    "fp16_subnormals": torch.linspace(-3e-6, 5e-6, 64),
+    "below_the_smallest_subnormal": torch.linspace(-1e-9, 2e-9, 64),
+    "one_tiny_negative": torch.tensor([-1e-9] + [0.0] * 63),
+    "offset": 1000.7 + 0.21 * torch.linspace(0, 1, 64),
+    "negative_offset": -1000.7 - 0.21 * torch.linspace(0, 1, 64),
+    "outlier": torch.tensor([1e4] + [0.5] * 63),
+}
 
 
 # Rows the cache write accepts (it saturates at +-FP16_MAX) that push a 16-bit dequantization to its limits:

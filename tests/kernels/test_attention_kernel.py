@@ -134,7 +134,7 @@ def test_fp16_alibi_at_long_context(q_lens):
 @pytest.mark.parametrize("q_lens", [[1, 1], [1, 2]], ids=["decode", "mixed"])
 def test_fp16_output_saturates_like_the_cache_write(q_lens):
     """Rows of +-65504 are written with zero -65504 and a scale rounded up, so the top code reads back as
-    65693.5: attention over them alone must give the saturated 65504, not inf."""
+    65566: attention over them alone must give the saturated 65504, not inf."""
     case = make_case(seq_lens=[1, 2], q_lens=q_lens, num_kv_heads=1, group=2, head_dim=64, k_bits=8,
                      v_bits=8, dtype=torch.float16)
     signs = torch.where(torch.arange(64) % 2 == 0, 1.0, -1.0)

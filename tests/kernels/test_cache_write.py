@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from kernel_utils import POISON
+from kernel_utils import EXTREME_ROWS, POISON, assert_tight_fp16_params
 from vllm_int4kv.kernels.cache_write import write_kv_cache
 from vllm_int4kv.kernels.page_format import PageLayout
-from vllm_int4kv.kernels.reference import read_cache_reference, write_cache_reference
+from vllm_int4kv.kernels.reference import _run_views, read_cache_reference, write_cache_reference
 
 LAYOUTS = {
     "k4v4_d64": PageLayout(64, 16, 4, 4, elem_bytes=4),
@@ -105,6 +105,34 @@ def test_extreme_rows_round_trip_through_the_kernel():
         span = rows[:, 0].amax(-1) - rows[:, 0].amin(-1)
         bound = span / levels * 0.5 * 1.01 + rows[:, 0].abs().amax(-1) * 2 ** -9 + 1e-6
         assert ((decoded - rows[:, 0]).abs().amax(-1) <= bound).all()
+
+
+@pytest.mark.parametrize("layout,dtype", [
+    (PageLayout(64, 16, 4, 8, elem_bytes=4), torch.float32),
+    (PageLayout(64, 16, 8, 4, k_group=16, elem_bytes=4), torch.float32),
+    (PageLayout(48, 16, 4, 4, elem_bytes=4), torch.float32),  # a padded head: tiles span 64 channels
+    (PageLayout(64, 16, 4, 4, v_group=32, elem_bytes=2), torch.float16),
+], ids=["k4v8", "k8g16v4", "k4v4_d48", "k4v4g32_fp16"])
+def test_extreme_rows_get_the_reference_bytes_and_the_tightest_parameters(layout, dtype):
+    """The kernel's zero is the largest fp16 at most each group's minimum and its scale the smallest
+    positive fp16 that covers the maximum (``kernel_utils.EXTREME_ROWS``: +-65504 and past it, zeros of
+    both signs, constants, subnormals, large offsets), bit for bit what the reference writes."""
+    d = layout.head_dim
+    rows = torch.stack(list(EXTREME_ROWS.values()))[:, None, :d].to(dtype)  # [tokens, 1 head, d]
+    key, value = rows, rows.flip(-1).contiguous()
+    slots = torch.arange(rows.shape[0], dtype=torch.int32)
+    ours, ref = poisoned_cache(layout, num_blocks=2, heads=1), poisoned_cache(layout, num_blocks=2, heads=1)
+    write_kv_cache(key, value, ours, slots, layout)
+    write_cache_reference(ref, key, value, slots, layout)
+    assert torch.equal(ours, ref)
+    params = _run_views(ours, layout)[2].contiguous().view(torch.float16).transpose(1, 2).flatten(0, 1)
+    params = params[:rows.shape[0], 0]  # [tokens, 2 * (k_groups + v_groups)]: (scale, zero) per group
+    nk = 2 * layout.k_groups
+    for x, (scale, zero), bits, group in ((key, params[:, :nk].unflatten(-1, (-1, 2)).unbind(-1),
+                                           layout.k_bits, layout.k_group),
+                                          (value, params[:, nk:].unflatten(-1, (-1, 2)).unbind(-1),
+                                           layout.v_bits, layout.v_group)):
+        assert_tight_fp16_params(x[:, 0].float(), scale, zero, bits, group)
 
 
 def test_write_contract_errors():

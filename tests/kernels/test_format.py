@@ -6,9 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernel_utils import EXTREME_ROWS, assert_tight_fp16_params
 from vllm_int4kv.kernels import page_format
 from vllm_int4kv.kernels.page_format import PageLayout, slot_bytes
-from vllm_int4kv.kernels.reference import dequantize, fake_quantize, pack_int4, quantize, unpack_int4
+from vllm_int4kv.kernels.reference import (dequantize, fake_quantize, pack_int4, quant_params, quantize,
+                                           unpack_int4)
 from vllm_int4kv.kernels.rotation import hadamard, rotate, unrotate
 
 
@@ -81,6 +83,42 @@ def test_parameters_are_fp16_rounded_outward():
     x = torch.tensor([[1000.3, 1000.9, 1001.7, 1000.0]])
     codes, s, z = quantize(x, 4, 4)
     assert z.float() <= x.min() and (s.float() * 15 + z.float()) >= x.max()
+
+
+@settings(max_examples=200, deadline=None)
+@given(base=st.lists(finite, min_size=64, max_size=64), scale=scales, offset=finite,
+       bits=st.sampled_from([4, 8]), group=st.sampled_from([16, 64]))
+def test_parameters_are_the_tightest_fp16_pair(base, scale, offset, bits, group):
+    x = (torch.tensor(base) / 6e4 * scale + offset)[None]
+    s, z = quant_params(x, bits, group)
+    assert_tight_fp16_params(x, s, z, bits, group)
+
+
+def test_a_large_common_offset_costs_at_most_one_fp16_step():
+    """Keys sharing a large offset (Qwen2's k_proj bias): at 1000.7 with a spread of 0.21, a zero nudged
+    2**-10 of its magnitude below the minimum landed 1.2 below it and made the K4 scale 0.094; the largest
+    fp16 below the minimum (1000.5, fp16 steps are 0.5 there) gives 0.0273, within an fp16 step of the
+    smallest scale for that zero."""
+    x = 1000.7 + 0.21 * torch.rand(1, 128, generator=torch.Generator().manual_seed(0))
+    codes, s, z = quantize(x, 4, 128)
+    assert z.item() == 1000.5 and s.item() < 0.0275
+    assert_tight_fp16_params(x, s, z, 4, 128)
+    assert (dequantize(codes, s, z, 128) - x).abs().max() <= s.float() / 2 + 1e-4
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 64), (4, 16)])
+def test_extreme_rows_get_the_tightest_parameters(bits, group):
+    """At +-65504 (and past it: clamped), zeros of both signs, constants (the scale must stay a positive
+    fp16), fp16 subnormals and values below them, large offsets: the tightest pair, and a round trip
+    within half a step."""
+    x = torch.stack(list(EXTREME_ROWS.values()))
+    codes, s, z = quantize(x, bits, group)
+    assert torch.isfinite(s).all() and torch.isfinite(z).all() and (s > 0).all()
+    assert_tight_fp16_params(x, s, z, bits, group)
+    clamped = x.clamp(-65504, 65504)
+    step = s.float().repeat_interleave(group, -1)
+    slack = 4 * torch.finfo(torch.float32).eps * (clamped.abs() + step * 2 ** bits)
+    assert ((dequantize(codes, s, z, group) - clamped).abs() <= step / 2 + slack).all()
 
 
 def test_nan_row_does_not_touch_other_rows():

@@ -34,13 +34,13 @@ from .. import attention as ops
 from ..kernels.page_format import HEAD_DIMS, HEAD_DIMS_TEXT
 from ..kernels.rotation import hadamard
 from ..policy import UNQUANTIZED, KVPolicy, current
-from . import engine, layers
+from . import compat, engine, layers
 from .engine import HINT
 
 # A child of vLLM's logger, so our lines appear (and are filtered) with vLLM's own.
 logger = logging.getLogger("vllm.int4kv")
 
-KV_CACHE_DTYPES = ("auto", layers.QUANTIZED_CACHE_DTYPE)
+KV_CACHE_DTYPES = compat.cache_dtypes()
 BACKEND_NAME = "CUSTOM"
 _announced: set = set()
 
@@ -142,8 +142,8 @@ class Int4KVBackend(AttentionBackend):
         """(this layer's layout, where it came from), for a layer whose vLLM cache dtype is ``kv_cache_dtype``."""
         config = engine.config()
         policy_map = engine.engine_policy()
-        if kv_cache_dtype == layers.QUANTIZED_CACHE_DTYPE and not policy_map.quantized:
-            raise ValueError(f"--kv-cache-dtype int4_per_token_head asks for a quantized cache, but "
+        if kv_cache_dtype in compat.quantized_cache_dtypes() and not policy_map.quantized:
+            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} asks for a quantized cache, but "
                              f"VLLM_INT4KV_POLICY gives {policy_map.name}: set a quantized policy (e.g. k4v4) "
                              "or use --kv-cache-dtype auto")
         if layers.kept_unquantized(kv_cache_dtype, config):
@@ -168,7 +168,7 @@ class Int4KVBackend(AttentionBackend):
         if current.current_policy() is None:
             _first_spec(engine.config())
         quantized_layer = spec.kv_quant_mode.name == "INT4_PER_TOKEN_HEAD"
-        policy, source = cls.layer_policy(layers.QUANTIZED_CACHE_DTYPE if quantized_layer else "auto")
+        policy, source = cls.layer_policy(compat.INT4_PER_TOKEN_HEAD if quantized_layer else "auto")
         model_dtype = engine.model_dtype(spec.dtype)
         elem_bytes = model_dtype.itemsize
         layout = policy.layout(spec.head_size, 16, elem_bytes)  # slot size does not depend on blocks
@@ -185,7 +185,7 @@ class Int4KVBackend(AttentionBackend):
                                use_sparse, use_mm_prefix, use_per_head_quant_scales, device_capability,
                                attn_type, **flags) -> list[str]:
         """Reasons this configuration cannot run, each saying what to change (empty: it can)."""
-        reasons = []
+        reasons = [problem] if (problem := compat.unsupported_version()) else []
         if use_mla:
             reasons.append(f"vllm-int4kv does not support MLA models (latent KV caches); {HINT}")
         if attn_type != AttentionType.DECODER:

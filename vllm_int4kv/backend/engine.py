@@ -67,8 +67,10 @@ def unsupported_cache_dtype(kv_cache_dtype: str) -> str:
                 "which vLLM picks when --kv-cache-dtype is auto, and vllm-int4kv stores its own pages "
                 "instead: pass --kv-cache-dtype int4_per_token_head (the checkpoint's KV scales are then "
                 f"not used), {HINT}")
+    from .compat import quantized_cache_dtypes
+
     return (f"--kv-cache-dtype {kv_cache_dtype} is not supported by vllm-int4kv: use --kv-cache-dtype auto "
-            "(pages follow VLLM_INT4KV_POLICY) or int4_per_token_head")
+            f"(pages follow VLLM_INT4KV_POLICY) or {' or '.join(quantized_cache_dtypes())}")
 
 
 def ranks() -> tuple[int, int]:

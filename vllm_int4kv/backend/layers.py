@@ -2,7 +2,7 @@
 
 Two sources: the policy map (``VLLM_INT4KV_POLICY``: one layout per layer, or one for all), and vLLM's
 ``--kv-cache-dtype-skip-layers`` beside a uniform policy (vLLM hands the layers it keeps the cache dtype
-``auto`` while the engine asked for ``int4_per_token_head``; they get ``policy.UNQUANTIZED`` pages).
+``auto`` while the engine asked for quantized pages; they get ``policy.UNQUANTIZED`` pages).
 
 vLLM asks the backend class for a layer's page size (``customize_spec``) without saying which layer it
 is for. So once the model is built, each of our layers gets a subclass of the backend that knows its
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from ..policy.layer_map import PolicyMap, format_layers
 from ..policy.layout import is_layer_index
-
-QUANTIZED_CACHE_DTYPE = "int4_per_token_head"
+from .compat import quantized_cache_dtypes
 
 
 def kept_unquantized(layer_cache_dtype: str, config) -> bool:
     """Whether vLLM keeps a layer with ``layer_cache_dtype`` unquantized in this engine."""
     return (layer_cache_dtype == "auto" and config is not None
-            and config.cache_config.cache_dtype == QUANTIZED_CACHE_DTYPE
+            and config.cache_config.cache_dtype in quantized_cache_dtypes()
             and bool(config.cache_config.kv_cache_dtype_skip_layers))
 
 
@@ -32,9 +31,9 @@ def check_entries(config) -> None:
     names = config.cache_config.kv_cache_dtype_skip_layers
     if not names:
         return
-    if config.cache_config.cache_dtype != QUANTIZED_CACHE_DTYPE:
+    if config.cache_config.cache_dtype not in quantized_cache_dtypes():
         raise ValueError("--kv-cache-dtype-skip-layers keeps the named layers unquantized beside "
-                         "quantized ones: use it with --kv-cache-dtype int4_per_token_head (with "
+                         f"quantized ones: use it with --kv-cache-dtype {quantized_cache_dtypes()[-1]} (with "
                          "auto every layer follows VLLM_INT4KV_POLICY)")
     num_layers = getattr(config.model_config.hf_text_config, "num_hidden_layers", None)
     unknown = [name for name in names if name != "sliding_window" and not (
@@ -88,7 +87,7 @@ def check_kept_layers(config, per_rank: list[dict]) -> None:
     chunked layers are not one to vLLM); so does a layer kept unlike the layer whose cache it reads."""
     cache = getattr(config, "cache_config", None)  # (none outside an engine)
     names = getattr(cache, "kv_cache_dtype_skip_layers", None)
-    if not names or cache.cache_dtype != QUANTIZED_CACHE_DTYPE:
+    if not names or cache.cache_dtype not in quantized_cache_dtypes():
         return
     indices = sorted(set().union(*(f["indices"] for f in per_rank)))
     if not indices:  # no model built in this process (a config left by an engine that has shut down)
