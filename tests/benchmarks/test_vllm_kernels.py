@@ -21,8 +21,22 @@ from benchmarks import vllm_kernels  # noqa: E402
 pytest.importorskip("vllm", reason="staging copies the kernels from an installed vLLM")
 
 
-def test_staged_kernels_run_without_vllm(tmp_path):
-    manifest = vllm_kernels.stage(tmp_path)
+CURRENT = REPO / ".venv-vllm-0.34" / "bin" / "python"  # scripts/api_env.sh 0.34.0
+
+
+@pytest.mark.parametrize("source", ["installed", "0.34"])
+def test_staged_kernels_run_without_vllm(tmp_path, source):
+    """From the installed vLLM (0.32 here), and from the current vLLM's package where its environment
+    exists: staged for the GPU machine, they run without vLLM and compute attention."""
+    if source == "installed":
+        manifest = vllm_kernels.stage(tmp_path)
+    elif not CURRENT.exists():
+        pytest.skip("no vLLM 0.34 environment: run scripts/api_env.sh 0.34.0")
+    else:
+        subprocess.run([str(CURRENT), "benchmarks/vllm_kernels.py", "--stage", "--dir", str(tmp_path)], cwd=REPO,
+                       check=True, capture_output=True, timeout=300)
+        manifest = json.loads((tmp_path / vllm_kernels.MANIFEST).read_text())
+        assert manifest["vllm_version"].startswith("0.34")
     assert manifest["kv_quant_mode"]["INT4_PER_TOKEN_HEAD"] == 4 and manifest["vllm_version"]
     script = textwrap.dedent("""
         import json, sys, torch
