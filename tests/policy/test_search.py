@@ -139,6 +139,17 @@ def test_only_a_verified_map_is_chosen():
     assert found.checks[0].predicted_kl <= 0.009 + 1e-12
 
 
+def test_a_map_that_passes_with_room_to_spare_is_followed_by_a_cheaper_one():
+    """The scan's additive prediction can overestimate (layers' errors partly cancel): each pass far under
+    the budget rescales the target, and the cheapest map that passed is the decision."""
+    uniform = Measurement("k8v4", 104, 0.003, 1.0, 0.0)
+    session = _scripted(map_kl=0.002)
+    found = search(session, candidate_policies(64), uniform, 64, 2, 0.01, scan_tokens=16, max_checks=3)
+    costs = [check.bytes_per_token for check in found.checks]
+    assert len(costs) >= 2 and costs == sorted(costs, reverse=True) and costs[-1] < costs[0]
+    assert found.chosen.name == found.checks[-1].map
+
+
 def test_a_map_no_cheaper_than_the_uniform_policy_is_not_measured():
     uniform = Measurement("k4v4-g16", 84, 0.004, 1.0, 0.0)
     session = _scripted(map_kl=0.001)

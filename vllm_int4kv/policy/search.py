@@ -10,8 +10,10 @@
    upgrade with the largest KL drop per extra byte is taken, over and over, until the predicted KL is
    within the target (a fraction of the budget: layers' errors do not add exactly).
 3. **Verify.** The whole model is measured with every layer as mapped, on the full calibration prompts.
-   Only a verified map is ever chosen: over budget, the target shrinks by the ratio it was missed by and
-   planning goes on, for at most ``max_checks`` measurements; if none passes, the uniform policy stays.
+   Only a verified map is ever chosen. The next try rescales the target by what the measurement says of the
+   prediction: tighter after a miss, looser (a cheaper map) after a pass with room to spare; at most
+   ``max_checks`` measurements, and the cheapest map that passed is the decision. If none passes, the
+   uniform policy stays.
 
 Bytes are counted as vLLM allocates them (``allocated_slot_bytes``): where the model mixes layer types,
 vLLM pads every page to the largest (unless it divides it), and a map pays for that.
@@ -26,6 +28,7 @@ from .progress import SILENT, Progress
 from .session import Measurement, PerLayer, Session, spec_of, spec_of_map
 
 TARGET = 0.9  # plan to this fraction of the budget before the first check
+LOOSEN_BELOW = 0.75  # a map that passes below this fraction of the budget is followed by a cheaper try
 
 
 def ladder(candidates: list[KVPolicy], head_dim: int, elem_bytes: int) -> list[KVPolicy]:
@@ -105,15 +108,18 @@ def _scan(session: Session, rungs: list[KVPolicy], layers: list[int], tokens: in
     return single, basis
 
 
-def _plan(single: dict[int, dict[str, float]], rungs: list[KVPolicy], start: dict[int, int], target: float,
-          sizes: list[int]) -> dict[int, int]:
-    """Rung index per layer: from ``start``, the best KL drop per byte until the sum is within ``target``."""
-    at = dict(start)
+def _greedy_path(single: dict[int, dict[str, float]], rungs: list[KVPolicy],
+                 sizes: list[int]) -> list[tuple[dict[int, int], float]]:
+    """Every layer on the cheapest rung, then upgrade after upgrade, each the largest predicted KL drop
+    per extra byte: ``[(rung index per layer, predicted KL), ...]`` from cheapest to nothing left to buy.
+    Planning to a KL target is a prefix of this path, so a looser target always gives a cheaper map."""
+    at = {index: 0 for index in single}
 
     def kl(index: int, rung: int) -> float:
         return single[index][rungs[rung].name]
 
-    while sum(kl(i, r) for i, r in at.items()) > target:
+    path = [(dict(at), sum(kl(i, r) for i, r in at.items()))]
+    while True:
         best, best_gain = None, 0.0
         for index, rung in at.items():
             for higher in range(rung + 1, len(rungs)):
@@ -121,10 +127,10 @@ def _plan(single: dict[int, dict[str, float]], rungs: list[KVPolicy], start: dic
                 gain = drop / (sizes[higher] - sizes[rung])
                 if drop > 0 and gain > best_gain:
                     best, best_gain = (index, higher), gain
-        if best is None:  # nothing left to buy: every layer is as good as it gets
-            break
+        if best is None:
+            return path
         at[best[0]] = best[1]
-    return at
+        path.append((dict(at), sum(kl(i, r) for i, r in at.items())))
 
 
 def _as_map(at: dict[int, int], rungs: list[KVPolicy]) -> PolicyMap:
@@ -149,24 +155,29 @@ def search(session: Session, candidates: list[KVPolicy], uniform: Measurement, h
         result.note = "one attention layer: a map is a uniform policy"
         return result
     result.single, result.basis = _scan(session, rungs, layers, scan_tokens, progress)
-    at, target = {index: 0 for index in layers}, TARGET * budget
+    path = _greedy_path(result.single, rungs, sizes)
+    best_cost, target, measured = uniform.bytes_per_token, TARGET * budget, set()
     progress.stage("per-layer check", max_checks)
     for _ in range(max_checks):
-        at = _plan(result.single, rungs, at, target, sizes)
+        at, predicted = next((state for state in path if state[1] <= target), path[-1])
         candidate = _as_map(at, rungs)
         cost = allocated_slot_bytes(candidate, layers, head_dim, elem_bytes, mixed_types)
-        if cost >= uniform.bytes_per_token:
-            result.note = (f"the cheapest map the scan predicts within budget ({candidate.name}, {cost:.1f} B) "
-                           f"is no cheaper than the uniform policy ({uniform.name}, {uniform.bytes_per_token} B)")
+        if cost >= best_cost or candidate.name in measured:
+            if result.chosen is None:
+                result.note = (f"the cheapest map the scan predicts within budget ({candidate.name}, {cost:.1f} B) "
+                               f"is no cheaper than the uniform policy ({uniform.name}, {uniform.bytes_per_token} B)")
             break
-        predicted = sum(result.single[i][rungs[r].name] for i, r in at.items())
+        measured.add(candidate.name)
         m = session.measure(candidate.name, spec_of_map(candidate), cost)
         result.checks.append(Check(candidate.name, cost, predicted, m.kl, m.top1, m.by_genre))
         progress.step(f"{candidate.name}: {cost:.1f} B, KL {m.kl:.3g} (predicted {predicted:.3g})")
         if m.kl <= budget:
-            result.chosen = candidate
-            return result
-        target *= budget / m.kl * TARGET  # missed by m.kl / budget: plan that much tighter
-    if not result.note:
+            result.chosen, best_cost = candidate, cost
+            if m.kl >= LOOSEN_BELOW * budget:
+                break
+        # the next map aims at TARGET x budget on the measured scale: looser when this one passed with room
+        # to spare, tighter when it missed
+        target = predicted * TARGET * budget / max(m.kl, 1e-12)
+    if result.chosen is None and not result.note:
         result.note = f"no map passed its check in {len(result.checks)} tries"
     return result
