@@ -100,9 +100,7 @@ def _layer_step_map(r):
         return ""
     table = [[x["shape"], x["policy"], x["batch"], x["context"], _f(x["model_step_us"]),
               ", ".join(f"{name} {us:.1f}" for name, us in x["uniform_model_step_us"].items())] for x in rows]
-    return ("## Per-layer maps at decode (whole model: the sum of each layer's step)
-
-"
+    return ("## Per-layer maps at decode (whole model: the sum of each layer's step)\n\n"
             + _table(["shape", "map", "batch", "context", "µs", "the same with every layer at one layout (µs)"],
                      table))
 
