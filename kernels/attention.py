@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -51,7 +52,7 @@ def tile_tokens(head_dim: int, elem_bytes: int = 2) -> int:
     """KV positions per inner-loop tile, as large as fits in registers without spilling.
 
     Smaller for D=256, and for fp32 queries (fp32 ``tl.dot`` in IEEE mode runs on CUDA cores and
-    holds more live registers): at 64 tokens ptxas spills on sm_90 (``benchmarks/gpu_compile.py``).
+    holds more live registers): at 64 tokens ptxas spills (``benchmarks/gpu_compile.py`` checks).
     """
     if elem_bytes > 2:
         return 16
@@ -73,10 +74,19 @@ def code_bias(bits: int, dtype: torch.dtype, fold: bool = True) -> int:
     return 0
 
 
+def folds(layout: PageLayout, decode: bool, dtype: torch.dtype) -> tuple[bool, bool]:
+    """Whether K and V tiles feed their codes to the dot and apply (scale, zero) per token (K_FOLD,
+    V_FOLD): decode tiles with one group per head. fp16 dequantizes V: p * scale would lose its low bits
+    in fp16's subnormal range."""
+    k_fold = decode and layout.k_bits != 16 and layout.k_groups == 1
+    v_fold = decode and layout.v_bits != 16 and layout.v_groups == 1 and dtype != torch.float16
+    return k_fold, v_fold
+
+
 def query_tokens_per_program(group_pad: int, max_query_len: int, elem_bytes: int = 2) -> int:
     """BLOCK_Q: decode fills 16 dot rows with one token's query heads; prefill takes ~64 rows.
 
-    fp32 queries take 16 prefill rows: at 64, ptxas spills 5-8 KiB per thread on sm_90.
+    fp32 queries take 16 prefill rows: at 64, ptxas spills.
     """
     rows = 16 if max_query_len <= 1 or elem_bytes > 2 else 64
     return max(1, rows // group_pad)
@@ -92,18 +102,22 @@ def shares_tiles_by_default(bits: int, decode: bool, query: torch.Tensor) -> boo
 
     Quantized tiles always: read straight into the dot's layout they take narrow loads, and every warp
     that multiplies by them converts them again. 16-bit planes only in prefill: decode loads them into
-    the dot as they are, and a round trip costs it ~4 % (sm_90 SASS, ``_once_per_program``).
+    the dot as they are, and a round trip through shared memory costs it instructions (``_once_per_program``).
     """
     return can_share_tiles(query) and (bits != 16 or not decode)
 
 
-def _check(query, cache, block_table, seq_lens, query_start_loc, num_kv_heads, layout, max_seq_len, out):
+def _check_contract(query, cache, planes, layout, block_table, seq_lens, query_start_loc, *, max_seq_len,
+                    sliding_window, softcap, out, num_splits, num_warps, num_stages, share_tiles, sinks,
+                    alibi_slopes):
+    """Every host-side check of ``paged_attention``'s arguments, before anything is planned or launched."""
     if query.dim() != 3 or query.shape[-1] != layout.head_dim:
         raise ValueError(f"query must be [tokens, heads, {layout.head_dim}], got {tuple(query.shape)}")
     if query.stride(-1) != 1:
         raise ValueError("query needs a contiguous last dimension")
-    if query.shape[1] % num_kv_heads:
-        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {num_kv_heads} KV heads")
+    num_q_heads, num_kv_heads = query.shape[1], planes.k.shape[1]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if cache.device != query.device:
         raise ValueError(f"the cache is on {cache.device}, the query on {query.device}")
     check_index_tensors(block_table, seq_lens, query_start_loc, query.device, layout.block_size, max_seq_len)
@@ -111,6 +125,69 @@ def _check(query, cache, block_table, seq_lens, query_start_loc, num_kv_heads, l
                             or out.device != query.device):
         raise ValueError(f"out must be {query.dtype} {tuple(query.shape)} on {query.device} with a "
                          f"contiguous last dimension, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if max(planes.k.stride(0), planes.v.stride(0), planes.params.stride(0)) >= 2 ** 31:
+        # the kernel multiplies block numbers by these strides as unsigned 32-bit values
+        raise ValueError(f"a KV cache block of {cache.stride(0)} bytes is too large (at most 2 GiB)")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    if num_splits is not None and (num_splits < 1 or num_splits & (num_splits - 1)):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
+    if num_stages is not None and not 1 <= num_stages <= 8:
+        raise ValueError(f"num_stages must be 1 to 8 (or None for Triton's default), got {num_stages}")
+    for name, per_head in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
+        if per_head is not None and (per_head.shape != (num_q_heads,) or per_head.dtype != torch.float32
+                                     or per_head.device != query.device or per_head.stride(0) != 1):
+            raise ValueError(f"{name} must be a contiguous float32 [{num_q_heads}] tensor on {query.device}, "
+                             f"got {per_head.dtype} {tuple(per_head.shape)} on {per_head.device}")
+    if share_tiles and not can_share_tiles(query):
+        raise ValueError("share_tiles=True needs an NVIDIA GPU and 16-bit queries (inline PTX)")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The tile, split and conversion choices of one launch, as the kernel's compile-time constants.
+
+    Decode tiles (16 rows) apply each token's (scale, zero) to its scores and probabilities and feed the
+    codes to the dot as they are (``K_FOLD``/``V_FOLD``: per token, not per channel); prefill tiles (64
+    rows, 4x the scores to fix) dequantize each value in the dot's 16-bit dtype from the biased codes.
+    ``DECODE`` also drops the causal mask, which one query token per sequence, its last, does not need:
+    so ``max_query_len`` must be exact (vLLM's is).
+    """
+
+    grid: tuple[int, int, int]
+    constants: dict
+
+
+def plan_launch(query: torch.Tensor, planes, num_seqs: int, *, max_query_len: int, max_seq_len: int,
+                num_splits: int | None, share_tiles: bool | None) -> LaunchPlan:
+    layout = planes.layout
+    num_tokens, num_q_heads, _ = query.shape
+    num_kv_heads = planes.k.shape[1]
+    group = num_q_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    # Tiles are sized for the GPU's register file; the interpreter (CPU) has none and runs the larger
+    # 16-bit tiles faster, also for fp32.
+    tile_elem_bytes = query.element_size() if _is_gpu(query.device) else 2
+    block_q = query_tokens_per_program(group_pad, max_query_len, tile_elem_bytes)
+    tile_n = tile_tokens(planes.head_pad, tile_elem_bytes)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, tile_n,
+                                       query.device)
+    decode = max_query_len <= 1
+    k_fold, v_fold = folds(layout, decode, query.dtype)
+    k_share, v_share = (shares_tiles_by_default(bits, decode, query) if share_tiles is None else share_tiles
+                        for bits in (layout.k_bits, layout.v_bits))
+    constants = dict(
+        QUERIES_PER_KV=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=max(16, block_q * group_pad),
+        TILE_N=tile_n, NUM_SPLITS=num_splits, DECODE=decode, K_FOLD=k_fold, V_FOLD=v_fold,
+        K_CODE_BIAS=code_bias(layout.k_bits, query.dtype, k_fold),
+        V_CODE_BIAS=code_bias(layout.v_bits, query.dtype, v_fold),
+        IEEE=query.dtype == torch.float32, PTX_UNPACK=_has_ptx(query.device), K_SHARE=k_share, V_SHARE=v_share)
+    return LaunchPlan(grid=(num_tokens // block_q + num_seqs, num_kv_heads, num_splits), constants=constants)
 
 
 def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
@@ -142,17 +219,12 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     """
     num_tokens, num_q_heads, head_dim = query.shape
     planes = plane_views(cache, layout, query.dtype)
-    num_kv_heads = planes.k.shape[1]
-    _check(query, cache, block_table, seq_lens, query_start_loc, num_kv_heads, layout, max_seq_len, out)
+    _check_contract(query, cache, planes, layout, block_table, seq_lens, query_start_loc,
+                    max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap, out=out,
+                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                    share_tiles=share_tiles, sinks=sinks, alibi_slopes=alibi_slopes)
     if not _is_gpu(query.device):
         check_interpreter()
-    if max(planes.k.stride(0), planes.v.stride(0), planes.params.stride(0)) >= 2 ** 31:
-        # the kernel multiplies block numbers by these strides as unsigned 32-bit values
-        raise ValueError(f"a KV cache block of {cache.stride(0)} bytes is too large (at most 2 GiB)")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be positive, got {softcap}")
     if checks_blocks(query.device, validate_blocks):
         check_block_table(block_table, seq_lens, query_start_loc, num_blocks=planes.k.shape[0],
                           block_size=layout.block_size, num_tokens=num_tokens, max_query_len=max_query_len,
@@ -163,78 +235,35 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     if num_tokens == 0 or num_seqs == 0:
         return out
 
-    group = num_q_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    # Tiles are sized for the GPU's register file; the interpreter (CPU) has none and runs the larger
-    # 16-bit tiles faster, also for fp32.
-    tile_elem_bytes = query.element_size() if _is_gpu(query.device) else 2
-    block_q = query_tokens_per_program(group_pad, max_query_len, tile_elem_bytes)
-    tile_n = tile_tokens(planes.head_pad, tile_elem_bytes)
-    if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, tile_n,
-                                       query.device)
-    if num_splits < 1 or num_splits & (num_splits - 1):
-        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
-    if num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
-    if num_stages is not None and not 1 <= num_stages <= 8:
-        raise ValueError(f"num_stages must be 1 to 8 (or None for Triton's default), got {num_stages}")
-    for name, per_head in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
-        if per_head is not None and (per_head.shape != (num_q_heads,) or per_head.dtype != torch.float32
-                                     or per_head.device != query.device or per_head.stride(0) != 1):
-            raise ValueError(f"{name} must be a contiguous float32 [{num_q_heads}] tensor on {query.device}, "
-                             f"got {per_head.dtype} {tuple(per_head.shape)} on {per_head.device}")
-    if share_tiles and not can_share_tiles(query):
-        raise ValueError("share_tiles=True needs an NVIDIA GPU and 16-bit queries (inline PTX)")
+    plan = plan_launch(query, planes, num_seqs, max_query_len=max_query_len, max_seq_len=max_seq_len,
+                       num_splits=num_splits, share_tiles=share_tiles)
+    splits = plan.constants["NUM_SPLITS"]
+    part_acc = part_max = part_sum = out  # unused placeholders when not split
+    if splits > 1:
+        # explicit fp32: the default dtype is whatever the caller set (vLLM changes it to build models)
+        part_max = torch.empty(num_tokens, num_q_heads, splits, device=query.device, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(num_tokens, num_q_heads, splits, head_dim, device=query.device,
+                               dtype=torch.float32)
     # passed only when set: a launch without it compiles exactly as before
     pipelining = {} if num_stages is None else {"num_stages": num_stages}
-    part_acc = part_max = part_sum = out  # unused placeholders when not split
-    if num_splits > 1:
-        # explicit fp32: the default dtype is whatever the caller set (vLLM changes it to build models)
-        part_max = torch.empty(num_tokens, num_q_heads, num_splits, device=query.device, dtype=torch.float32)
-        part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty(num_tokens, num_q_heads, num_splits, head_dim, device=query.device,
-                               dtype=torch.float32)
-
-    # Decode tiles (16 rows) apply each token's (scale, zero) to its scores and probabilities and feed
-    # the codes to the dot as they are (K_FOLD, V_FOLD): per token, not per channel. Prefill tiles (64
-    # rows) have 4x the scores to fix, so they dequantize each value instead, in the dot's 16-bit dtype
-    # from the biased codes, two per HFMA2. (SASS per tile and warp on sm_90, Llama-3-8B K4V4, the
-    # unmasked loop: folded prefill 839 instructions, per value 738, BF16 pages 748. In fp32, as at
-    # first, each code's int->float conversion ran on the eighth-rate conversion unit: 1296 cycles.)
-    # ``max_query_len`` must be exact (vLLM's is): DECODE also drops the causal mask, which one query
-    # token per sequence, its last, does not need.
-    decode = max_query_len <= 1
-    k_fold = decode and layout.k_bits != 16 and layout.k_groups == 1
-    # (fp16: p * scale would lose its low bits in fp16's subnormal range, so V is dequantized)
-    v_fold = decode and layout.v_bits != 16 and layout.v_groups == 1 and query.dtype != torch.float16
-    k_share, v_share = (shares_tiles_by_default(bits, decode, query) if share_tiles is None else share_tiles
-                        for bits in (layout.k_bits, layout.v_bits))
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
-    paged_attention_kernel[grid](
-        query, out, part_acc, part_max, part_sum, out if sinks is None else sinks,
-        out if alibi_slopes is None else alibi_slopes,
-        planes.k, planes.v, planes.params,
-        block_table, seq_lens, query_start_loc,
-        num_seqs, num_q_heads, sm_scale if sm_scale is not None else head_dim ** -0.5,
-        float(softcap or 0.0), int(sliding_window or 0),
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-        *planes.k.stride()[:2], *planes.v.stride()[:2], *planes.params.stride()[:2],
-        HEAD_DIM=head_dim, HEAD_PAD=planes.head_pad, BLOCK_SIZE=layout.block_size, QUERIES_PER_KV=group,
-        GROUP_PAD=group_pad,
-        BLOCK_Q=block_q, BLOCK_M=max(16, block_q * group_pad), TILE_N=tile_n,
-        K_BITS=layout.k_bits, V_BITS=layout.v_bits, K_GROUP=planes.k_group, V_GROUP=planes.v_group,
-        K_ROW=planes.k_row, V_ROW=planes.v_row, P_ROW=planes.p_row, V_PAR_OFFSET=2 * layout.k_groups,
-        DECODE=decode, K_FOLD=k_fold, V_FOLD=v_fold,
-        K_CODE_BIAS=code_bias(layout.k_bits, query.dtype, k_fold),
-        V_CODE_BIAS=code_bias(layout.v_bits, query.dtype, v_fold),
-        NUM_SPLITS=num_splits, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
-        IEEE=query.dtype == torch.float32, PTX_UNPACK=_has_ptx(query.device),
-        K_SHARE=k_share, V_SHARE=v_share, USE_SINKS=sinks is not None, USE_ALIBI=alibi_slopes is not None,
-        num_warps=num_warps, **pipelining,
+    paged_attention_kernel[plan.grid](
+        q_ptr=query, out_ptr=out, part_acc_ptr=part_acc, part_max_ptr=part_max, part_sum_ptr=part_sum,
+        sinks_ptr=out if sinks is None else sinks, alibi_ptr=out if alibi_slopes is None else alibi_slopes,
+        **planes.pointers(),
+        block_table_ptr=block_table, seq_lens_ptr=seq_lens, query_start_loc_ptr=query_start_loc,
+        num_seqs=num_seqs, num_q_heads=num_q_heads,
+        sm_scale=sm_scale if sm_scale is not None else head_dim ** -0.5,
+        softcap=float(softcap or 0.0), sliding_window=int(sliding_window or 0),
+        stride_q_t=query.stride(0), stride_q_h=query.stride(1), stride_o_t=out.stride(0),
+        stride_o_h=out.stride(1), stride_bt=block_table.stride(0), **planes.strides(),
+        **planes.format_constants(), **plan.constants,
+        USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window), USE_SINKS=sinks is not None,
+        USE_ALIBI=alibi_slopes is not None, num_warps=num_warps, **pipelining,
     )
-    if num_splits > 1:
+    if splits > 1:
         _reduce_splits_kernel[(num_tokens, num_q_heads)](
-            out, part_acc, part_max, part_sum, num_q_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_PAD=planes.head_pad, NUM_SPLITS=num_splits)
+            out_ptr=out, part_acc_ptr=part_acc, part_max_ptr=part_max, part_sum_ptr=part_sum,
+            num_q_heads=num_q_heads, stride_o_t=out.stride(0), stride_o_h=out.stride(1),
+            HEAD_DIM=head_dim, HEAD_PAD=planes.head_pad, NUM_SPLITS=splits)
     return out

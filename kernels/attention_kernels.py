@@ -24,11 +24,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .tile_loads import QUARTERS, _load_tile, _rounded_for_dot, _split_channels
+
 LOG2E = tl.constexpr(1.4426950408889634)  # globals read inside @jit must be constexpr on the GPU
-BF16_128 = tl.constexpr(0x4300)  # the bits of 128.0 in bf16: OR-ing a code < 128 in gives 128 + code
-FP16_1024 = tl.constexpr(0x6400)  # the bits of 1024.0 in fp16: OR-ing a code < 1024 in gives 1024 + code
-FP16_256 = tl.constexpr(0x5C00)  # the bits of 256.0 in fp16, whose last bit is 1/4: 256 + code / 4
-QUARTERS = tl.constexpr(256)  # the CODE_BIAS of fp16 tiles dequantized in quarters (``_load_tile``)
 FP16_MAX = tl.constexpr(65504.0)
 
 
@@ -40,193 +38,9 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _split_channels(x):
-    """``[R, D]`` -> even channels ``[R, D/2]``, odd channels ``[R, D/2]``."""
-    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
-
-
-@triton.jit
-def _code_values(codes, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """uint8 codes -> ``codes + CODE_BIAS`` in the dot's dtype, exactly.
-
-    With a bias the code is OR-ed into the mantissa of the bias (``BF16_128``, ``FP16_1024``): one integer
-    op per value instead of an int->float conversion, which runs at a quarter of the rate of integer ops,
-    and a float->16-bit pack. (``FP16_256``, CODE_BIAS ``QUARTERS``: ``256 + codes / 4``.)
-    """
-    if CODE_BIAS == 0:  # (if/else, not an early return: Triton compiles the code after a return too)
-        values = codes.to(DOT_DTYPE)
-    else:
-        bits = codes.to(tl.uint16) | (BF16_128 if CODE_BIAS == 128 else
-                                      (FP16_256 if CODE_BIAS == QUARTERS else FP16_1024))
-        values = bits.to(DOT_DTYPE, bitcast=True)
-    return values
-
-
-def _nibbles_ptx(bias_high_byte: int) -> str:
-    """PTX for 4 packed bytes ``$4`` -> low nibbles ``$0, $1`` and high nibbles ``$2, $3`` as 16-bit floats
-    whose high byte is ``bias_high_byte`` (two per register, element i in byte/lane i)."""
-    bias = "0x" + f"{bias_high_byte:02X}" * 4
-    return ("{ .reg .b32 lo, hi;\n"
-            "and.b32 lo, $4, 0x0F0F0F0F;\n"
-            "shr.u32 hi, $4, 4;\n"
-            "and.b32 hi, hi, 0x0F0F0F0F;\n"
-            f"prmt.b32 $0, lo, {bias}, 0x4140;\n"  # bytes (lo.0, bias, lo.1, bias): two values
-            f"prmt.b32 $1, lo, {bias}, 0x4342;\n"
-            f"prmt.b32 $2, hi, {bias}, 0x4140;\n"
-            f"prmt.b32 $3, hi, {bias}, 0x4342; }}")
-
-
-NIBBLES_TO_BF16_PTX = tl.constexpr(_nibbles_ptx(BF16_128.value >> 8))
-NIBBLES_TO_FP16_PTX = tl.constexpr(_nibbles_ptx(FP16_1024.value >> 8))
-NIBBLES_TO_FP16_QUARTERS_PTX = tl.constexpr(_nibbles_ptx(FP16_256.value >> 8))
-COPY_PTX = tl.constexpr("mov.b32 $0, $1;")  # two 16-bit values, unchanged (``_once_per_program``)
-
-
-@triton.jit
-def _nibble_values(packed, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr):
-    """uint8 ``packed`` -> (low nibble + CODE_BIAS, high nibble + CODE_BIAS) in ``DOT_DTYPE`` (with
-    CODE_BIAS ``QUARTERS``: 256 + nibble / 4).
-
-    With ``PTX`` (NVIDIA GPUs; the launcher's PTX_UNPACK) and a bias, 7 instructions per 4 bytes instead
-    of the ~22 the compiler makes of ``_code_values`` (sm_90): the nibbles of 4 bytes are masked at once
-    and one byte permute per two codes writes the bias's high byte (its low byte is 0) above each code.
-    The interpreter runs the generic code; a test runs the PTX text through an emulator.
-    """
-    # (two calls that differ in their constant: @jit cannot pick a string constexpr into a local)
-    if PTX and CODE_BIAS == 128:  # (the bias is the dtype's: code_bias in the launcher)
-        even, odd = tl.inline_asm_elementwise(NIBBLES_TO_BF16_PTX, "=r,=r,=r,=r,r", [packed],
-                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    elif PTX and CODE_BIAS == 1024:
-        even, odd = tl.inline_asm_elementwise(NIBBLES_TO_FP16_PTX, "=r,=r,=r,=r,r", [packed],
-                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    elif PTX and CODE_BIAS == QUARTERS:
-        even, odd = tl.inline_asm_elementwise(NIBBLES_TO_FP16_QUARTERS_PTX, "=r,=r,=r,=r,r", [packed],
-                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    else:
-        even = _code_values(packed & 0xF, CODE_BIAS, DOT_DTYPE)
-        odd = _code_values(packed >> 4, CODE_BIAS, DOT_DTYPE)
-    return even, odd
-
-
-@triton.jit
-def _once_per_program(values, SHARE: tl.constexpr):
-    """``values`` unchanged; with ``SHARE`` (NVIDIA GPUs, 16-bit values) computed once per program.
-
-    Triton computes the elementwise producers of a ``tl.dot`` operand in the operand's register layout,
-    reading the stored bytes from shared memory straight into it: for 8-bit data that means narrow loads,
-    each with its own address math, and where several warps multiply by the same tile (sm_80 prefill: the
-    rows split over 4 warps) every one of them unpacks and dequantizes all of it. An impure op cannot be
-    recomputed in another layout, so this identity ``mov`` keeps the work in the load's layout, split
-    between the warps, and the 16-bit values reach the dot through shared memory (STS, then LDSM). SASS
-    per tile and warp, Llama-3-8B K4V4: sm_90 decode 673 -> 511 instructions; sm_80 prefill 2273 -> 913
-    (BF16 pages 1257 -> 910).
-    """
-    if SHARE:
-        values = tl.inline_asm_elementwise(COPY_PTX, "=r,r", [values], dtype=values.dtype, is_pure=False,
-                                           pack=2)
-    return values
-
-
-@triton.jit
-def _channel_params(par_ptrs, mask, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, QUARTER_ZERO: tl.constexpr = False):
-    """Each even (= each odd) channel's (scale, zero) ``[TILE_N, HEAD_PAD // 2]`` in ``DOT_DTYPE`` (the
-    dot's 16-bit dtype, or fp32 where values are dequantized in fp32); 0 for groups past HEAD_DIM.
-    ``QUARTER_ZERO``: zero / 4 (exact, short of fp16's subnormal range), for tiles in quarters.
-
-    One contiguous load of a token's (scale, zero) pairs, converted per group, then broadcast over the
-    group's channels (2j and 2j+1 share group 2j // GROUP): per-channel loads converted per channel took
-    ~30 % more of the loop (sm_90, 32-channel key groups). For bf16 the fp16 parameters round to bf16,
-    an error of at most 2**-9 of each, far below the 4-bit step they scale.
-    """
-    NG: tl.constexpr = HEAD_PAD // GROUP
-    offs = tl.arange(0, 2 * NG)
-    if HEAD_PAD != HEAD_DIM and NG > 1:  # a padded head: its last groups hold no channel
-        mask = mask & (offs < 2 * ((HEAD_DIM + GROUP - 1) // GROUP))[None, :]
-    pairs = tl.load(par_ptrs[:, None] + offs[None, :], mask=mask, other=0)
-    rows: tl.constexpr = pairs.shape[0]
-    scale, zero = tl.split(tl.reshape(pairs.to(DOT_DTYPE), (rows, NG, 2)))
-    if QUARTER_ZERO:
-        zero = zero * 0.25
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (rows, NG, GROUP // 2)), (rows, HEAD_PAD // 2))
-    zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (rows, NG, GROUP // 2)), (rows, HEAD_PAD // 2))
-    return scale, zero
-
-
-@triton.jit
-def _load_tile(plane_ptrs, par_ptrs, valid, BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_PAD: tl.constexpr, FOLD: tl.constexpr, CODE_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               PTX: tl.constexpr, SHARE: tl.constexpr):
-    """Even and odd channels ``[TILE_N, HEAD_PAD // 2]`` of a tile of cache rows, in ``DOT_DTYPE``, and
-    the ``[TILE_N]`` (scale, zero) the caller still has to apply. Channels past HEAD_DIM (a padded head)
-    are not read; they hold finite values that the query's zero channels cancel or the store drops.
-
-    ``plane_ptrs``/``par_ptrs`` ``[TILE_N]`` point at each token's plane row and its parameter row.
-    16-bit planes: the stored values (scale 1, zero 0). ``FOLD`` (one (scale, zero) per row):
-    ``codes + CODE_BIAS`` and the row's scale and ``zero - CODE_BIAS * scale`` (the same values,
-    ``scale * code + zero``), which the caller applies once per score or probability instead of once per
-    channel. Otherwise (prefill tiles, channel groups, fp16 values) the values, dequantized here: for a
-    16-bit dot in its dtype from the biased codes (HFMA2, two values per instruction), else in fp32.
-
-    fp16 tiles dequantized here hold the values in quarters (the launcher's CODE_BIAS ``QUARTERS``: codes
-    OR-ed into 256.0, whose last bit is 1/4), which the caller multiplies back in fp32: a row the cache
-    write saturated at +-65504 has a scale of up to 2 * 65504 / levels, rounded up, so ``code * scale``
-    reaches 2 * 65504 and even the value can pass 65504 (the scale is rounded up): both were inf. In
-    quarters nothing passes 33000, at no extra instruction (``zero / 4`` is once per token and group).
-    """
-    offs_j = tl.arange(0, HEAD_PAD // 2)
-    offs_d = tl.arange(0, HEAD_PAD)
-    mask = valid[:, None]
-    mask_j = mask
-    mask_d = mask
-    if HEAD_PAD != HEAD_DIM:
-        mask_j = mask & (offs_j < HEAD_DIM // 2)[None, :]
-        mask_d = mask & (offs_d < HEAD_DIM)[None, :]
-    rows = plane_ptrs[:, None]
-    if BITS == 4:
-        packed = tl.load(rows + offs_j[None, :], mask=mask_j, other=0)
-        even = packed & 0xF
-        odd = packed >> 4
-    else:  # contiguous row load (vectorizes on the GPU), then split into even/odd channels
-        even, odd = _split_channels(tl.load(rows + offs_d[None, :], mask=mask_d, other=0))
-    row_scale = tl.full(valid.shape, 1.0, tl.float32)
-    row_zero = tl.zeros(valid.shape, tl.float32)
-    if BITS == 16:
-        pass
-    elif FOLD or CODE_BIAS != 0:  # codes + CODE_BIAS (or the codes, converted) in the dot's dtype
-        if FOLD:
-            if HEAD_PAD <= 128:
-                # (scale, zero) as one 4-byte load per token: Triton pipelines it with the tile's async
-                # copies, where two 2-byte loads are plain loads the loop waits for (sm_90 SASS; at D 256
-                # the extra registers spill, so it keeps the two loads)
-                pair = tl.load(par_ptrs[:, None] + tl.arange(0, 2)[None, :], mask=mask, other=0)
-                row_scale, row_zero = tl.split(pair.to(tl.float32))
-            else:
-                row_scale = tl.load(par_ptrs, mask=valid, other=0).to(tl.float32)
-                row_zero = tl.load(par_ptrs + 1, mask=valid, other=0).to(tl.float32)
-            tl.static_assert(CODE_BIAS != QUARTERS, "folded tiles take whole codes")
-            row_zero -= CODE_BIAS * row_scale
-        if BITS == 4:  # values straight from the bytes
-            even, odd = _nibble_values(packed, CODE_BIAS, DOT_DTYPE, PTX)
-        else:
-            even = _code_values(even, CODE_BIAS, DOT_DTYPE)
-            odd = _code_values(odd, CODE_BIAS, DOT_DTYPE)
-        if not FOLD:  # a 16-bit dot: dequantize in its dtype, two values per instruction
-            scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, HEAD_PAD, DOT_DTYPE,
-                                          CODE_BIAS == QUARTERS)
-            even = (even - CODE_BIAS) * scale + zero  # (the subtraction is exact: bias and code are)
-            odd = (odd - CODE_BIAS) * scale + zero
-    else:  # prefill with fp32 queries or bf16 8-bit codes (no bias holds them): int->float, fp32 math
-        scale, zero = _channel_params(par_ptrs, mask, GROUP, HEAD_DIM, HEAD_PAD, tl.float32)
-        even = (even.to(tl.float32) * scale + zero).to(DOT_DTYPE)
-        odd = (odd.to(tl.float32) * scale + zero).to(DOT_DTYPE)
-    return _once_per_program(even, SHARE), _once_per_program(odd, SHARE), row_scale, row_zero
-
-
-@triton.jit
 def _saturate(x, DTYPE: tl.constexpr):
     """fp32 ``x`` in ``DTYPE``; for fp16 clamped to +-65504 first, the cache write's saturation: the values
-    of a row written at the fp16 maximum dequantize up to ~0.3 % past it (the scale is rounded up), and
+    of a row written at the fp16 maximum dequantize up to 0.1 % past it (the scale is rounded up), and
     an output among them would otherwise be stored as inf. (Two instructions per stored value.)"""
     if DTYPE == tl.float16:
         x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
@@ -263,29 +77,32 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
     """One KV tile into the online softmax: the updated (max, sum, even/odd accumulators, zero sum).
 
     ``MASKED``: apply the causal, window and bounds mask to the scores; tiles every row sees in full
-    skip it (per score, a compare and a select: ~10 % of a prefill loop on sm_90).
+    skip it (per score, a compare and a select).
     """
     dot_dtype = q_even.dtype
     offs_n = tile * TILE_N + tl.arange(0, TILE_N)  # logical KV positions
     n_valid = (offs_n < kv_hi) & (offs_n >= kv_lo)
     # Unsigned index math: // and % by BLOCK_SIZE become a shift and a mask, and block numbers
-    # widen to 64 bits for free (signed: ~4 more instructions per token per use on sm_90).
+    # widen to 64 bits for free (signed math costs instructions per token per use).
     pos = offs_n.to(tl.uint32)
     block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=n_valid, other=0)
     block = block.to(tl.uint32).to(tl.uint64)
     slot = pos % BLOCK_SIZE
     par_rows = p_head_ptr + block * p_block_stride + slot * P_ROW
-    k_even, k_odd, k_scale, k_zero = _load_tile(k_head_ptr + block * k_block_stride + slot * K_ROW,
-                                                 par_rows, n_valid, K_BITS, K_GROUP, HEAD_DIM, HEAD_PAD,
-                                                 K_FOLD, K_CODE_BIAS, dot_dtype, PTX_UNPACK, K_SHARE)
+    k_even, k_odd, k_scale, k_zero = _load_tile(
+        plane_ptrs=k_head_ptr + block * k_block_stride + slot * K_ROW, par_ptrs=par_rows, valid=n_valid,
+        BITS=K_BITS, GROUP=K_GROUP, HEAD_DIM=HEAD_DIM, HEAD_PAD=HEAD_PAD, FOLD=K_FOLD, CODE_BIAS=K_CODE_BIAS,
+        DOT_DTYPE=dot_dtype, PTX=PTX_UNPACK, SHARE=K_SHARE)
     # [BLOCK_M, D/2] @ [D/2, TILE_N] -> [BLOCK_M, TILE_N], twice (even and odd channels)
     scores = _dot(q_even, tl.trans(k_even), IEEE)
     scores += _dot(q_odd, tl.trans(k_odd), IEEE)
-    if K_FOLD:  # q.(scale * code + zero) = scale * q.code + zero * sum(q)
+    if K_FOLD:  # q.(scale * code + zero) = scale * q.(code + bias) + (zero - bias * scale) * sum(q)
+        if K_CODE_BIAS != 0:
+            k_zero -= K_CODE_BIAS * k_scale
         scores = scores * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
     # (Natural units, scaled after the sum, as the reference and the torch path: folding sm_scale *
-    # log2(e) into the K scales saved 2 % of the decode loop and moved an engine test's logprobs by
-    # 6e-4 in fp32. Keys in quarters: the caller's sm_scale has the 4, exactly.)
+    # log2(e) into the K scales saves little and moves logprobs away from theirs. Keys in quarters: the
+    # caller's sm_scale has the 4, exactly.)
     scores *= sm_scale
     if USE_SOFTCAP:  # softcap * tanh(s / softcap), with tanh from exp (no libdevice needed)
         scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
@@ -309,13 +126,22 @@ def _attend_tile(tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_s
     p = tl.exp2((scores - m_safe[:, None]) * LOG2E)
     alpha = tl.exp2((m_i - m_safe) * LOG2E)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v_even, v_odd, v_scale, v_zero = _load_tile(v_head_ptr + block * v_block_stride + slot * V_ROW,
-                                                 par_rows + V_PAR_OFFSET, n_valid, V_BITS, V_GROUP,
-                                                 HEAD_DIM, HEAD_PAD, V_FOLD, V_CODE_BIAS, dot_dtype,
-                                                 PTX_UNPACK, V_SHARE)
-    if V_FOLD:  # sum p * (scale * code + zero) = (p * scale).code + p.zero
-        acc_zero = acc_zero * alpha + tl.sum(p * v_zero[None, :], axis=1)
-        p *= v_scale[None, :]
+    v_even, v_odd, v_scale, v_zero = _load_tile(
+        plane_ptrs=v_head_ptr + block * v_block_stride + slot * V_ROW, par_ptrs=par_rows + V_PAR_OFFSET,
+        valid=n_valid, BITS=V_BITS, GROUP=V_GROUP, HEAD_DIM=HEAD_DIM, HEAD_PAD=HEAD_PAD, FOLD=V_FOLD,
+        CODE_BIAS=V_CODE_BIAS, DOT_DTYPE=dot_dtype, PTX=PTX_UNPACK, SHARE=V_SHARE)
+    if V_FOLD:  # sum p * (scale * code + zero) = p_s.(code + bias) + sum(p * zero - bias * p_s)
+        # p_s = p * scale as the dot takes it, rounded to its 16-bit dtype: the bias's share is taken
+        # back with that same rounded value, else its rounding error comes back bias / code times over
+        # (bf16: 3-9 % of the output, against ~0.5 % for values dequantized one by one)
+        if V_CODE_BIAS == 0:
+            acc_zero = acc_zero * alpha + tl.sum(p * v_zero[None, :], axis=1)
+            p *= v_scale[None, :]
+        else:  # acc_zero holds -sum(p * zero - bias * p_s) / bias: one FFMA per probability
+            v_zero_per_bias = v_zero * (1.0 / V_CODE_BIAS)  # (exact: a power of two)
+            p_zero = p * v_zero_per_bias[None, :]
+            p, p_back = _rounded_for_dot(p * v_scale[None, :], dot_dtype, PTX_UNPACK)
+            acc_zero = acc_zero * alpha + tl.sum(p_back - p_zero, axis=1)
     p = p.to(dot_dtype)
     # [BLOCK_M, TILE_N] @ [TILE_N, D/2] -> [BLOCK_M, D/2]
     acc_even = acc_even * alpha[:, None] + _dot(p, v_even, IEEE)
@@ -413,18 +239,23 @@ def paged_attention_kernel(
         loop_end = unmasked_end if masked == 0 else tile_end
         for tile in range(loop_begin, loop_end):
             m_i, l_i, acc_even, acc_odd, acc_zero = _attend_tile(
-                tile, m_i, l_i, acc_even, acc_odd, acc_zero, q_even, q_odd, q_sum, row_valid, q_pos,
-                alibi_slope, kv_lo, kv_hi, block_table_row, k_head_ptr, v_head_ptr, p_head_ptr,
-                k_block_stride, v_block_stride, p_block_stride, sm_scale, softcap, sliding_window, HEAD_DIM,
-                HEAD_PAD, BLOCK_SIZE, TILE_N, K_BITS, V_BITS, K_GROUP, V_GROUP, K_ROW, V_ROW, P_ROW,
-                V_PAR_OFFSET, DECODE, K_FOLD, V_FOLD,
-                K_CODE_BIAS, V_CODE_BIAS, USE_SOFTCAP, USE_WINDOW, IEEE, PTX_UNPACK, K_SHARE, V_SHARE,
-                USE_ALIBI, masked == 1)
+                tile=tile, m_i=m_i, l_i=l_i, acc_even=acc_even, acc_odd=acc_odd, acc_zero=acc_zero,
+                q_even=q_even, q_odd=q_odd, q_sum=q_sum, row_valid=row_valid, q_pos=q_pos,
+                alibi_slope=alibi_slope, kv_lo=kv_lo, kv_hi=kv_hi, block_table_row=block_table_row,
+                k_head_ptr=k_head_ptr, v_head_ptr=v_head_ptr, p_head_ptr=p_head_ptr,
+                k_block_stride=k_block_stride, v_block_stride=v_block_stride, p_block_stride=p_block_stride,
+                sm_scale=sm_scale, softcap=softcap, sliding_window=sliding_window,
+                HEAD_DIM=HEAD_DIM, HEAD_PAD=HEAD_PAD, BLOCK_SIZE=BLOCK_SIZE, TILE_N=TILE_N,
+                K_BITS=K_BITS, V_BITS=V_BITS, K_GROUP=K_GROUP, V_GROUP=V_GROUP, K_ROW=K_ROW, V_ROW=V_ROW,
+                P_ROW=P_ROW, V_PAR_OFFSET=V_PAR_OFFSET, DECODE=DECODE, K_FOLD=K_FOLD, V_FOLD=V_FOLD,
+                K_CODE_BIAS=K_CODE_BIAS, V_CODE_BIAS=V_CODE_BIAS, USE_SOFTCAP=USE_SOFTCAP,
+                USE_WINDOW=USE_WINDOW, IEEE=IEEE, PTX_UNPACK=PTX_UNPACK, K_SHARE=K_SHARE, V_SHARE=V_SHARE,
+                USE_ALIBI=USE_ALIBI, MASKED=masked == 1)
 
     tok = (q_start + q_tok).to(tl.int64)
     acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_PAD))  # interleave channels back
     if V_FOLD:
-        acc += acc_zero[:, None]
+        acc += (acc_zero if V_CODE_BIAS == 0 else acc_zero * -V_CODE_BIAS)[:, None]
     if V_CODE_BIAS == QUARTERS:  # V tiles held the values in quarters (``_load_tile``)
         acc *= 4
     if NUM_SPLITS == 1:

@@ -21,10 +21,14 @@ read back as ``c * scale + zero`` (asymmetric min/max per (token, head, group)).
 Why fp16 parameters: they cost 4 B per group instead of 8 (K4V4 at D=128: 136 B/token/head instead of
 144 B, 6 % more tokens in the same memory). Rounding the parameters to fp16 would add an error of up to
 2**-11 * |zero| on top of the quantization step, which matters for keys with a large common offset
-(Qwen2's k_proj bias). We avoid it by quantizing *against the stored fp16 values*: the zero point is
-rounded down and the scale up before the codes are computed, so every input still lies inside the coded
-range and the error bound stays ``scale / 2``. Inputs are first clamped to the fp16 range (+-65504),
-the same saturation an fp16 cache would apply.
+(Qwen2's k_proj bias). We avoid it by quantizing *against the stored fp16 values*, chosen before the
+codes are computed: the zero point is the largest fp16 at most the group's minimum, the scale the
+smallest positive fp16 whose ``2**bits - 1`` steps from that zero reach the maximum (each rounded to
+nearest, then moved one fp16 step where it landed on the wrong side; ``reference.quant_params``). So
+every input lies inside the coded range, the error bound stays ``scale / 2``, and a large common offset
+widens the range by less than one fp16 step of the zero (keys at 1000.7 + [0, 0.21]: zero 1000.5, 4-bit
+scale 0.0273). Inputs are first clamped to the fp16 range (+-65504), the same saturation an fp16 cache
+would apply.
 
 Bytes per token per KV head (``slot_bytes``; K4V4 at D=128 is 136 B against 512 B in BF16):
 

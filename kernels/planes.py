@@ -17,9 +17,11 @@ class PlaneViews:
     Each is ``[num_blocks, num_heads, ...]`` starting at its plane; ``*_row`` are row sizes in elements
     of that view, so a kernel addresses ``plane + block * stride0 + head * stride1 + slot * row``.
     ``head_pad`` is the power of two the kernels' tiles span; ``k_group``/``v_group`` are channels per
-    group as the kernels see them: one group per head spans the padded head.
+    group as the kernels see them: one group per head spans the padded head. ``format_constants`` and
+    ``strides`` are what every kernel over these planes takes, under the same names.
     """
 
+    layout: PageLayout
     k: torch.Tensor
     v: torch.Tensor
     params: torch.Tensor
@@ -29,6 +31,22 @@ class PlaneViews:
     head_pad: int
     k_group: int
     v_group: int
+
+    def format_constants(self) -> dict[str, int]:
+        """The page format as the kernels' compile-time constants."""
+        return dict(HEAD_DIM=self.layout.head_dim, HEAD_PAD=self.head_pad, BLOCK_SIZE=self.layout.block_size,
+                    K_BITS=self.layout.k_bits, V_BITS=self.layout.v_bits, K_GROUP=self.k_group,
+                    V_GROUP=self.v_group, K_ROW=self.k_row, V_ROW=self.v_row, P_ROW=self.p_row,
+                    V_PAR_OFFSET=2 * self.layout.k_groups)
+
+    def strides(self) -> dict[str, int]:
+        """Block and head strides of the three planes, in elements of each view."""
+        return dict(stride_k_block=self.k.stride(0), stride_k_head=self.k.stride(1),
+                    stride_v_block=self.v.stride(0), stride_v_head=self.v.stride(1),
+                    stride_p_block=self.params.stride(0), stride_p_head=self.params.stride(1))
+
+    def pointers(self) -> dict[str, torch.Tensor]:
+        return dict(k_plane_ptr=self.k, v_plane_ptr=self.v, par_ptr=self.params)
 
 
 def as_runs(cache: torch.Tensor, layout: PageLayout) -> torch.Tensor:
@@ -73,5 +91,5 @@ def plane_views(cache: torch.Tensor, layout: PageLayout, kv_dtype: torch.dtype,
     def kernel_group(group: int) -> int:
         return head_pad if group == layout.head_dim else group
 
-    return PlaneViews(k, v, params, k_row, v_row, layout.param_row_bytes // 2, head_pad,
+    return PlaneViews(layout, k, v, params, k_row, v_row, layout.param_row_bytes // 2, head_pad,
                       kernel_group(layout.k_group), kernel_group(layout.v_group))

@@ -16,23 +16,49 @@ import torch
 from .block_checks import check_slots
 from .page_format import FP16_MAX, PageLayout
 
-# Directed rounding to fp16 with fp32 arithmetic only (the Triton kernels use the same expressions):
-# nudging by 2**-10 of the magnitude plus the smallest fp16 subnormal before round-to-nearest
-# guarantees zero <= min and scale * levels >= max - zero, so no input falls outside the coded range.
-_NUDGE_REL = 2.0 ** -10
-_NUDGE_ABS = 2.0 ** -24
+# The fp16 parameters are rounded in a direction (the Triton cache write takes the same steps): round
+# to nearest, then one fp16 step down (the zero) or up (the scale) where that landed on the wrong side.
+# Sign-magnitude bits order fp16 values: a step toward -inf is bits - 1 for a positive value, bits + 1 for
+# a negative one, and from +-0 the smallest negative subnormal.
+FP16_MIN_NEG_BITS = 0x8001  # -2**-24
+FP16_MIN_POS_BITS = 0x0001  # 2**-24, the smallest scale
+
+
+def _fp16_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16).int() & 0xFFFF
+
+
+def _fp16_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.float16)
+
+
+def fp16_at_most(x: torch.Tensor) -> torch.Tensor:
+    """The largest fp16 ``<= x`` (fp32, within +-65504): the zero point of a group whose minimum is x.
+    (-0 comes out as +0: which of the two a group's minimum is depends on the order of the reduction.)"""
+    near = x.to(torch.float16)
+    bits = _fp16_bits(near) & torch.where(near == 0, 0, 0xFFFF)
+    down = torch.where(bits == 0, FP16_MIN_NEG_BITS, torch.where(bits >= 0x8000, bits + 1, bits - 1))
+    return _fp16_from_bits(torch.where(near.float() > x, down, bits))
+
+
+def fp16_scale_covering(zero: torch.Tensor, hi: torch.Tensor, levels: int) -> torch.Tensor:
+    """The smallest positive fp16 ``scale`` with ``zero + scale * levels >= hi``, compared exactly (in
+    float64; the fp32 quotient is within a step of it)."""
+    near = ((hi - zero.float()) / levels).to(torch.float16)
+    bits = torch.where(near.float() > 0, _fp16_bits(near), FP16_MIN_POS_BITS)
+    covers = zero.double() + _fp16_from_bits(bits).double() * levels >= hi.double()
+    return _fp16_from_bits(torch.where(covers, bits, bits + 1))
 
 
 def quant_params(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (scale, zero) of each group of ``group`` channels: ``[..., D // group]`` each."""
-    levels = 2 ** bits - 1
+    """fp16 (scale, zero) of each group of ``group`` channels: ``[..., D // group]`` each.
+
+    ``zero`` is the largest fp16 at most the group's minimum, ``scale`` the smallest positive fp16 whose
+    ``levels`` steps from ``zero`` reach its maximum: every input lies in ``[zero, zero + levels * scale]``.
+    """
     g = x.float().clamp(-FP16_MAX, FP16_MAX).unflatten(-1, (-1, group))
-    lo, hi = g.amin(-1), g.amax(-1)
-    # (-FP16_MAX is exact in fp16 and <= lo, so clamping keeps the zero below every input)
-    zero = (lo - lo.abs() * _NUDGE_REL - _NUDGE_ABS).clamp_min(-FP16_MAX).to(torch.float16)
-    step = (hi - zero.float()) / levels
-    scale = (step + step.abs() * _NUDGE_REL + _NUDGE_ABS).to(torch.float16)
-    return scale, zero
+    zero = fp16_at_most(g.amin(-1))
+    return fp16_scale_covering(zero, g.amax(-1), 2 ** bits - 1), zero
 
 
 def quantize(x: torch.Tensor, bits: int, group: int):

@@ -2,7 +2,7 @@
 accuracy of values dequantized one by one.
 
 The dot multiplies ``p_s = p * scale``, rounded to its 16-bit dtype, by ``code + bias`` (codes OR-ed into
-the bits of the bias, ``attention_kernels._code_values``); the bias's share, ``bias * p_s``, must be taken
+the bits of the bias, ``tile_loads._code_values``); the bias's share, ``bias * p_s``, must be taken
 back with that same rounded ``p_s``. Taken back unrounded, the rounding of ``p_s`` came back bias / code
 times over. The interpreter computes bf16 wrongly, so bf16 is modelled here with torch's (correct) CPU
 casts, and the kernel itself runs the same arithmetic in fp16 (exact in the interpreter) with the fold
