@@ -37,8 +37,16 @@ BF16_BYTES = 2  # sizes are for a 16-bit model, the usual serving dtype
 
 
 def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calibration.Settings,
-            device: str | None = None, maps: list[str] = ()) -> dict:
-    """Every layout of ours and every vLLM format on one loaded model; a JSON-ready dict."""
+            device: str | None = None, maps: list[str] = (), formats: list[str] | None = None,
+            every_candidate: bool = True) -> dict:
+    """Our layouts and vLLM's formats on one loaded model; a JSON-ready dict.
+
+    ``formats``: the vLLM formats to measure (None: all). ``every_candidate=False`` measures our uniform
+    candidates only up to the best uniform policy (cheapest first), as ``auto`` does.
+    """
+    unknown = sorted(set(formats or ()) - set(FORMATS))
+    if unknown:
+        raise SystemExit(f"unknown vLLM formats {unknown}; choose from {sorted(FORMATS)}")
     import transformers
 
     prompts = calibration.load_prompts(settings)
@@ -49,7 +57,8 @@ def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calib
     rows = []
     with session.Session.load(model, token_ids, device=device) as loaded:
         uniform_only = calibration.Settings(**{**vars(settings), "per_layer": False})
-        result = calibration.calibrate(loaded, head_dim, uniform_only, elem_bytes=BF16_BYTES, measure_all=True)
+        result = calibration.calibrate(loaded, head_dim, uniform_only, elem_bytes=BF16_BYTES,
+                                       measure_all=every_candidate)
         base = loaded.perplexity(chunks, None) if chunks else None
         measured = [m for m in result.measurements if m.bytes_per_token is not None]  # (k6v4: the ratio's)
         layers = loaded.attention_layers
@@ -63,6 +72,8 @@ def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calib
                          "kl": m.kl, "top1": m.top1, "auto": m.name == result.uniform.name,
                          "ppl": (base if m.exact else loaded.perplexity(chunks, spec)) if chunks else None})
         for fmt in FORMATS.values():
+            if formats is not None and fmt.name not in formats:
+                continue
             m = loaded.measure(fmt.name, fmt.fake_quantize_kv, fmt.bytes_per_token(head_dim))
             rows.append({"cache": fmt.name, "by": "vLLM 0.32", "bytes_per_token": m.bytes_per_token,
                          "kl": m.kl, "top1": m.top1, "auto": False,
@@ -117,6 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=calibration.DEFAULT_MAX_TOKENS)
     ap.add_argument("--long-tokens", type=int, default=calibration.DEFAULT_LONG_TOKENS)
     ap.add_argument("--maps", default="", help="per-layer maps measured beside the uniform candidates")
+    ap.add_argument("--vllm-formats", default="", help="comma-separated vLLM formats to measure (default: all)")
+    ap.add_argument("--until-best-uniform", action="store_true",
+                    help="measure our uniform candidates only up to the best one within budget (cheapest first)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "quality")
     args = ap.parse_args(argv)
@@ -124,8 +138,9 @@ def main(argv=None) -> int:
                                     long_tokens=args.long_tokens, budget=auto.settings_from_env().budget)
     from vllm_int4kv.policy.layer_map import split_policy_list
 
+    formats = [f.strip() for f in args.vllm_formats.split(",") if f.strip()] or None
     report = measure(args.model, args.eval_text, args.eval_chunks, settings, args.device,
-                     split_policy_list(args.maps))
+                     split_policy_list(args.maps), formats, every_candidate=not args.until_best_uniform)
     argv = sys.argv[1:] if argv is None else argv
     report["command"] = "python benchmarks/vllm_quality.py " + " ".join(argv)
     args.out.mkdir(parents=True, exist_ok=True)

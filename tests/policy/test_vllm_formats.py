@@ -117,6 +117,28 @@ def test_runner_writes_a_complete_comparison(tmp_path, monkeypatch):
     assert "int4_per_token_head | vLLM 0.32 | 72 |" in markdown and "← best uniform" in markdown
 
 
+def test_runner_can_measure_less(tmp_path, monkeypatch):
+    """--vllm-formats picks vLLM's formats, --until-best-uniform stops our candidates at the best uniform
+    one (cheapest first, as auto does); an unknown format name stops with the list to choose from."""
+    build_tiny_llama = pytest.importorskip("vllm_int4kv.testing.tiny_model").build_tiny_llama
+    folder = build_tiny_llama(tmp_path / "tiny", seed=0)
+    tiny_model().save_pretrained(folder)
+    monkeypatch.delenv("VLLM_INT4KV_KL_BUDGET", raising=False)
+    common = [str(folder), "--prompts", "1", "--max-tokens", "96", "--long-tokens", "0"]
+    vllm_quality.main(common + ["--vllm-formats", "int4_per_token_head", "--until-best-uniform",
+                                "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "vllm-formats.json").read_text())
+    ours = [r for r in report["rows"] if r["by"] == "vllm-int4kv"]
+    assert [r["cache"] for r in report["rows"] if r["by"] != "vllm-int4kv"] == ["int4_per_token_head"]
+    best = next(r for r in ours if r["auto"])
+    assert best["cache"] == report["decision"] and best["within_budget"]
+    # nothing costlier measured, but k8v4: the ratio classifier's evidence is always measured
+    assert [r["cache"] for r in ours if r["bytes_per_token"] > best["bytes_per_token"]] in ([], ["k8v4"])
+    assert "k16v16" not in [r["cache"] for r in ours] or best["cache"] == "k16v16"
+    with pytest.raises(SystemExit, match="unknown vLLM formats"):
+        vllm_quality.main(common + ["--vllm-formats", "int3", "--out", str(tmp_path / "bad")])
+
+
 def test_vllm_cpu_fp8_cache_truncates_the_mantissa():
     """docs/quality/notes.md explains vLLM's CPU fp8 KL by this: its CPU cache write truncates e4m3
     mantissas (the GPU write rounds to nearest, as vllm_formats.fp8_per_tensor does)."""
