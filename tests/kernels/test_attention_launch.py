@@ -202,6 +202,14 @@ def test_codes_become_floats_by_or_ing_them_into_the_bias(dtype, bits, fold):
     assert attention.code_bias(4, torch.float32) == 0  # exact fp32 dot: converted
 
 
+def _fp32(bits: int) -> torch.Tensor:
+    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def _bf16_bits(fp32_bits: int) -> int:
+    return int(_fp32(fp32_bits).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+
+
 def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
     """A slow, obvious emulator of the few 32-bit PTX instructions our inline asm uses.
 
@@ -224,6 +232,10 @@ def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
             regs[dest] = value(src[0])
         elif op == "shr.u32":
             regs[dest] = value(src[0]) >> value(src[1])
+        elif op == "shl.b32":
+            regs[dest] = value(src[0]) << value(src[1]) & 0xFFFFFFFF
+        elif op == "cvt.rn.bf16x2.f32":  # d = bf16(a) in the high half, bf16(b) in the low, to nearest even
+            regs[dest] = _bf16_bits(value(src[0])) << 16 | _bf16_bits(value(src[1]))
         elif op == "prmt.b32":
             pool = value(src[0]) | value(src[1]) << 32
             selector, out = value(src[2]), 0
@@ -262,6 +274,24 @@ def test_ptx_nibble_unpack_gives_bias_plus_code(dtype, fold):
         high = torch.tensor([b >> 4 for b in packed], dtype=torch.float64)
         assert torch.equal(lanes[:4], bias + unit * low), (packed, lanes)
         assert torch.equal(lanes[4:], bias + unit * high), (packed, lanes)
+
+
+def test_ptx_rounding_to_bf16_gives_the_rounded_pair_and_its_fp32_values():
+    """``_rounded_for_dot``'s asm (GPU only; bf16 decode's folded V): two fp32 in ``$3``/``$4`` (elements
+    0, 1) -> the pair as packed bf16 in ``$0`` (element 0 in the low half) and each rounded value back in
+    fp32 in ``$1``/``$2``, exactly what torch's bf16 rounding (to nearest even) gives."""
+    from vllm_int4kv.kernels import tile_loads as ak
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(64, generator=gen) * 10.0 ** torch.randint(-8, 8, (64,), generator=gen),
+                        torch.tensor([0.0, -0.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 3e38, -1e-40])])
+    bits = values.view(torch.int32).long() & 0xFFFFFFFF
+    for a, b in zip(bits[0::2].tolist(), bits[1::2].tolist()):
+        out = _run_ptx(ak.ROUND_TO_BF16_PTX.value, {"$3": a, "$4": b})
+        rounded = _fp32(a).to(torch.bfloat16), _fp32(b).to(torch.bfloat16)
+        packed = torch.tensor([out["$0"] & 0xFFFF, out["$0"] >> 16]).to(torch.int16).view(torch.bfloat16)
+        assert torch.equal(packed.view(torch.int16), torch.cat(rounded).view(torch.int16)), (a, b)
+        assert torch.equal(_fp32(out["$1"]), rounded[0].float()) and torch.equal(_fp32(out["$2"]), rounded[1].float())
 
 
 def test_ptx_copy_changes_no_bit():
