@@ -98,6 +98,27 @@ def test_one_skipped_layer_on_two_tensor_or_pipeline_ranks(tiny_model_dir, tmp_p
     _close_to(pp, single)
 
 
+def test_a_per_layer_map_on_two_tensor_or_pipeline_ranks(tiny_model_dir, tmp_path):
+    """VLLM_INT4KV_POLICY="k16v16;1:k4v4": every rank serves the same map (compared at start-up); with TP
+    both ranks hold both layouts, with PP stage 0 holds layer 0 at K16V16 and stage 1 layer 1 at K4V4;
+    a rank asking for another map stops start-up."""
+    policy = "k16v16;1:k4v4"
+    single, _ = run_engine(tiny_model_dir, 1, policy, tmp_path / "one")
+    tp, tp_log = run_engine(tiny_model_dir, 2, policy, tmp_path / "tp")
+    pp, pp_log = run_engine(tiny_model_dir, 1, policy, tmp_path / "pp", pp=2)
+    for rank in (0, 1):
+        assert re.search(rf"KV policy k16v16,.*\[rank {rank} of 2", tp_log)
+        assert re.search(rf"KV policy k4v4,.*\[rank {rank} of 2", tp_log)
+    assert re.search(r"KV policy k16v16,.*\[rank 0 of 2", pp_log) and re.search(r"KV policy k4v4,.*\[rank 1 of 2", pp_log)
+    assert not re.search(r"KV policy k4v4,.*\[rank 0 of 2", pp_log), pp_log[-3000:]
+    assert "KV policy map k16v16;1:k4v4" in tp_log and "KV policy map k16v16;1:k4v4" in pp_log
+    _close_to(tp, single)
+    _close_to(pp, single)
+    _, log = run_engine(tiny_model_dir, 2, policy, tmp_path / "bad",
+                        extra_env={"VLLM_INT4KV_TEST_RANK_POLICY": "1:k16v16;1:k8v4"}, expect_ok=False)
+    assert "ranks asked for different KV policies (rank 0: k16v16;1:k4v4, rank 1: k16v16;1:k8v4)" in log
+
+
 def test_k4v4_on_two_ranks_matches_one_rank(tiny_model_dir, tmp_path):
     """Pages are quantized per (token, head), so splitting heads over ranks changes nothing but fp32
     rounding of the projections (which can move a code across a rounding boundary: loose bound)."""
