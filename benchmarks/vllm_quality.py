@@ -38,11 +38,12 @@ BF16_BYTES = 2  # sizes are for a 16-bit model, the usual serving dtype
 
 def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calibration.Settings,
             device: str | None = None, maps: list[str] = (), formats: list[str] | None = None,
-            every_candidate: bool = True) -> dict:
+            every_candidate: bool = True, uniform_search: bool = True) -> dict:
     """Our layouts and vLLM's formats on one loaded model; a JSON-ready dict.
 
     ``formats``: the vLLM formats to measure (None: all). ``every_candidate=False`` measures our uniform
-    candidates only up to the best uniform policy (cheapest first), as ``auto`` does.
+    candidates only up to the best uniform policy (cheapest first), as ``auto`` does;
+    ``uniform_search=False`` none of them: only ``maps`` (policies or per-layer maps) of ours.
     """
     unknown = sorted(set(formats or ()) - set(FORMATS))
     if unknown:
@@ -56,11 +57,13 @@ def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calib
     start = time.perf_counter()
     rows = []
     with session.Session.load(model, token_ids, device=device) as loaded:
-        uniform_only = calibration.Settings(**{**vars(settings), "per_layer": False})
-        result = calibration.calibrate(loaded, head_dim, uniform_only, elem_bytes=BF16_BYTES,
-                                       measure_all=every_candidate)
+        result, measured = None, []
+        if uniform_search:
+            uniform_only = calibration.Settings(**{**vars(settings), "per_layer": False})
+            result = calibration.calibrate(loaded, head_dim, uniform_only, elem_bytes=BF16_BYTES,
+                                           measure_all=every_candidate)
+            measured = [m for m in result.measurements if m.bytes_per_token is not None]  # (k6v4: the ratio's)
         base = loaded.perplexity(chunks, None) if chunks else None
-        measured = [m for m in result.measurements if m.bytes_per_token is not None]  # (k6v4: the ratio's)
         layers = loaded.attention_layers
         for name in maps:
             policy_map = parse_policy_map(name)
@@ -69,7 +72,7 @@ def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calib
         for m in measured:
             spec = session.spec_of_map(parse_policy_map(m.name))
             rows.append({"cache": m.name, "by": "vllm-int4kv", "bytes_per_token": m.bytes_per_token,
-                         "kl": m.kl, "top1": m.top1, "auto": m.name == result.uniform.name,
+                         "kl": m.kl, "top1": m.top1, "auto": result is not None and m.name == result.uniform.name,
                          "ppl": (base if m.exact else loaded.perplexity(chunks, spec)) if chunks else None})
         for fmt in FORMATS.values():
             if formats is not None and fmt.name not in formats:
@@ -84,8 +87,9 @@ def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calib
         row["within_budget"] = row["kl"] <= settings.budget
         row["ppl_delta"] = row["ppl"] / base - 1 if base else None
     rows.sort(key=lambda r: (r["bytes_per_token"], r["by"] != "vLLM 0.32"))
-    return {"model": model, "head_dim": head_dim, "budget": settings.budget, "decision": result.uniform.name,
-            "ratio": result.ratio, "rows": rows, "full_precision_ppl": base,
+    return {"model": model, "head_dim": head_dim, "budget": settings.budget,
+            "decision": result.uniform.name if result else None, "ratio": result.ratio if result else None,
+            "rows": rows, "full_precision_ppl": base,
             "calibration": {"prompts": len(token_ids), "tokens": sum(len(ids) for _, ids in token_ids)},
             "eval": {"text": eval_text, "chunks": len(chunks), "tokens_per_chunk": 512},
             "seconds": round(time.perf_counter() - start, 1),
@@ -115,7 +119,8 @@ def markdown(report: dict) -> str:
                      f"{'yes' if r['within_budget'] else 'no'} | {ppl} | {delta} |")
     if report["full_precision_ppl"]:
         lines += ["", f"Full precision: perplexity {report['full_precision_ppl']:.3f}."]
-    lines += ["", f"auto's best uniform policy: {report['decision']} (INT6/INT8 ratio {report['ratio']:.2f})."]
+    if report["decision"]:
+        lines += ["", f"auto's best uniform policy: {report['decision']} (INT6/INT8 ratio {report['ratio']:.2f})."]
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vllm-formats", default="", help="comma-separated vLLM formats to measure (default: all)")
     ap.add_argument("--until-best-uniform", action="store_true",
                     help="measure our uniform candidates only up to the best one within budget (cheapest first)")
+    ap.add_argument("--no-uniform-search", action="store_true",
+                    help="measure none of our uniform candidates, only --maps (policies or per-layer maps)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "quality")
     args = ap.parse_args(argv)
@@ -140,7 +147,8 @@ def main(argv=None) -> int:
 
     formats = [f.strip() for f in args.vllm_formats.split(",") if f.strip()] or None
     report = measure(args.model, args.eval_text, args.eval_chunks, settings, args.device,
-                     split_policy_list(args.maps), formats, every_candidate=not args.until_best_uniform)
+                     split_policy_list(args.maps), formats, every_candidate=not args.until_best_uniform,
+                     uniform_search=not args.no_uniform_search)
     argv = sys.argv[1:] if argv is None else argv
     report["command"] = "python benchmarks/vllm_quality.py " + " ".join(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,8 @@ def test_runner_writes_a_complete_comparison(tmp_path, monkeypatch):
 
 def test_runner_can_measure_less(tmp_path, monkeypatch):
     """--vllm-formats picks vLLM's formats, --until-best-uniform stops our candidates at the best uniform
-    one (cheapest first, as auto does); an unknown format name stops with the list to choose from."""
+    one (cheapest first, as auto does), --no-uniform-search measures only --maps; an unknown format name
+    stops with the list to choose from."""
     build_tiny_llama = pytest.importorskip("vllm_int4kv.testing.tiny_model").build_tiny_llama
     folder = build_tiny_llama(tmp_path / "tiny", seed=0)
     tiny_model().save_pretrained(folder)
@@ -135,6 +136,10 @@ def test_runner_can_measure_less(tmp_path, monkeypatch):
     # nothing costlier measured, but k8v4: the ratio classifier's evidence is always measured
     assert [r["cache"] for r in ours if r["bytes_per_token"] > best["bytes_per_token"]] in ([], ["k8v4"])
     assert "k16v16" not in [r["cache"] for r in ours] or best["cache"] == "k16v16"
+    vllm_quality.main(common + ["--vllm-formats", "fp8", "--no-uniform-search", "--maps", "k8v4,k4v4;1:k8v4",
+                                "--out", str(tmp_path / "maps")])
+    report = json.loads((tmp_path / "maps" / "vllm-formats.json").read_text())
+    assert [r["cache"] for r in report["rows"]] == ["k4v4;1:k8v4", "k8v4", "fp8"] and report["decision"] is None
     with pytest.raises(SystemExit, match="unknown vLLM formats"):
         vllm_quality.main(common + ["--vllm-formats", "int3", "--out", str(tmp_path / "bad")])
 
