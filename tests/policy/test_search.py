@@ -88,6 +88,14 @@ def test_the_ladder_takes_the_rotated_layout_at_each_size():
     assert names == ["k4v4-rot", "k4v4-g16-rot", "k8v4-rot", "k8v8", "k16v4", "k16v16"]
 
 
+def test_the_ladder_takes_the_measured_better_layout_at_each_size():
+    """Rotation is not always better (Qwen2.5-Coder-0.5B: k4v4 KL 0.75, k4v4-rot 1.79): where the uniform
+    stage measured both layouts of a size, the lower KL takes the rung; otherwise the rotated one does."""
+    kl = {"k4v4": 0.746, "k4v4-rot": 1.79, "k4v4-g16": 0.2, "k4v4-g16-rot": 0.1, "k8v4": 0.03}
+    names = [p.name for p in ladder(candidate_policies(64), 64, 2, kl)]
+    assert names == ["k4v4", "k4v4-g16-rot", "k8v4-rot", "k8v8", "k16v4", "k16v16"]
+
+
 def test_bytes_as_vllm_allocates_them():
     m = parse_policy_map("k4v4;1:k16v16")  # 72 and 256 B per token and KV head at head_dim 64
     assert allocated_slot_bytes(m, [0, 1], 64, 2) == (72 + 256) / 2

@@ -183,7 +183,7 @@ def calibrate(session: Session, head_dim: int, settings: Settings = Settings(), 
         best = next(m for m in measurements if m.name == uniform.name)
         found = search(session, candidates, best, head_dim, elem_bytes, settings.budget,
                        scan_tokens=min(settings.scan_tokens, settings.max_tokens), mixed_types=mixed_types,
-                       progress=progress)
+                       measured=measurements, progress=progress)
         if found.chosen is not None:
             decision = found.chosen
     seconds = time.perf_counter() - start

@@ -31,16 +31,26 @@ TARGET = 0.9  # plan to this fraction of the budget before the first check
 LOOSEN_BELOW = 0.75  # a map that passes below this fraction of the budget is followed by a cheaper try
 
 
-def ladder(candidates: list[KVPolicy], head_dim: int, elem_bytes: int) -> list[KVPolicy]:
-    """The rungs a layer may stand on, cheapest first: at each size the best-placed layout (rotated,
-    where rotation is offered at that size: it never costs bytes), up to K16V16. 32-channel key groups are
-    left out: a step of 4 bytes between two rungs 12 bytes apart, not worth a pass per layer."""
+def ladder(candidates: list[KVPolicy], head_dim: int, elem_bytes: int,
+           measured_kl: dict[str, float] | None = None) -> list[KVPolicy]:
+    """The rungs a layer may stand on, cheapest first, up to K16V16: at each size one layout. Where the
+    uniform stage measured two layouts of a size, the one with the lower KL (rotation usually wins, but not
+    always: on Qwen2's key outliers plain K4V4 beat rotated K4V4); otherwise the rotated one, where
+    rotation is offered at that size (it never costs bytes). 32-channel key groups are left out: a
+    step of 4 bytes between two rungs 12 bytes apart, not worth a pass per layer."""
+    measured_kl = measured_kl or {}
+
+    def better(policy: KVPolicy, than: KVPolicy) -> bool:
+        if policy.name in measured_kl and than.name in measured_kl:
+            return measured_kl[policy.name] < measured_kl[than.name]
+        return policy.rotate and not than.rotate
+
     by_size: dict[int, KVPolicy] = {}
     for policy in candidates:
         if policy.k_group is not None and policy.k_group > 16:
             continue
         size = policy.slot_bytes(head_dim, elem_bytes)
-        if size not in by_size or (policy.rotate and not by_size[size].rotate):
+        if size not in by_size or better(policy, by_size[size]):
             by_size[size] = policy
     rungs = [by_size[size] for size in sorted(by_size)]
     return rungs if UNQUANTIZED in rungs else rungs + [UNQUANTIZED]
@@ -144,11 +154,12 @@ def _as_map(at: dict[int, int], rungs: list[KVPolicy]) -> PolicyMap:
 
 def search(session: Session, candidates: list[KVPolicy], uniform: Measurement, head_dim: int,
            elem_bytes: int, budget: float, *, scan_tokens: int, max_checks: int = 3,
-           mixed_types: bool = False, progress: Progress = SILENT) -> Search:
+           mixed_types: bool = False, measured: list[Measurement] = (), progress: Progress = SILENT) -> Search:
     """The cheapest verified map under ``budget`` that costs fewer bytes than ``uniform`` (the best
-    uniform policy's measurement), or a ``Search`` whose ``chosen`` is None."""
+    uniform policy's measurement), or a ``Search`` whose ``chosen`` is None. ``measured``: the uniform
+    stage's measurements, which pick the layout at each size of the ladder."""
     layers = session.attention_layers
-    rungs = ladder(candidates, head_dim, elem_bytes)
+    rungs = ladder(candidates, head_dim, elem_bytes, {m.name: m.kl for m in measured})
     sizes = [rung.slot_bytes(head_dim, elem_bytes) for rung in rungs]
     result = Search(budget, [rung.name for rung in rungs], {})
     if len(layers) < 2:
