@@ -108,7 +108,7 @@ def test_bytes_as_vllm_allocates_them():
 
 class ScriptedSession:
     """Measures nothing: single-layer KLs from a table (through the scan's prediction: the output errors
-    are the KLs themselves), whole maps at a fixed KL (the checks)."""
+    are the KLs themselves), whole maps at a fixed KL or at the next KL of a list (the checks)."""
 
     def __init__(self, single, map_kl):
         self.attention_layers, self.single, self.map_kl, self.maps = sorted(single), single, map_kl, []
@@ -122,7 +122,7 @@ class ScriptedSession:
             kl = self.single[int(index)].get(rung, 0.0)
         else:
             self.maps.append(name)
-            kl = self.map_kl
+            kl = self.map_kl if isinstance(self.map_kl, float) else self.map_kl[len(self.maps) - 1]
         return Measurement(name, bytes_per_token, kl, 1.0, 0.0)
 
 
@@ -156,6 +156,20 @@ def test_a_map_that_passes_with_room_to_spare_is_followed_by_a_cheaper_one():
     costs = [check.bytes_per_token for check in found.checks]
     assert len(costs) >= 2 and costs == sorted(costs, reverse=True) and costs[-1] < costs[0]
     assert found.chosen.name == found.checks[-1].map
+
+
+def test_the_decision_is_the_map_that_passed_not_the_last_one_tried():
+    """Qwen2.5-Coder-0.5B: a map passed with room to spare (KL 0.00745 at 107.8 B), the cheaper try after
+    it missed (0.0105 at 105.2 B); the decision and the bytes and KL reported for it are the first's."""
+    from vllm_int4kv.policy.calibration import Calibration
+
+    uniform = Measurement("k8v4", 104, 0.003, 1.0, 0.0)
+    session = _scripted(map_kl=[0.002, 0.5, 0.5])
+    found = search(session, candidate_policies(64), uniform, 64, 2, 0.01, scan_tokens=16, max_checks=3)
+    assert found.checks[0].kl == 0.002 and found.checks[-1].kl == 0.5
+    assert found.chosen.name == found.checks[0].map
+    result = Calibration(found.chosen, parse_policy("k8v4"), [uniform], 1.0, Settings(), 0.0, found)
+    assert result.chosen == (found.checks[0].bytes_per_token, 0.002)
 
 
 def test_a_map_no_cheaper_than_the_uniform_policy_is_not_measured():

@@ -99,7 +99,8 @@ class Calibration:
     def chosen(self) -> tuple[float, float]:
         """(bytes per token per KV head as allocated, KL) of the decision."""
         if self.search is not None and self.search.chosen is not None:
-            check = self.search.checks[-1]
+            # (not the last check: a cheaper try after a pass may have missed)
+            check = next(c for c in self.search.checks if c.map == self.search.chosen.name)
             return check.bytes_per_token, check.kl
         m = self.measured(self.uniform.name)
         return m.bytes_per_token, m.kl
