@@ -209,3 +209,26 @@ def test_unknown_policy_names_fail_before_any_engine_starts(tmp_path):
         with pytest.raises(SystemExit, match=message):
             main(["quality", str(tmp_path / "no-model"), "--policies", bad, "--corpus", str(tmp_path / "c"),
                   "--out", str(tmp_path / "out")])
+
+
+def test_reports_name_the_commit_and_whether_the_checkout_differed(tmp_path):
+    """A report's commit says "+changes" when tracked files differed from it (measured on uncommitted code)."""
+    import shutil
+    import subprocess
+
+    from vllm_int4kv.quality.report import _git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git[:5] + ["init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("one")
+    subprocess.run(git + ["add", "a.txt"], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    clean = _git_commit(tmp_path)
+    assert clean and "+" not in clean
+    (tmp_path / "a.txt").write_text("two")
+    assert _git_commit(tmp_path) == clean + "+changes"
+    (tmp_path / "untracked.txt").write_text("not part of the code")
+    (tmp_path / "a.txt").write_text("one")
+    assert _git_commit(tmp_path) == clean

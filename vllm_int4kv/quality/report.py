@@ -38,13 +38,18 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
+def _git_commit(here: Path | None = None) -> str | None:
+    """The checkout's commit, with ``+changes`` when tracked files differ from it."""
+    here = here or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() or None
+                             cwd=here, timeout=10)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
+    commit = out.stdout.strip()
+    return (commit + ("+changes" if changed.stdout.strip() else "")) if commit else None
 
 
 def machine_info() -> dict:

@@ -199,7 +199,7 @@ def _bytes_per_token(resolved: dict, model: str) -> float | None:
     return int(mean) if mean.is_integer() else round(mean, 1)
 
 
-def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
+def assemble(args, prompts: dict, runs: dict[str, dict], out: Path, machine: dict | None = None) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -256,7 +256,7 @@ def assemble(args, prompts: dict, runs: dict[str, dict], out: Path) -> dict:
         "genres_folder": str(args.genres) if args.genres else None,
     }
     return {"model": str(args.model), "model_name": Path(args.model).name, "reference": REFERENCE,
-            "machine": machine_info(), "settings": settings, "policies": policies, "plot": PLOT_NAME}
+            "machine": machine or machine_info(), "settings": settings, "policies": policies, "plot": PLOT_NAME}
 
 
 def worker_spec(args, out: Path, prompts: dict) -> dict:
@@ -356,6 +356,7 @@ def run(args) -> int:
     check_policies(args.model, policies, args.dtype)
     prompts = build_prompts(args, out)
     spec = worker_spec(args, out, prompts)
+    machine = quality_report.machine_info()  # the code as the runs start (a commit made during them is not theirs)
     say(f"{args.model}: {len(policies)} policies ({', '.join(policies)}), one engine process each; "
         f"logs in {out / 'runs'}")
     runs = {}
@@ -364,7 +365,7 @@ def run(args) -> int:
         say(f"policy {i}/{len(policies)}: {policy}")
         runs[policy] = run_policy(policy, spec, out, args.timeout, args.reuse)
         say(f"policy {policy}: {'ok' if runs[policy].get('ok') else 'failed'} in {time.monotonic() - t0:.0f} s")
-    report = assemble(args, prompts, runs, out)
+    report = assemble(args, prompts, runs, out, machine)
     notes = Path(args.notes).read_text() if args.notes else None
     quality_report.write(report, out, notes)
     say(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / PLOT_NAME}")
