@@ -115,7 +115,7 @@ def markdown(report: dict) -> str:
         name = f"**{r['cache']} ← best uniform**" if r["auto"] else r["cache"]
         ppl = "—" if r["ppl"] is None else f"{r['ppl']:.3f}"
         delta = "—" if r["ppl_delta"] is None else f"{r['ppl_delta']:+.2%}"
-        lines.append(f"| {name} | {r['by']} | {r['bytes_per_token']} | {r['kl']:.5f} | {r['top1']:.1%} | "
+        lines.append(f"| {name} | {r['by']} | {r['bytes_per_token']:.4g} | {r['kl']:.5f} | {r['top1']:.1%} | "
                      f"{'yes' if r['within_budget'] else 'no'} | {ppl} | {delta} |")
     if report["full_precision_ppl"]:
         lines += ["", f"Full precision: perplexity {report['full_precision_ppl']:.3f}."]
