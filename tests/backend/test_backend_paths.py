@@ -255,16 +255,22 @@ def test_ngram_speculative_decoding(tiny_model_dir):
     """Speculative decoding (ngram): verification steps attend with 1 + 3 query tokens per sequence.
 
     With speculation, K16V16 gives vLLM's own CPU attention's tokens and logprobs, and the Triton kernels
-    over K4V4 pages give the torch path's without speculation (greedy: speculation changes no token).
-    Drafts were accepted, so multi-token verification steps ran.
+    over K4V4 pages give the torch path's. Without speculation the tokens are the same (greedy); the
+    logprobs only close: a verification step projects 4 tokens at once, which moves K/V by fp32 rounding,
+    and now and then a 4-bit code across a rounding boundary. Drafts were accepted, so multi-token
+    verification steps ran.
     """
     runs = {"cpu_attn": (None, None, None, True), "k16v16": ("CUSTOM", "k16v16", "torch", True),
-            "plain": ("CUSTOM", "k4v4", "torch", False), "triton": ("CUSTOM", "k4v4", "triton", True)}
+            "plain": ("CUSTOM", "k4v4", "torch", False), "torch": ("CUSTOM", "k4v4", "torch", True),
+            "triton": ("CUSTOM", "k4v4", "triton", True)}
     done = {name: _spec_engine(tiny_model_dir, *run) for name, run in runs.items()}
-    assert all(done[name]["accepted"] > 0 for name in ("cpu_attn", "k16v16", "triton")), done
+    assert all(done[name]["accepted"] > 0 for name in ("cpu_attn", "k16v16", "torch", "triton")), done
     results = {name: [(o["tokens"], o["logprobs"]) for o in r["outputs"]] for name, r in done.items()}
     _assert_same(results, "k16v16", "cpu_attn")
-    _assert_same(results, "triton", "plain")
+    # (the two sum in a different order, tiles with an online softmax against whole rows: ~1e-4 on this
+    # tiny model's logprobs, through its layers)
+    _assert_same(results, "triton", "torch", tolerance=3e-4)
+    _assert_same(results, "triton", "plain", tolerance=1e-3)
 
 
 def test_decoder_embedding_model_is_served(tiny_model_dir):
