@@ -107,10 +107,11 @@ def shares_tiles_by_default(bits: int, decode: bool, query: torch.Tensor) -> boo
     return can_share_tiles(query) and (bits != 16 or not decode)
 
 
-def _check_contract(query, cache, planes, layout, block_table, seq_lens, query_start_loc, *, max_seq_len,
+def _check_contract(query, cache, planes, block_table, seq_lens, query_start_loc, *, max_seq_len,
                     sliding_window, softcap, out, num_splits, num_warps, num_stages, share_tiles, sinks,
                     alibi_slopes):
     """Every host-side check of ``paged_attention``'s arguments, before anything is planned or launched."""
+    layout = planes.layout
     if query.dim() != 3 or query.shape[-1] != layout.head_dim:
         raise ValueError(f"query must be [tokens, heads, {layout.head_dim}], got {tuple(query.shape)}")
     if query.stride(-1) != 1:
@@ -219,7 +220,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout
     """
     num_tokens, num_q_heads, head_dim = query.shape
     planes = plane_views(cache, layout, query.dtype)
-    _check_contract(query, cache, planes, layout, block_table, seq_lens, query_start_loc,
+    _check_contract(query, cache, planes, block_table, seq_lens, query_start_loc,
                     max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap, out=out,
                     num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                     share_tiles=share_tiles, sinks=sinks, alibi_slopes=alibi_slopes)
