@@ -221,6 +221,18 @@ def test_budget_comes_from_the_environment(monkeypatch):
     assert auto.settings_from_env().budget == calibration.DEFAULT_KL_BUDGET
 
 
+def test_margin_comes_from_the_environment(monkeypatch):
+    monkeypatch.undo()
+    monkeypatch.setenv("VLLM_INT4KV_KL_MARGIN", "0.8")
+    assert auto.settings_from_env().margin == 0.8 and auto.settings_from_env().target == pytest.approx(0.008)
+    for bad in ("0", "1.5", "half", "nan"):
+        monkeypatch.setenv("VLLM_INT4KV_KL_MARGIN", bad)
+        with pytest.raises(ValueError, match="VLLM_INT4KV_KL_MARGIN.*0 < margin <= 1"):
+            auto.settings_from_env()
+    monkeypatch.delenv("VLLM_INT4KV_KL_MARGIN")
+    assert auto.settings_from_env().margin == calibration.DEFAULT_MARGIN
+
+
 def test_calibrate_command_measures_held_out_perplexity(folder, tmp_path, capsys):
     from vllm_int4kv.cli import main
 

@@ -55,18 +55,19 @@ def test_one_fragile_layer_makes_a_map_cheaper_than_the_best_uniform_policy(frag
           f"map {r.policy.name} {size} B KL {kl:.4f}")
     assert uniform.bytes_per_token > 72  # K4 everywhere is over budget
     assert r.policy.single is None and size < uniform.bytes_per_token  # a map, and it pays
-    assert kl <= r.settings.budget and r.search.checks[-1].map == r.policy.name  # verified as chosen
+    verified = next(check for check in r.search.checks if check.map == r.policy.name)  # verified as chosen
+    assert kl == verified.kl <= r.settings.target
     cheapest = parse_policy("k4v4-rot")
     assert r.policy.for_layer(1) != cheapest  # the fragile layer was upgraded
     assert r.search.single[1]["k4v4-rot"] > max(r.search.single[i]["k4v4-rot"] for i in (2, 3))
     evidence = json.loads(json.dumps(r.evidence()))
     assert evidence["decision"] == r.policy.name and evidence["uniform"] == r.uniform.name
-    assert evidence["per_layer"]["checks"][-1]["kl"] == kl and evidence["bytes_per_token"] == size
+    assert evidence["kl"] == kl and evidence["bytes_per_token"] == size == verified.bytes_per_token
 
 
 def test_a_model_without_fragile_layers_keeps_one_policy():
     with Session(one_fragile_layer(scale=1.0, out=1.0), token_ids(n=2)) as session:
-        r = calibrate(session, 64, Settings())
+        r = calibrate(session, 64, Settings(margin=1.0))  # (K4 fits this tiny model at a target of 0.01)
     assert r.uniform.k_bits == 4 and r.policy.single == r.uniform and r.search is None
 
 

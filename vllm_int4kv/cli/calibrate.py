@@ -76,8 +76,8 @@ def serving_hint(args, settings: calibration.Settings, dtype, policy: str) -> st
     i.e. the same device type and dtype, and the settings the engine itself uses."""
     fixed = f"set VLLM_INT4KV_POLICY='{policy}'"
     if settings != decide.settings_from_env():
-        return (f"`vllm serve` calibrates with the default prompts and VLLM_INT4KV_KL_BUDGET, not with this run's "
-                f"--prompts/--max-tokens/--long-tokens/--uniform/--budget, so it will not find this decision: "
+        return (f"`vllm serve` calibrates with the default prompts, VLLM_INT4KV_KL_BUDGET and _MARGIN, not with "
+                f"this run's --prompts/--max-tokens/--long-tokens/--uniform/--budget/--margin, so it will not find this decision: "
                 f"{fixed}")
     device = placement.device_type(placement.pick_device(args.device))
     return (f"`vllm serve` with VLLM_INT4KV_POLICY=auto finds it on {device} with --dtype "
@@ -116,7 +116,8 @@ def run(args) -> int:
     ev = decision.evidence
     print(f"model {args.model}: head_dim {head_dim}, {ev['attention_layers']} attention layers, "
           f"{ev['n_prompts']} prompts ({', '.join(ev['genres'])}) / {ev['n_tokens']} tokens, {ev['device']} "
-          f"{ev['dtype']}, budget {settings.budget:g} nats (≈ {math.expm1(settings.budget):+.2%} ppl)")
+          f"{ev['dtype']}, budget {settings.budget:g} nats (≈ {math.expm1(settings.budget):+.2%} ppl), "
+          f"target on these prompts {settings.target:g} (margin {settings.margin:g})")
     print(_table(result, ppl))
     print(f"ratio classifier: err(K INT8, V INT4) = {ev['err_int8']:.5f}, err(K INT6, V INT4) = "
           f"{ev['err_int6']:.5f}, ratio = {ev['ratio']:.2f} (tau {settings.tau:g}) -> keys {ev['keys']}; "

@@ -22,6 +22,10 @@ def add_session_arguments(parser) -> None:
     parser.add_argument("--budget", type=above(0), default=None,
                         help="mean KL budget in nats (default: VLLM_INT4KV_KL_BUDGET or "
                              f"{calibration.DEFAULT_KL_BUDGET})")
+    parser.add_argument("--margin", type=above(0), default=None,
+                        help="fraction of the budget a layout may cost on the calibration prompts, so that "
+                             "text unlike them stays within the budget (default: VLLM_INT4KV_KL_MARGIN or "
+                             f"{calibration.DEFAULT_MARGIN})")
     parser.add_argument("--prompts", type=at_least(1), default=calibration.DEFAULT_PROMPTS,
                         help="calibration prompts per genre (speeches, fiction, encyclopedic, technical, code, "
                              "dialogue; at most 2)")
@@ -44,7 +48,11 @@ def add_session_arguments(parser) -> None:
 def settings_from_args(args) -> calibration.Settings:
     settings = replace(decide.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens,
                        long_tokens=args.long_tokens, per_layer=not args.uniform)
-    return settings if args.budget is None else replace(settings, budget=args.budget)
+    if args.budget is not None:
+        settings = replace(settings, budget=args.budget)
+    if args.margin is not None:
+        settings = replace(settings, margin=args.margin)  # > 1 is refused by Settings, with the reason
+    return settings
 
 
 def device_name(text: str) -> str:

@@ -48,18 +48,20 @@ class Decision:
 
 
 def settings_from_env() -> calibration.Settings:
-    return calibration.Settings(budget=envs.kl_budget(calibration.DEFAULT_KL_BUDGET))
+    return calibration.Settings(budget=envs.kl_budget(calibration.DEFAULT_KL_BUDGET),
+                                margin=envs.kl_margin(calibration.DEFAULT_MARGIN))
 
 
 def summarize(model: str, evidence: dict, source: str) -> str:
     """One line: what was chosen, what it costs, why, and where the decision came from."""
     head_dim, elem, budget = evidence["head_dim"], evidence["elem_bytes"], evidence["budget"]
+    target = evidence.get("target", budget)
     size, kl = evidence["bytes_per_token"], evidence["kl"]
     uniform = next(c for c in evidence["candidates"] if c["name"] == evidence["uniform"])
-    rejected = [c for c in evidence["candidates"] if c["kl"] > budget and c["bytes_per_token"]
+    rejected = [c for c in evidence["candidates"] if c["kl"] > target and c["bytes_per_token"]
                 and c["bytes_per_token"] < uniform["bytes_per_token"]]
     over = ", ".join("{} {:.3g}".format(c["name"], c["kl"]) for c in rejected)
-    why = f"cheaper uniform layouts over budget: {over}" if rejected else "the cheapest layout"
+    why = f"cheaper uniform layouts over the target: {over}" if rejected else "the cheapest layout"
     if evidence["decision"] != evidence["uniform"]:
         why = (f"a layout per layer, verified; the best uniform policy, {uniform['name']}, costs "
                f"{uniform['bytes_per_token']} B (KL {uniform['kl']:.3g}); {why}")
@@ -68,7 +70,8 @@ def summarize(model: str, evidence: dict, source: str) -> str:
     origin = "cached decision" if source == "cache" else f"calibrated in {evidence['seconds']:.1f} s"
     return (f"int4kv auto policy for {model}: {evidence['decision']} ({size:g} B/token/KV head, "
             f"{2 * head_dim * elem / size:.2f}x smaller than {8 * elem}-bit K/V); "
-            f"mean KL {kl:.3g} nats <= budget {budget:g}; {why}; keys {evidence['keys']} (INT6/INT8 error "
+            f"mean KL {kl:.3g} nats <= target {target:g} (budget {budget:g} x margin "
+            f"{evidence.get('margin', 1.0):g}); {why}; keys {evidence['keys']} (INT6/INT8 error "
             f"ratio {evidence['ratio']:.2f}, tau {evidence['tau']:g}; K4V4 KL {evidence['err_k4v4']:.3g}); "
             f"{evidence['n_prompts']} prompts / {evidence['n_tokens']} tokens on {evidence['device']}; "
             f"{origin}")
