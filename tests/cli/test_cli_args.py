@@ -83,6 +83,8 @@ def test_plan_sizes_an_fp32_checkpoint_as_vllm_serves_it(tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--budget", "0"], "argument --budget: must be > 0, got 0"),
     (["--budget", "nan"], "argument --budget: must be a finite number"),
+    (["--margin", "0"], "argument --margin: must be > 0, got 0"),
+    (["--margin", "1.5"], "the margin is a fraction of the budget, 0 < margin <= 1, got 1.5"),
     (["--prompts", "0"], "argument --prompts: must be >= 1"),
     (["--prompts", "1000"], "asked for 1000"),
     (["--max-tokens", "1"], "argument --max-tokens: must be >= 2"),
@@ -218,3 +220,11 @@ def test_quality_refuses_a_policy_the_model_cannot_take(model_dir, files, policy
             str(files / "out")]
     assert message in error_of(argv, capsys)
     quality.check_policies(model_dir, ["k16v16", "k4v4-g32-rot", "k4v4@skip=1", "vllm:auto", "auto"])
+
+
+def test_every_environment_variable_is_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in envs.ENV_VARS if f"`{name}`" not in readme]
+    assert not missing, f"README's table lacks {missing}"
