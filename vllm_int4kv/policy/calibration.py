@@ -16,7 +16,7 @@ text and at more than 512 tokens of context.
 
 The budget is what text unlike the prompts may pay, so a layout passes only when its KL on the prompts
 stays within ``budget x margin`` (the *target*). Why a margin: measured through vLLM's engine on held-out
-text of eight genres, the worst genre's perplexity rose ~1.8x what the calibration KL predicts
+text of eight genres, the worst genre's perplexity rose up to ~1.8x what the calibration KL predicts
 (``exp(KL) - 1``), on both real models (docs/policy.md); half the budget keeps that under the budget.
 """
 from __future__ import annotations
