@@ -128,10 +128,27 @@ def test_k4v4_on_two_ranks_matches_one_rank(tiny_model_dir, tmp_path):
     _close_to(result, single)
 
 
+def rank_layouts(log) -> dict[int, set[str]]:
+    """{rank: the layouts its start-up lines announced} (a map announces one line per layout)."""
+    found: dict[int, set[str]] = {}
+    for name, rank in re.findall(r"KV policy (\S+),.*\[rank (\d) of 2", log):
+        found.setdefault(int(rank), set()).add(name)
+    return found
+
+
+def decided_map(log):
+    """What auto decided, as a map (one layout, or the map of its start-up line)."""
+    from vllm_int4kv.policy.layer_map import parse_policy_map
+
+    mapped = re.search(r"KV policy map (\S+):", log)
+    return parse_policy_map(mapped.group(1) if mapped else rank_layouts(log)[0].pop())
+
+
 def test_auto_is_decided_once_and_shared(tiny_model_dir, tmp_path):
     result, log = run_engine(tiny_model_dir, 2, "auto", tmp_path)
-    ranks = policy_lines(log)
-    assert set(ranks) == {0, 1} and ranks[0] == ranks[1], log[-3000:]
+    layouts, decided = rank_layouts(log), decided_map(log)
+    wanted = {decided.for_layer(index).name for index in (0, 1)}
+    assert layouts == {0: wanted, 1: wanted}, log[-3000:]  # TP: every rank holds every layer
     assert "decided on rank 0" in log
     assert result["outputs"]
 
@@ -146,10 +163,10 @@ def test_pipeline_parallel_auto_is_shared_and_matches_one_rank(tiny_model_dir, t
     """PP=2: rank 0 decides `auto` once, both stages serve their layer with it, and the tokens are those
     of one rank serving the decided policy (the compiled PP engine only reorders fp32 rounding)."""
     result, log = run_engine(tiny_model_dir, 1, "auto", tmp_path, pp=2)
-    ranks = policy_lines(log)
-    assert set(ranks) == {0, 1} and ranks[0] == ranks[1], log[-3000:]
+    decided = decided_map(log)
+    assert rank_layouts(log) == {0: {decided.for_layer(0).name}, 1: {decided.for_layer(1).name}}, log[-3000:]
     assert "decided on rank 0" in log and "2 KV heads on this rank" in log
-    single, _ = run_engine(tiny_model_dir, 1, ranks[0], tmp_path)
+    single, _ = run_engine(tiny_model_dir, 1, decided.name, tmp_path)
     assert len(result["outputs"]) == len(single["outputs"]) == 3
     _close_to(result, single)
 
