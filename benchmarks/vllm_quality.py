@@ -20,6 +20,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def measure(model: str, eval_text: str | None, eval_chunks: int, settings: calib
     with session.Session.load(model, token_ids, device=device) as loaded:
         result, measured = None, []
         if uniform_search:
-            uniform_only = calibration.Settings(**{**vars(settings), "per_layer": False})
+            uniform_only = replace(settings, per_layer=False)
             result = calibration.calibrate(loaded, head_dim, uniform_only, elem_bytes=BF16_BYTES,
                                            measure_all=every_candidate)
             measured = [m for m in result.measurements if m.bytes_per_token is not None]  # (k6v4: the ratio's)
@@ -143,9 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "quality")
     args = ap.parse_args(argv)
-    settings = calibration.Settings(n_prompts=args.prompts, max_tokens=args.max_tokens,
-                                    long_tokens=args.long_tokens, budget=auto.settings_from_env().budget,
-                                    margin=auto.settings_from_env().margin)
+    settings = replace(auto.settings_from_env(), n_prompts=args.prompts, max_tokens=args.max_tokens,
+                       long_tokens=args.long_tokens)
     from vllm_int4kv.policy.layer_map import split_policy_list
 
     formats = [f.strip() for f in args.vllm_formats.split(",") if f.strip()] or None

@@ -113,7 +113,7 @@ def test_runner_writes_a_complete_comparison(tmp_path, monkeypatch):
     assert sum(r["auto"] for r in report["rows"]) == 1 and rows[report["decision"]]["auto"]
     assert rows["k16v16"]["kl"] == 0 and rows["k16v16"]["ppl_delta"] == 0
     assert rows["int8_per_token_head"]["kl"] < rows["int4_per_token_head"]["kl"]
-    assert all(r["ppl"] > 1 and r["within_budget"] == (r["kl"] <= report["budget"]) for r in rows.values())
+    assert all(r["ppl"] > 1 and r["within_budget"] == (r["kl"] <= report["target"]) for r in rows.values())
     markdown = (tmp_path / "out" / "vllm-formats.md").read_text()
     assert "int4_per_token_head | vLLM 0.32 | 72 |" in markdown and "← best uniform" in markdown
     assert "| k4v4;1:k8v4 | vllm-int4kv | 88 |" in markdown  # a map's mean bytes, not 88.0
