@@ -32,13 +32,16 @@ elif os.environ.get("VLLM_INT4KV_TEST_CPU"):
 def without_avx512(monkeypatch) -> None:
     """Within one test, make vLLM see an x86 CPU without AVX-512 or AMX (this process only).
 
-    vLLM's kernels are loaded first, for the real CPU: loaded for the first time under the patch, vLLM
-    tries its AVX2 build (vllm._C_AVX2), and that aborted the whole process natively when tests/policy had
-    run before (in a fresh process it is only an ImportError vLLM ignores)."""
+    vLLM's kernels are loaded first, for the real CPU, and not again while the patch holds: vLLM loads them
+    from several modules, each time by the instruction set it sees, and its AVX2 build (vllm._C_AVX2),
+    loaded into a process that already ran other tests, aborted it natively."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is not None:
-        import vllm.kernels  # noqa: F401  (runs vLLM's import_kernels for this CPU)
+        from vllm.platforms import current_platform
+
+        current_platform.import_kernels()
+        monkeypatch.setattr(type(current_platform), "import_kernels", classmethod(lambda cls: None))
     monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
 

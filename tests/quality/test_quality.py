@@ -64,6 +64,37 @@ def test_generation_and_choice_agreement():
     assert qm.perplexity(np.log(np.full(10, 0.25))) == pytest.approx(4.0)
 
 
+
+def test_per_chunk_likelihoods_give_a_genre_change_its_standard_error():
+    target = np.log(np.array([0.5, 0.5, 0.25, 0.25, 0.2, 0.2]))
+    sequence = np.array([0, 0, 1, 1, 2, 2])
+    assert qm.chunk_nll(target, sequence) == pytest.approx([math.log(2), math.log(4), math.log(5)])
+    ref = [2.0, 3.0, 4.0, 5.0]
+    assert qm.change_standard_error(ref, ref) == 0.0  # the reference against itself
+    shifted = [r + 0.01 for r in ref]  # the same change on every chunk: no spread
+    assert qm.change_standard_error(ref, shifted) == pytest.approx(0.0, abs=1e-12)
+    noisy = [2.0, 3.02, 4.0, 5.02]  # differences 0, 0.02, 0, 0.02
+    d = np.array([0.0, 0.02, 0.0, 0.02])
+    assert qm.change_standard_error(ref, noisy) == pytest.approx(math.exp(0.01) * d.std(ddof=1) / 2)
+    assert qm.change_standard_error([2.0], [2.1]) is None  # one chunk: no spread to measure
+
+
+def test_the_genre_table_shows_standard_errors_where_measured():
+    from vllm_int4kv.quality.report import genre_table
+
+    report = {"reference": "k16v16", "settings": {"genres": {"code": 4, "fiction": 4}}, "policies": {
+        "k16v16": {"ok": True, "genre_ppl_change": {"code": 0.0, "fiction": 0.0},
+                   "genre_ppl_change_se": {"code": 0.0, "fiction": 0.0},
+                   "genre_perplexity": {"code": 6.0, "fiction": 90.0}},
+        "k4v4": {"ok": True, "genre_ppl_change": {"code": 0.004, "fiction": 0.0123},
+                 "genre_ppl_change_se": {"code": 0.001, "fiction": 0.0031}},
+        "old": {"ok": True, "genre_ppl_change": {"code": 0.02, "fiction": 0.01}}}}  # before chunk data
+    table = genre_table(report)
+    assert "| k4v4 | +0.40 % ± 0.10 | +1.23 % ± 0.31 | +1.23 % ± 0.31 |" in table
+    assert "| old | +2.00 % | +1.00 % | +2.00 % |" in table
+    assert "| k16v16 | +0.00 % | +0.00 % | +0.00 % |" in table and "± : standard error" in table
+
+
 # -- the command, end to end ------------------------------------------------------------------------
 
 TASK_YAML = """task: tiny_mc
@@ -144,6 +175,8 @@ def test_quality_command_end_to_end(tmp_path):
     assert report["settings"]["genres"] == {"licenses": 2, "numbers": 2}
     assert ref["genre_ppl_change"] == {"licenses": 0.0, "numbers": 0.0}
     assert set(k4v4["genre_ppl_change"]) == {"licenses", "numbers"} and k4v4["genre_ppl_change"]["licenses"] != 0
+    assert ref["genre_ppl_change_se"] == {"licenses": 0.0, "numbers": 0.0}  # 2 chunks each, paired
+    assert all(se is not None and se >= 0 for se in k4v4["genre_ppl_change_se"].values())
     # pass-key retrieval: 2 lengths x 3 depths (9000 tokens is past the tiny model's context)
     assert report["settings"]["passkey_lengths"] == [300, 700] and report["settings"]["passkey_skipped"] == [9000]
     assert len(ref["passkey"]["hits"]) == 6 and 0 <= k4v4["passkey"]["accuracy"] <= 1

@@ -76,6 +76,22 @@ def perplexity(target_logprobs: np.ndarray) -> float:
     return float(np.exp(-np.mean(target_logprobs.astype(np.float64))))
 
 
+def chunk_nll(target_logprobs: np.ndarray, sequence: np.ndarray) -> list[float]:
+    """Mean negative log-likelihood of each prompt's scored tokens, in prompt order."""
+    nll = -target_logprobs.astype(np.float64)
+    return [float(nll[sequence == s].mean()) for s in np.unique(sequence)]
+
+
+def change_standard_error(ref_nll: list[float], run_nll: list[float]) -> float | None:
+    """Standard error of a perplexity change measured on the same chunks, from the spread of the paired
+    per-chunk NLL differences (delta method; None below two chunks). Chunks of one text are treated as
+    independent samples of it."""
+    d = np.asarray(run_nll, dtype=np.float64) - np.asarray(ref_nll, dtype=np.float64)
+    if len(d) < 2:
+        return None
+    return float(np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def bucket_kl(ref: TopK, run: TopK, k: int) -> tuple[np.ndarray, int]:
     """Per-row ``KL_k(P_ref || Q_run)`` (nats; see the module docstring) and the number of reference
     tokens that had to be bounded because they were missing from the run's top-K list."""

@@ -131,14 +131,25 @@ def genre_table(report: dict) -> str:
     if not genres or not entries:
         return ""
     lines = ["| policy | " + " | ".join(genres) + " | worst |", "|" + "---|" * (len(genres) + 2)]
+    with_errors = False
     for name, entry in entries.items():
-        changes = entry["genre_ppl_change"]
-        cells = [f"{100 * changes[g]:+.2f} %" if g in changes else "—" for g in genres]
-        worst = max(changes.values())
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * worst:+.2f} % |")
+        changes, errors = entry["genre_ppl_change"], entry.get("genre_ppl_change_se") or {}
+
+        def cell(genre: str) -> str:
+            if genre not in changes:
+                return "—"
+            se = errors.get(genre)
+            return f"{100 * changes[genre]:+.2f} %" + (f" ± {100 * se:.2f}" if se else "")
+        with_errors |= any(errors.values())
+        worst = max(changes, key=changes.get)
+        lines.append(f"| {name} | " + " | ".join(cell(g) for g in genres) + f" | {cell(worst)} |")
     ref = report["policies"].get(report["reference"], {}).get("genre_perplexity", {})
     base = ", ".join(f"{g} {ref[g]:.2f}" for g in genres if g in ref)
-    return "\n".join(lines) + (f"\n\nReference perplexity per genre: {base}." if base else "")
+    notes = [f"Reference perplexity per genre: {base}."] if base else []
+    if with_errors:
+        notes.append("± : standard error (percentage points) from the spread of the per-chunk log-likelihood "
+                     "change against the reference, the genre's chunks taken as independent samples.")
+    return "\n".join(lines) + "".join(f"\n\n{note}" for note in notes)
 
 
 def passkey_table(report: dict) -> str:

@@ -234,6 +234,10 @@ def assemble(args, prompts: dict, runs: dict[str, dict], out: Path, machine: dic
                 ref_genres = runs[REFERENCE].get("genre_perplexity", {})
                 entry["genre_ppl_change"] = {genre: ppl / ref_genres[genre] - 1
                                              for genre, ppl in entry["genre_perplexity"].items() if genre in ref_genres}
+                ref_chunks = runs[REFERENCE].get("genre_chunk_nll", {})
+                entry["genre_ppl_change_se"] = {
+                    genre: qm.change_standard_error(ref_chunks[genre], chunks)
+                    for genre, chunks in run.get("genre_chunk_nll", {}).items() if genre in ref_chunks}
                 entry["choice_agreement"] = {
                     task: qm.choice_agreement({int(d): c for d, c in ref_choices[task]["choices"].items()},
                                               {int(d): c for d, c in r["choices"].items()})

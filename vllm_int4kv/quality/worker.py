@@ -204,12 +204,14 @@ def main(spec_path: str) -> int:
         stage("passkey", t0)
     if prompts["genres"]:
         t0 = time.perf_counter()
-        from .metrics import perplexity
+        from .metrics import chunk_nll, perplexity
 
         log(policy, f"held-out genres: {', '.join(prompts['genres'])}")
-        result["genre_perplexity"] = {
-            genre: perplexity(score_prompts(llm, chunks, prompts["first_row"], 1, 0).target)
-            for genre, chunks in prompts["genres"].items()}
+        result["genre_perplexity"], result["genre_chunk_nll"] = {}, {}
+        for genre, chunks in prompts["genres"].items():
+            scored = score_prompts(llm, chunks, prompts["first_row"], 1, 0)
+            result["genre_perplexity"][genre] = perplexity(scored.target)
+            result["genre_chunk_nll"][genre] = chunk_nll(scored.target, scored.sequence)
         stage("genres", t0)
 
     if lm is not None:
