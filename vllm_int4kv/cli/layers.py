@@ -80,17 +80,17 @@ def run(args) -> int:
             raise ValueError(f"--policy: {exc}") from None
 
     settings, _, head_dim, elem_bytes, dtype, token_ids = prepare(args, "layers", check_policy)
-    budget = settings.target
+    target = settings.target
     with exit_with_reason("layers"), load_session(args, token_ids, dtype) as session:
         num_layers = len(session.attention_layers)
         policy.check_layers(session.attention_layers)
         size = policy.mean_slot_bytes(session.attention_layers, head_dim, elem_bytes)
         print(f"model {args.model}: {num_layers} attention layers, head_dim {head_dim}; {policy.name}: "
               f"{size:g} B/token/KV head, unquantized layers "
-              f"{UNQUANTIZED.slot_bytes(head_dim, elem_bytes)}; target {budget:g} nats (budget "
+              f"{UNQUANTIZED.slot_bytes(head_dim, elem_bytes)}; target {target:g} nats (budget "
               f"{settings.budget:g}, ≈ {math.expm1(settings.budget):+.2%} ppl, x margin {settings.margin:g}); "
               f"{session.n_tokens} tokens on {session.device}", flush=True)
-        result = sweep(session, policy, head_dim, elem_bytes, budget, args.max_skip)
+        result = sweep(session, policy, head_dim, elem_bytes, target, args.max_skip)
     print(report(result, args.model))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

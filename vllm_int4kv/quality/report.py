@@ -124,6 +124,10 @@ def position_table(report: dict) -> str:
                               "whose context (tokens before the predicted one, BOS included) is in the span."
 
 
+def _change_cell(change: float, standard_error: float | None) -> str:
+    return f"{100 * change:+.2f} %" + (f" ± {100 * standard_error:.2f}" if standard_error else "")
+
+
 def genre_table(report: dict) -> str:
     """Held-out perplexity change per genre against the reference (text the calibration never saw)."""
     genres = list(report["settings"].get("genres") or {})
@@ -131,18 +135,12 @@ def genre_table(report: dict) -> str:
     if not genres or not entries:
         return ""
     lines = ["| policy | " + " | ".join(genres) + " | worst |", "|" + "---|" * (len(genres) + 2)]
-    with_errors = False
     for name, entry in entries.items():
         changes, errors = entry["genre_ppl_change"], entry.get("genre_ppl_change_se") or {}
-
-        def cell(genre: str) -> str:
-            if genre not in changes:
-                return "—"
-            se = errors.get(genre)
-            return f"{100 * changes[genre]:+.2f} %" + (f" ± {100 * se:.2f}" if se else "")
-        with_errors |= any(errors.values())
+        cells = [_change_cell(changes[g], errors.get(g)) if g in changes else "—" for g in genres]
         worst = max(changes, key=changes.get)
-        lines.append(f"| {name} | " + " | ".join(cell(g) for g in genres) + f" | {cell(worst)} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_change_cell(changes[worst], errors.get(worst))} |")
+    with_errors = any(se for entry in entries.values() for se in (entry.get("genre_ppl_change_se") or {}).values())
     ref = report["policies"].get(report["reference"], {}).get("genre_perplexity", {})
     base = ", ".join(f"{g} {ref[g]:.2f}" for g in genres if g in ref)
     notes = [f"Reference perplexity per genre: {base}."] if base else []
